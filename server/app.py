@@ -1,0 +1,119 @@
+"""The server process: repository, HTTP, gRPC and metrics listeners, and graceful shutdown.
+
+SIGTERM (or SIGINT): readiness turns false and new inference requests are refused with 503 /
+UNAVAILABLE; every queued and running request is answered; then the listeners close and the
+process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from server import metrics
+from server.dataplane import DataPlane
+from server.grpc_api import create_grpc_server
+from server.http_api import HttpFrontEnd, metrics_app
+from server.repository import ModelRepository
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What `volley serve` was asked to do."""
+
+    model_repository: Path = Path("models")
+    host: str = "0.0.0.0"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    poll_seconds: float = 0.0
+    max_request_bytes: int = 64 * 1024 * 1024
+    shutdown_timeout: float = 30.0
+
+
+class _Listener(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to the process (several share one loop)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+def _listener(app, host: str, port: int, timeout: float) -> _Listener:
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http="httptools",
+        lifespan="off",
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=int(timeout),
+        timeout_keep_alive=30,
+    )
+    return _Listener(config)
+
+
+async def serve(settings: ServeSettings) -> int:
+    """Run until SIGTERM/SIGINT, then drain and return the exit code."""
+    repository = ModelRepository(settings.model_repository)
+    dataplane = DataPlane(repository)
+    metrics.enable_gpu_metrics()
+
+    http = _listener(
+        HttpFrontEnd(dataplane, settings.max_request_bytes),
+        settings.host,
+        settings.http_port,
+        settings.shutdown_timeout,
+    )
+    grpc_server = create_grpc_server(
+        dataplane, f"{settings.host}:{settings.grpc_port}", settings.max_request_bytes
+    )
+    listeners = [http]
+    if settings.metrics_port:
+        listeners.append(
+            _listener(metrics_app, settings.host, settings.metrics_port, settings.shutdown_timeout)
+        )
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    await grpc_server.start()
+    tasks = [asyncio.create_task(listener.serve()) for listener in listeners]
+    log.info(
+        "listening",
+        extra={
+            "event": "listening",
+            "http_port": settings.http_port,
+            "grpc_port": settings.grpc_port,
+            "metrics_port": settings.metrics_port,
+        },
+    )
+    await repository.load_all()
+    poller = None
+    if settings.poll_seconds > 0:
+        poller = asyncio.create_task(repository.poll_forever(settings.poll_seconds))
+    log.info("ready", extra={"event": "ready", "models": repository.index()})
+
+    await stop.wait()
+    log.info("draining", extra={"event": "draining"})
+    dataplane.draining = True
+    if poller is not None:
+        poller.cancel()
+    await repository.drain()
+    await grpc_server.stop(settings.shutdown_timeout)
+    for listener in listeners:
+        listener.should_exit = True
+    await asyncio.gather(*tasks)
+    log.info("stopped", extra={"event": "stopped"})
+    return 0

@@ -1,0 +1,114 @@
+"""The `volley` command: `volley serve` and `volley train fraud|detector`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from server import __version__
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve the models of a model repository over HTTP and gRPC",
+        description="Load every model in the repository and serve it over the KServe v2 / "
+        "Triton protocol on HTTP and gRPC, with Prometheus metrics. SIGTERM drains and exits 0.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--model-repository",
+        type=Path,
+        default=Path("models"),
+        help="folder holding <model>/config.yaml and <model>/<version>/model.onnx",
+    )
+    p.add_argument("--host", default="0.0.0.0", help="address every listener binds to")
+    p.add_argument("--http-port", type=int, default=8000, help="KServe v2 REST port")
+    p.add_argument("--grpc-port", type=int, default=8001, help="KServe v2 gRPC port")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=8002,
+        help="Prometheus /metrics port (0: only on the HTTP port)",
+    )
+    p.add_argument(
+        "--poll-repository",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="re-scan the repository this often and load new or changed models "
+        "without a restart (0: never)",
+    )
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=64 * 1024 * 1024,
+        help="largest request body (HTTP, after decompression) or gRPC message",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to let in-flight requests finish after SIGTERM",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="least severe event logged",
+    )
+    # fmt: skip
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a shipped model (fraud or detector); pass --help after the name for options",
+    )
+    p.add_argument("model", choices=["fraud", "detector"], help="which model to train")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="options for that training script")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `volley` command."""
+    parser = argparse.ArgumentParser(prog="volley", description="Volley inference server")
+    parser.add_argument("--version", action="version", version=f"volley {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    _train_parser(sub)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "serve":
+        return _serve(args)
+    return _train(args.model, args.args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import uvloop
+
+    from server import logs
+    from server.app import ServeSettings, serve
+
+    logs.configure(args.log_level)
+    settings = ServeSettings(
+        model_repository=args.model_repository,
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        poll_seconds=args.poll_repository,
+        max_request_bytes=args.max_request_bytes,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return asyncio.run(serve(settings))
+
+
+def _train(model: str, args: list[str]) -> int:
+    if model == "fraud":
+        from training.fraud import main as train_main
+    else:
+        from training.detector import main as train_main
+    return train_main(args)

@@ -1,0 +1,244 @@
+"""Model configuration: the `config.yaml` schema, auto-completion from the ONNX graph, validation.
+
+A model folder may hold no config at all: names, datatypes and shapes come from the graph, and a
+graph whose first dimension is dynamic is served with dynamic batching. Whatever the config does
+say is checked against the graph, and every problem names the file and the field.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import onnxruntime as ort
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from server.datatypes import ONNX_TO_V2, V2_TO_NUMPY
+
+CONFIG_FILE = "config.yaml"
+MODEL_FILE = "model.onnx"
+DEFAULT_MAX_BATCH_SIZE = 64
+
+
+class ConfigError(Exception):
+    """A config or model file that cannot be served; the message names the file and field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorConfig(_Strict):
+    """One input or output. `dims` excludes the batch dimension; -1 marks a variable size."""
+
+    name: str
+    datatype: str
+    dims: tuple[int, ...]
+
+    @field_validator("datatype")
+    @classmethod
+    def _known_datatype(cls, value: str) -> str:
+        if value not in V2_TO_NUMPY:
+            raise ValueError(f"unknown datatype '{value}', expected one of {sorted(V2_TO_NUMPY)}")
+        return value
+
+    @field_validator("dims")
+    @classmethod
+    def _valid_dims(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(d == 0 or d < -1 for d in value):
+            raise ValueError(f"dims must be positive or -1, got {list(value)}")
+        return value
+
+
+class DynamicBatchingConfig(_Strict):
+    """Triton's dynamic batcher settings."""
+
+    max_queue_delay_us: int = Field(0, ge=0)
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_size: int = Field(1024, ge=0, description="queued requests; 0 = unbounded")
+    default_timeout_us: int = Field(0, ge=0, description="queue timeout; 0 = none")
+
+
+class WarmupConfig(_Strict):
+    """Requests run on every instance at load; the model is not ready until they succeed."""
+
+    batch_sizes: tuple[int, ...] = (1,)
+    count: int = Field(1, ge=0)
+    data: Literal["zero", "random"] = "zero"
+
+
+class VersionPolicy(_Strict):
+    """Which version folders to serve: all of them, the latest N, or a specific list."""
+
+    all: bool = False
+    latest: int | None = Field(None, ge=1)
+    specific: tuple[int, ...] | None = None
+
+    def select(self, available: list[int]) -> list[int]:
+        """The versions to load out of the ones on disk."""
+        ordered = sorted(available)
+        if self.specific is not None:
+            return [v for v in ordered if v in self.specific]
+        if self.latest is not None and not self.all:
+            return ordered[-self.latest :]
+        return ordered
+
+
+class ModelConfig(_Strict):
+    """Everything Volley needs to serve one model (all versions share it)."""
+
+    name: str
+    platform: Literal["onnx", "onnxruntime_onnx"] = "onnx"
+    max_batch_size: int = Field(0, ge=0)
+    inputs: tuple[TensorConfig, ...] = ()
+    outputs: tuple[TensorConfig, ...] = ()
+    dynamic_batching: DynamicBatchingConfig | None = None
+    instance_count: int = Field(1, ge=1, le=64)
+    execution_providers: tuple[Literal["cuda", "tensorrt", "cpu"], ...] = ("cuda", "cpu")
+    intra_op_threads: int = Field(0, ge=0, description="0 = cores / instance_count")
+    warmup: WarmupConfig = WarmupConfig()
+    version_policy: VersionPolicy = VersionPolicy(all=True)
+    parameters: dict[str, str] = {}
+
+    @property
+    def batching(self) -> bool:
+        """Whether requests carry a leading batch dimension."""
+        return self.max_batch_size > 0
+
+
+def read_config_file(model_dir: Path) -> dict:
+    """The raw mapping from `config.yaml`, or an empty one where the folder has none."""
+    path = model_dir / CONFIG_FILE
+    if not path.exists():
+        return {}
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return raw
+
+
+def build_config(model_dir: Path, model_file: Path) -> ModelConfig:
+    """Read, auto-complete from the ONNX graph and validate the config of one model."""
+    raw = read_config_file(model_dir)
+    config_path = model_dir / CONFIG_FILE
+    raw.setdefault("name", model_dir.name)
+    graph = describe_graph(model_file)
+    raw = _autocomplete(raw, graph)
+    try:
+        config = ModelConfig.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{config_path}: field '{field}': {first['msg']}") from None
+    _check_against_graph(config, graph, config_path, model_file)
+    return config
+
+
+class GraphTensor(BaseModel):
+    """A tensor as the ONNX graph declares it (shape dims: int, or None for a symbolic dim)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int | None, ...]
+
+
+def describe_graph(model_file: Path) -> dict[str, list[GraphTensor]]:
+    """Names, datatypes and shapes of the graph's inputs and outputs."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    try:
+        session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises several unrelated exception types
+        raise ConfigError(f"{model_file}: ONNX Runtime cannot load it: {exc}") from None
+
+    def tensors(args: list) -> list[GraphTensor]:
+        return [
+            GraphTensor(
+                name=a.name,
+                datatype=ONNX_TO_V2.get(a.type, a.type),
+                shape=tuple(d if isinstance(d, int) and d > 0 else None for d in a.shape),
+            )
+            for a in args
+        ]
+
+    return {"inputs": tensors(session.get_inputs()), "outputs": tensors(session.get_outputs())}
+
+
+def _autocomplete(raw: dict, graph: dict[str, list[GraphTensor]]) -> dict:
+    """Fill in what the config leaves out from what the graph says."""
+    raw = dict(raw)
+    first_dims = [t.shape[0] if t.shape else 1 for t in graph["inputs"]]
+    batchable = bool(first_dims) and all(d is None for d in first_dims)
+    if "max_batch_size" not in raw:
+        raw["max_batch_size"] = DEFAULT_MAX_BATCH_SIZE if batchable else 0
+        if batchable and "dynamic_batching" not in raw:
+            raw["dynamic_batching"] = {}
+    skip = 1 if isinstance(raw["max_batch_size"], int) and raw["max_batch_size"] > 0 else 0
+    for kind in ("inputs", "outputs"):
+        if kind not in raw:
+            raw[kind] = [
+                {
+                    "name": t.name,
+                    "datatype": t.datatype,
+                    "dims": [-1 if d is None else d for d in t.shape[skip:]],
+                }
+                for t in graph[kind]
+            ]
+    return raw
+
+
+def _check_against_graph(
+    config: ModelConfig, graph: dict[str, list[GraphTensor]], config_path: Path, model_file: Path
+) -> None:
+    """Every configured tensor must exist in the graph with the same datatype and a fitting shape."""
+    for kind in ("inputs", "outputs"):
+        declared = {t.name: t for t in graph[kind]}
+        configured = getattr(config, kind)
+        for i, tensor in enumerate(configured):
+            where = f"{config_path}: field '{kind}.{i}"
+            found = declared.get(tensor.name)
+            if found is None:
+                raise ConfigError(
+                    f"{where}.name': '{tensor.name}' is not a graph {kind[:-1]} of {model_file} "
+                    f"(graph has {sorted(declared)})"
+                )
+            if found.datatype != tensor.datatype:
+                raise ConfigError(
+                    f"{where}.datatype': {tensor.datatype} but the graph says {found.datatype}"
+                )
+            graph_dims = found.shape[1:] if config.batching else found.shape
+            if config.batching and found.shape and found.shape[0] is not None:
+                raise ConfigError(
+                    f"{config_path}: field 'max_batch_size': {config.max_batch_size} but "
+                    f"{kind[:-1]} '{tensor.name}' has a fixed first dimension {found.shape[0]}"
+                )
+            if len(graph_dims) != len(tensor.dims) or any(
+                g is not None and c != -1 and g != c for g, c in zip(graph_dims, tensor.dims)
+            ):
+                shown = ["-1" if d is None else str(d) for d in graph_dims]
+                raise ConfigError(
+                    f"{where}.dims': {list(tensor.dims)} does not fit the graph's "
+                    f"[{', '.join(shown)}]"
+                    + (" (batch dimension excluded)" if config.batching else "")
+                )
+        if kind == "inputs":
+            missing = set(declared) - {t.name for t in configured}
+            if missing:
+                raise ConfigError(
+                    f"{config_path}: field 'inputs': graph inputs {sorted(missing)} are not configured"
+                )
+
+
+def cpu_threads(config: ModelConfig) -> int:
+    """Intra-op threads per instance: configured, or the cores split between instances."""
+    if config.intra_op_threads:
+        return config.intra_op_threads
+    return max(1, (os.cpu_count() or 1) // config.instance_count)

@@ -1,0 +1,188 @@
+"""gRPC front end: `inference.GRPCInferenceService` on grpcio's asyncio server.
+
+Every RPC translates protobuf to the data plane and back; errors become gRPC status codes,
+except on `ModelStreamInfer`, where a failed request gets a response with `error_message` and
+the stream stays open (as in Triton).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2, service_pb2_grpc
+from tritonclient.grpc import service_pb2 as pb
+
+from server import __version__
+from server.dataplane import DataPlane
+from server.errors import ErrorKind, VolleyError
+from server.protocol import grpc_codec
+from server.protocol.model_info import model_metadata, server_metadata, triton_config
+
+log = logging.getLogger(__name__)
+
+# Requests one stream may have in flight; past it, further requests fail alone (stream stays open).
+MAX_STREAM_INFLIGHT = 256
+
+
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """The v2 gRPC service over the data plane."""
+
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
+        self.repo = dataplane.repository
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.dataplane.ready)
+
+    async def ModelReady(self, request, context):
+        return pb.ModelReadyResponse(ready=self.repo.is_ready(request.name, request.version))
+
+    async def ServerMetadata(self, request, context):
+        return json_format.ParseDict(server_metadata(__version__), pb.ServerMetadataResponse())
+
+    async def ModelMetadata(self, request, context):
+        try:
+            served = self.repo.get(request.name, request.version)
+        except VolleyError as exc:
+            await _abort(context, exc)
+        versions = sorted(self.repo.models[request.name].versions)
+        doc = model_metadata(served, versions)
+        return json_format.ParseDict(doc, pb.ModelMetadataResponse())
+
+    async def ModelConfig(self, request, context):
+        try:
+            served = self.repo.get(request.name, request.version)
+        except VolleyError as exc:
+            await _abort(context, exc)
+        config = json_format.ParseDict(
+            triton_config(served.config, served.provider), model_config_pb2.ModelConfig()
+        )
+        return pb.ModelConfigResponse(config=config)
+
+    async def ModelStatistics(self, request, context):
+        try:
+            served = self.repo.served_versions(request.name, request.version)
+        except VolleyError as exc:
+            await _abort(context, exc)
+        doc = {"model_stats": [v.stats.as_dict() for v in served]}
+        return json_format.ParseDict(doc, pb.ModelStatisticsResponse())
+
+    async def ModelInfer(self, request, context):
+        try:
+            decoded = grpc_codec.decode_request(request)
+            response = await self.dataplane.infer(decoded, "grpc")
+            return grpc_codec.encode_response(response)
+        except VolleyError as exc:
+            await _abort(context, exc)
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Requests are handled concurrently (so they batch together); each answer is written
+        as soon as it is ready, carrying its request's id."""
+        answers: asyncio.Queue = asyncio.Queue()
+        tasks: set[asyncio.Task] = set()
+        done = object()
+
+        async def answer(request: pb.ModelInferRequest) -> None:
+            try:
+                decoded = grpc_codec.decode_request(request)
+                response = await self.dataplane.infer(decoded, "grpc_stream")
+                message = pb.ModelStreamInferResponse(
+                    infer_response=grpc_codec.encode_response(response)
+                )
+            except VolleyError as exc:
+                message = _stream_error(request, exc.message)
+            except Exception as exc:  # never let one request break the stream
+                log.exception("stream infer failed", extra={"event": "stream_infer_error"})
+                message = _stream_error(request, f"internal error: {exc}")
+            await answers.put(message)
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    if len(tasks) >= MAX_STREAM_INFLIGHT:
+                        await answers.put(
+                            _stream_error(
+                                request,
+                                f"stream has {MAX_STREAM_INFLIGHT} requests in flight; "
+                                "wait for answers before sending more",
+                            )
+                        )
+                        continue
+                    task = asyncio.create_task(answer(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.gather(*tasks, return_exceptions=True)
+            finally:
+                await answers.put(done)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (message := await answers.get()) is not done:
+                yield message
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    async def RepositoryIndex(self, request, context):
+        rows = self.repo.index(ready_only=request.ready)
+        return pb.RepositoryIndexResponse(
+            models=[pb.RepositoryIndexResponse.ModelIndex(**row) for row in rows]
+        )
+
+    async def RepositoryModelLoad(self, request, context):
+        if any(k == "config" or k.startswith("file:") for k in request.parameters):
+            await _abort(
+                context,
+                VolleyError(
+                    ErrorKind.INVALID_ARGUMENT,
+                    "config and file overrides are not supported: edit the repository",
+                ),
+            )
+        try:
+            await self.repo.load(request.model_name)
+        except VolleyError as exc:
+            await _abort(context, exc)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):
+        try:
+            await self.repo.unload(request.model_name)
+        except VolleyError as exc:
+            await _abort(context, exc)
+        return pb.RepositoryModelUnloadResponse()
+
+
+def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+    return pb.ModelStreamInferResponse(
+        error_message=message, infer_response=pb.ModelInferResponse(id=request.id)
+    )
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: VolleyError) -> None:
+    await context.abort(error.kind.grpc_code, error.message)
+
+
+def create_grpc_server(
+    dataplane: DataPlane, address: str, max_message_bytes: int
+) -> grpc.aio.Server:
+    """A grpcio asyncio server with the inference service bound to `address`."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceServicer(dataplane), server
+    )
+    server.add_insecure_port(address)
+    return server

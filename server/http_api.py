@@ -1,0 +1,269 @@
+"""HTTP front end: the KServe v2 REST protocol with Triton's extensions.
+
+`POST .../infer` is served by a small raw-ASGI handler, because it is the hot path and FastAPI's
+per-request routing and response machinery cost more than the whole fraud model (measured in
+bench/RESULTS.md). Every other route is a FastAPI route. Both only translate between HTTP and
+the data plane; errors are always `{"error": "..."}` with the status of their kind.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import zlib
+from collections.abc import Awaitable, Callable
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException
+
+from server import __version__, metrics
+from server.dataplane import DataPlane
+from server.errors import ErrorKind, VolleyError, invalid
+from server.protocol import http_codec
+from server.protocol.model_info import model_metadata, server_metadata, triton_config
+
+log = logging.getLogger(__name__)
+
+Scope = dict
+Receive = Callable[[], Awaitable[dict]]
+Send = Callable[[dict], Awaitable[None]]
+
+INFER_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([0-9]+))?/infer$")
+JSON = "application/json"
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def error_body(message: str) -> bytes:
+    """The v2 error body."""
+    return orjson.dumps({"error": message})
+
+
+def error_headers(error: VolleyError) -> list[tuple[bytes, bytes]]:
+    """Extra headers for an error: overloaded clients are told when to come back."""
+    if error.kind in (ErrorKind.QUEUE_FULL, ErrorKind.UNAVAILABLE):
+        return [(b"retry-after", b"1")]
+    return []
+
+
+class HttpFrontEnd:
+    """The ASGI application: the infer fast path in front of the FastAPI control routes."""
+
+    def __init__(self, dataplane: DataPlane, max_request_bytes: int) -> None:
+        self.dataplane = dataplane
+        self.max_request_bytes = max_request_bytes
+        self.control = control_app(dataplane)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            match = INFER_ROUTE.match(scope["path"])
+            if match:
+                await self._infer(scope, receive, send, match[1], match[2] or "")
+                return
+        await self.control(scope, receive, send)
+
+    async def _infer(
+        self, scope: Scope, receive: Receive, send: Send, model: str, version: str
+    ) -> None:
+        try:
+            headers = dict(scope["headers"])
+            body = await self._read_body(headers, receive)
+            header_length = headers.get(b"inference-header-content-length")
+            request = http_codec.decode_request(body, _int_header(header_length), model, version)
+            response = await self.dataplane.infer(request, "http")
+            payload, json_length = http_codec.encode_response(response, request)
+        except VolleyError as exc:
+            await _send(send, exc.kind.http_status, error_body(exc.message), JSON,
+                        error_headers(exc))  # fmt: skip
+            return
+        except Exception as exc:  # a bug must still answer the client, never hang it
+            log.exception("infer failed", extra={"event": "http_infer_error", "model": model})
+            await _send(send, 500, error_body(f"internal error: {exc}"), JSON)
+            return
+        if json_length is None:
+            await _send(send, 200, payload, JSON)
+        else:
+            extra = [(b"inference-header-content-length", str(json_length).encode())]
+            await _send(send, 200, payload, "application/octet-stream", extra)
+
+    async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
+        limit = self.max_request_bytes
+        declared = _int_header(headers.get(b"content-length"))
+        if declared is not None and declared > limit:
+            raise VolleyError(
+                ErrorKind.TOO_LARGE, f"request body of {declared} bytes exceeds {limit} bytes"
+            )
+        chunks = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise invalid("client disconnected before sending the whole body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise VolleyError(ErrorKind.TOO_LARGE, f"request body exceeds {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        encoding = headers.get(b"content-encoding", b"identity").lower()
+        if encoding in (b"gzip", b"deflate"):
+            body = _decompress(body, encoding, limit)
+        elif encoding != b"identity":
+            raise invalid(f"unsupported Content-Encoding '{encoding.decode(errors='replace')}'")
+        return body
+
+
+def _decompress(body: bytes, encoding: bytes, limit: int) -> bytes:
+    window = 16 + zlib.MAX_WBITS if encoding == b"gzip" else zlib.MAX_WBITS
+    inflater = zlib.decompressobj(window)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise invalid(f"body is not valid {encoding.decode()} data: {exc}") from None
+    if len(out) > limit:
+        raise VolleyError(ErrorKind.TOO_LARGE, f"decompressed body exceeds {limit} bytes")
+    return out
+
+
+def _int_header(value: bytes | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise invalid(
+            f"header value '{value.decode(errors='replace')}' is not an integer"
+        ) from None
+
+
+async def _send(
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: str,
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    headers = [
+        (b"content-type", content_type.encode()),
+        (b"content-length", str(len(body)).encode()),
+        *(extra or []),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def json_response(content: object, status: int = 200) -> Response:
+    """A JSON response serialised with orjson."""
+    return Response(orjson.dumps(content), status_code=status, media_type=JSON)
+
+
+def control_app(dataplane: DataPlane) -> FastAPI:
+    """Health, metadata, config, statistics, repository and metrics routes."""
+    app = FastAPI(title="Volley", version=__version__, openapi_url="/v2/openapi.json")
+    repo = dataplane.repository
+
+    @app.exception_handler(VolleyError)
+    async def volley_error(_: Request, exc: VolleyError) -> Response:
+        response = json_response({"error": exc.message}, exc.kind.http_status)
+        for key, value in error_headers(exc):
+            response.headers[key.decode()] = value.decode()
+        return response
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> Response:
+        return json_response({"error": str(exc.detail)}, exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
+        return json_response({"error": f"invalid request: {exc.errors()}"}, 400)
+
+    @app.get("/v2/health/live")
+    async def live() -> Response:
+        return json_response({"live": True})
+
+    @app.get("/v2/health/ready")
+    async def ready() -> Response:
+        if dataplane.ready:
+            return json_response({"ready": True})
+        return json_response({"ready": False, "error": "server is not ready"}, 503)
+
+    @app.get("/v2")
+    async def metadata() -> Response:
+        return json_response(server_metadata(__version__))
+
+    @app.get("/v2/models/{model}")
+    @app.get("/v2/models/{model}/versions/{version}")
+    async def model_meta(model: str, version: str = "") -> Response:
+        served = repo.get(model, version)
+        return json_response(model_metadata(served, sorted(repo.models[model].versions)))
+
+    @app.get("/v2/models/{model}/ready")
+    @app.get("/v2/models/{model}/versions/{version}/ready")
+    async def model_ready(model: str, version: str = "") -> Response:
+        if repo.is_ready(model, version):
+            return json_response({"name": model, "ready": True})
+        return json_response({"error": f"model '{model}' is not ready"}, 503)
+
+    @app.get("/v2/models/{model}/config")
+    @app.get("/v2/models/{model}/versions/{version}/config")
+    async def model_config(model: str, version: str = "") -> Response:
+        served = repo.get(model, version)
+        return json_response(triton_config(served.config, served.provider))
+
+    @app.get("/v2/models/stats")
+    @app.get("/v2/models/{model}/stats")
+    @app.get("/v2/models/{model}/versions/{version}/stats")
+    async def model_stats(model: str = "", version: str = "") -> Response:
+        served = repo.served_versions(model, version)
+        return json_response({"model_stats": [v.stats.as_dict() for v in served]})
+
+    @app.post("/v2/repository/index")
+    async def repository_index(request: Request) -> Response:
+        body = await _json_body(request)
+        return json_response(repo.index(ready_only=body.get("ready") is True))
+
+    @app.post("/v2/repository/models/{model}/load")
+    async def load(model: str, request: Request) -> Response:
+        params = (await _json_body(request)).get("parameters") or {}
+        if any(key == "config" or key.startswith("file:") for key in params):
+            raise invalid("config and file overrides are not supported: edit the repository")
+        await repo.load(model)
+        return json_response({})
+
+    @app.post("/v2/repository/models/{model}/unload")
+    async def unload(model: str) -> Response:
+        await repo.unload(model)
+        return json_response({})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type=METRICS_TYPE)
+
+    return app
+
+
+async def _json_body(request: Request) -> dict:
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise invalid(f"malformed JSON in request body: {exc}") from None
+    if not isinstance(doc, dict):
+        raise invalid("request body must be a JSON object")
+    return doc
+
+
+async def metrics_app(scope: Scope, receive: Receive, send: Send) -> None:
+    """The ASGI app of the metrics port: `/metrics` and nothing else."""
+    if scope["type"] != "http":
+        return
+    if scope["path"] == "/metrics" and scope["method"] == "GET":
+        await _send(send, 200, metrics.exposition(), METRICS_TYPE)
+    else:
+        await _send(send, 404, error_body("Not Found"), JSON)

@@ -1,0 +1,196 @@
+"""HTTP/REST codec: v2 JSON and Triton's binary tensor data extension <-> InferenceRequest.
+
+Body layout with binary data: `<JSON header><tensor bytes>...`, the JSON length given by the
+`Inference-Header-Content-Length` header; tensors carrying `binary_data_size` take their bytes
+from the tail in the order they appear.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+
+from server.datatypes import element_count, numpy_dtype, tensor_from_bytes, tensor_to_bytes
+from server.errors import invalid
+from server.types import InferenceRequest, InferenceResponse, InferTensor, RequestedOutput
+
+MAX_DIMS = 32
+
+
+def decode_request(
+    body: bytes, header_length: int | None, model: str, version: str
+) -> InferenceRequest:
+    """Parse an infer request body (JSON, or JSON plus binary tensor data)."""
+    if header_length is None:
+        header_length = len(body)
+    if not 0 <= header_length <= len(body):
+        raise invalid(
+            f"Inference-Header-Content-Length {header_length} is outside the body "
+            f"of {len(body)} bytes"
+        )
+    view = memoryview(body)
+    try:
+        doc = orjson.loads(view[:header_length])
+    except orjson.JSONDecodeError as exc:
+        raise invalid(f"malformed JSON in request body: {exc}") from None
+    if not isinstance(doc, dict):
+        raise invalid("request body must be a JSON object")
+    inputs = doc.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise invalid("request must have a non-empty 'inputs' list")
+    binary = view[header_length:]
+    offset = 0
+    tensors = []
+    for item in inputs:
+        tensor, used = _decode_input(item, binary[offset:])
+        tensors.append(tensor)
+        offset += used
+    if offset != len(binary):
+        raise invalid(
+            f"{len(binary) - offset} bytes of binary data are not claimed by any input's "
+            "binary_data_size"
+        )
+    return InferenceRequest(
+        model=model,
+        version=version,
+        inputs=tensors,
+        id=_string(doc.get("id", ""), "id"),
+        outputs=_decode_outputs(doc.get("outputs", [])),
+        parameters=_object(doc.get("parameters", {}), "parameters"),
+    )
+
+
+def _decode_input(item: object, binary: memoryview) -> tuple[InferTensor, int]:
+    if not isinstance(item, dict):
+        raise invalid("each input must be a JSON object")
+    name = _string(item.get("name"), "input name")
+    datatype = _string(item.get("datatype"), f"datatype of input '{name}'")
+    shape = item.get("shape")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMS
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
+        raise invalid(f"shape of input '{name}' must be a list of non-negative integers")
+    shape = tuple(shape)
+    numpy_dtype(datatype)
+    parameters = _object(item.get("parameters", {}), f"parameters of input '{name}'")
+    size = parameters.get("binary_data_size")
+    if size is not None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise invalid(f"binary_data_size of input '{name}' must be a non-negative integer")
+        if size > len(binary):
+            raise invalid(
+                f"input '{name}' claims {size} bytes of binary data, only {len(binary)} remain"
+            )
+        if "data" in item:
+            raise invalid(f"input '{name}' has both 'data' and binary_data_size")
+        try:
+            data = tensor_from_bytes(binary[:size], datatype, shape)
+        except ValueError as exc:
+            raise invalid(f"input '{name}': {exc}") from None
+        return InferTensor(name, datatype, shape, data), size
+    if "data" not in item:
+        raise invalid(f"input '{name}' has neither 'data' nor binary_data_size")
+    return InferTensor(name, datatype, shape, _from_json(item["data"], datatype, shape, name)), 0
+
+
+def _from_json(data: object, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray:
+    count = element_count(shape)
+    if not isinstance(data, list):
+        data = [data]
+    try:
+        if datatype == "BYTES":
+            flat = np.asarray(data, dtype=np.object_).reshape(-1)
+            if flat.size != count:
+                raise ValueError(f"{flat.size} elements for shape {list(shape)}")
+            out = np.empty(count, dtype=np.object_)
+            out[:] = [x.encode() if isinstance(x, str) else _bytes_item(x) for x in flat]
+            return out.reshape(shape)
+        array = np.asarray(data)
+        if array.dtype.kind not in "biuf" or (datatype == "BOOL") != (array.dtype.kind == "b"):
+            raise ValueError(f"values are not of datatype {datatype}")
+        if array.size != count:
+            raise ValueError(f"{array.size} elements for shape {list(shape)}")
+        dtype = numpy_dtype(datatype)
+        if dtype.kind in "iu" and array.size:
+            if array.dtype.kind == "f":
+                raise ValueError(f"non-integer values for datatype {datatype}")
+            info = np.iinfo(dtype)
+            if array.min() < info.min or array.max() > info.max:
+                raise ValueError(f"values out of range for datatype {datatype}")
+        return array.astype(dtype, copy=False).reshape(shape)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise invalid(
+            f"data of input '{name}' does not match its shape or datatype: {exc}"
+        ) from None
+
+
+def _bytes_item(value: object) -> bytes:
+    raise ValueError(f"BYTES elements must be strings, got {type(value).__name__}")
+
+
+def _decode_outputs(outputs: object) -> list[RequestedOutput]:
+    if not isinstance(outputs, list):
+        raise invalid("'outputs' must be a list")
+    requested = []
+    for item in outputs:
+        if not isinstance(item, dict):
+            raise invalid("each requested output must be a JSON object")
+        name = _string(item.get("name"), "output name")
+        params = _object(item.get("parameters", {}), f"parameters of output '{name}'")
+        binary = params.get("binary_data")
+        if binary is not None and not isinstance(binary, bool):
+            raise invalid(f"binary_data of output '{name}' must be true or false")
+        requested.append(RequestedOutput(name, binary))
+    return requested
+
+
+def _string(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise invalid(f"{what} must be a string")
+    return value
+
+
+def _object(value: object, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise invalid(f"{what} must be a JSON object")
+    return value
+
+
+def encode_response(
+    response: InferenceResponse, request: InferenceRequest
+) -> tuple[bytes, int | None]:
+    """Serialise a response; returns the body and the JSON header length if binary data follows."""
+    default_binary = request.parameters.get("binary_data_output", False) is True
+    wants = {o.name: o.binary for o in request.outputs}
+    blobs: list[bytes] = []
+    outputs = []
+    for tensor in response.outputs:
+        binary = wants.get(tensor.name)
+        if binary is None:
+            binary = default_binary
+        entry: dict = {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape}
+        if binary:
+            blob = tensor_to_bytes(tensor.data)
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        elif tensor.datatype == "BYTES":
+            entry["data"] = [_text(x) for x in tensor.data.reshape(-1)]
+        else:
+            entry["data"] = np.ascontiguousarray(tensor.data).reshape(-1)
+        outputs.append(entry)
+    doc: dict = {"model_name": response.model, "model_version": response.version}
+    if response.id:
+        doc["id"] = response.id
+    doc["outputs"] = outputs
+    header = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), len(header)
+
+
+def _text(item: object) -> str:
+    if isinstance(item, bytes):
+        return item.decode("utf-8", errors="replace")
+    return str(item)

@@ -1,0 +1,290 @@
+"""The model repository: scanning `models/`, loading versions, readiness, load/unload/poll.
+
+Layout: `<root>/<model>/config.yaml` (optional) and `<root>/<model>/<version>/model.onnx`.
+A (re)load builds and warms the new versions before it swaps them in, and drains the old ones
+after, so requests keep being answered across a reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from server.batcher import Batcher
+from server.config import CONFIG_FILE, MODEL_FILE, ConfigError, ModelConfig, build_config
+from server.errors import ErrorKind, VolleyError, not_found, unavailable
+from server.runtime import load_instances
+from server.stats import ModelStats
+
+log = logging.getLogger(__name__)
+
+
+class ModelState(StrEnum):
+    """Triton's repository index states."""
+
+    READY = "READY"
+    LOADING = "LOADING"
+    UNLOADING = "UNLOADING"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass
+class ModelVersion:
+    """One served version: its config, its batcher over its instances, its statistics."""
+
+    name: str
+    version: int
+    config: ModelConfig
+    batcher: Batcher
+    stats: ModelStats
+    provider: str
+    fingerprint: tuple
+
+
+@dataclass
+class ModelEntry:
+    """Everything the repository knows about one model name."""
+
+    name: str
+    state: ModelState = ModelState.UNAVAILABLE
+    reason: str = ""
+    versions: dict[int, ModelVersion] = field(default_factory=dict)
+    fingerprint: tuple = ()
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def latest(self) -> ModelVersion | None:
+        return self.versions[max(self.versions)] if self.versions else None
+
+
+def model_fingerprint(model_dir: Path) -> tuple:
+    """What changes when a model's config or any version's file changes on disk."""
+
+    def stamp(path: Path) -> tuple:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return ()
+        return (st.st_mtime_ns, st.st_size)
+
+    versions = tuple(
+        (p.name, stamp(p / MODEL_FILE)) for p in sorted(model_dir.iterdir()) if p.name.isdigit()
+    )
+    return (stamp(model_dir / CONFIG_FILE), versions)
+
+
+class ModelRepository:
+    """Loads, serves and unloads the models found under one folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.models: dict[str, ModelEntry] = {}
+
+    def names_on_disk(self) -> list[str]:
+        """Model folders present in the repository."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and p.name[0] not in "._")
+
+    async def load_all(self) -> None:
+        """Load every model on disk; a broken model is marked unavailable, the rest serve."""
+        for name in self.names_on_disk():
+            try:
+                await self.load(name)
+            except VolleyError:
+                pass  # already logged and recorded in the index
+
+    def get(self, name: str, version: str = "") -> ModelVersion:
+        """The version a request names, or the latest ready one; 404/503 otherwise."""
+        entry = self.models.get(name)
+        if entry is None:
+            raise not_found(f"unknown model '{name}'")
+        if version:
+            if not version.isdigit():
+                raise VolleyError(ErrorKind.INVALID_ARGUMENT, f"invalid version '{version}'")
+            served = entry.versions.get(int(version))
+            if served is None:
+                raise not_found(f"unknown version '{version}' of model '{name}'")
+            return served
+        served = entry.latest
+        if served is None:
+            reason = f": {entry.reason}" if entry.reason else ""
+            raise unavailable(f"model '{name}' is not ready{reason}")
+        return served
+
+    def served_versions(self, name: str = "", version: str = "") -> list[ModelVersion]:
+        """The versions a statistics request covers: one, every one of a model, or all."""
+        if not name:
+            return [v for e in self.models.values() for v in e.versions.values()]
+        if version:
+            return [self.get(name, version)]
+        self.get(name)
+        versions = self.models[name].versions
+        return [versions[v] for v in sorted(versions)]
+
+    def is_ready(self, name: str, version: str = "") -> bool:
+        """Whether the model (or that version of it) would take a request now."""
+        try:
+            self.get(name, version)
+        except VolleyError:
+            return False
+        return True
+
+    def index(self, ready_only: bool = False) -> list[dict]:
+        """Triton's repository index: every model on disk or loaded, with state and reason."""
+        rows = []
+        for name in sorted(set(self.names_on_disk()) | set(self.models)):
+            entry = self.models.get(name)
+            if entry is None:
+                if not ready_only:
+                    rows.append({"name": name, "state": ModelState.UNAVAILABLE, "reason": ""})
+                continue
+            if entry.versions:
+                rows.extend(
+                    {"name": name, "version": str(v), "state": ModelState.READY, "reason": ""}
+                    for v in sorted(entry.versions)
+                )
+            elif not ready_only:
+                rows.append({"name": name, "state": entry.state, "reason": entry.reason})
+        return rows
+
+    async def load(self, name: str) -> None:
+        """Load (or reload) a model from disk; the versions already serving keep serving."""
+        model_dir = self.root / name
+        if not model_dir.is_dir():
+            raise not_found(f"no model folder '{name}' in repository {self.root}")
+        entry = self.models.setdefault(name, ModelEntry(name))
+        async with entry.lock:
+            fingerprint = model_fingerprint(model_dir)
+            if not entry.versions:
+                entry.state = ModelState.LOADING
+            try:
+                loaded = await self._load_versions(entry, model_dir)
+            except (ConfigError, VolleyError) as exc:
+                message = exc.message if isinstance(exc, VolleyError) else str(exc)
+                entry.reason = message
+                entry.fingerprint = fingerprint
+                if not entry.versions:
+                    entry.state = ModelState.UNAVAILABLE
+                log.error(
+                    "model load failed",
+                    extra={"event": "load_failed", "model": name, "reason": message},
+                )
+                raise VolleyError(ErrorKind.INVALID_ARGUMENT, message) from None
+            retired = [v for k, v in entry.versions.items() if loaded.get(k) is not v]
+            entry.versions = loaded
+            entry.fingerprint = fingerprint
+            entry.state = ModelState.READY if loaded else ModelState.UNAVAILABLE
+            entry.reason = "" if loaded else "no version folder with a model.onnx"
+            for version in loaded.values():
+                version.stats.ready.set(1)
+        await self._retire(retired)
+
+    async def _load_versions(self, entry: ModelEntry, model_dir: Path) -> dict[int, ModelVersion]:
+        """Build the versions the policy selects, reusing unchanged ones already serving."""
+        numbers = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+        if not numbers:
+            raise ConfigError(f"{model_dir}: no version folder (e.g. {model_dir}/1/{MODEL_FILE})")
+        newest_file = model_dir / str(max(numbers)) / MODEL_FILE
+        if not newest_file.exists():
+            raise ConfigError(f"{newest_file}: missing")
+        config = await asyncio.to_thread(build_config, model_dir, newest_file)
+        loaded: dict[int, ModelVersion] = {}
+        for number in config.version_policy.select(numbers):
+            model_file = model_dir / str(number) / MODEL_FILE
+            if not model_file.exists():
+                raise ConfigError(f"{model_file}: missing")
+            stamp = (model_file.stat().st_mtime_ns, model_file.stat().st_size, config)
+            current = entry.versions.get(number)
+            if current is not None and current.fingerprint == stamp:
+                loaded[number] = current
+                continue
+            loaded[number] = await self._load_version(config, number, model_file, stamp)
+        return loaded
+
+    async def _load_version(
+        self, config: ModelConfig, number: int, model_file: Path, stamp: tuple
+    ) -> ModelVersion:
+        started = time.perf_counter()
+        if number != int(model_file.parent.name):
+            raise ConfigError(f"{model_file}: version folder mismatch")
+        try:
+            # The version's own graph must agree with the config too.
+            await asyncio.to_thread(build_config, model_file.parent.parent, model_file)
+            instances = await asyncio.to_thread(load_instances, model_file, config)
+        except ConfigError:
+            raise
+        except Exception as exc:  # ORT raises several types; all mean "this version can't load"
+            raise ConfigError(f"{model_file}: failed to load or warm up: {exc}") from None
+        stats = ModelStats(config.name, str(number))
+        seconds = time.perf_counter() - started
+        stats.load_seconds.set(seconds)
+        provider = instances[0].provider
+        log.info(
+            "model version loaded",
+            extra={
+                "event": "model_loaded",
+                "model": config.name,
+                "version": number,
+                "provider": provider,
+                "instances": len(instances),
+                "max_batch_size": config.max_batch_size,
+                "seconds": round(seconds, 3),
+            },
+        )
+        return ModelVersion(
+            config.name, number, config, Batcher(config, instances, stats), stats, provider, stamp
+        )
+
+    async def unload(self, name: str) -> None:
+        """Stop serving every version of a model once its queued requests are answered."""
+        entry = self.models.get(name)
+        if entry is None:
+            if (self.root / name).is_dir():
+                return
+            raise not_found(f"unknown model '{name}'")
+        async with entry.lock:
+            retired = list(entry.versions.values())
+            entry.versions = {}
+            entry.state = ModelState.UNLOADING
+            await self._retire(retired)
+            entry.state = ModelState.UNAVAILABLE
+            entry.reason = "unloaded"
+        log.info("model unloaded", extra={"event": "model_unloaded", "model": name})
+
+    async def _retire(self, versions: list[ModelVersion]) -> None:
+        for version in versions:
+            version.stats.ready.set(0)
+        await asyncio.gather(*(v.batcher.drain() for v in versions))
+
+    async def poll(self) -> None:
+        """One scan: load new or changed models, unload the ones whose folder is gone."""
+        on_disk = set(self.names_on_disk())
+        for name in sorted(on_disk):
+            entry = self.models.get(name)
+            if entry is not None and entry.fingerprint == model_fingerprint(self.root / name):
+                continue
+            try:
+                await self.load(name)
+            except VolleyError:
+                pass  # recorded in the index; the old versions keep serving
+        for name in sorted(set(self.models) - on_disk):
+            await self.unload(name)
+            del self.models[name]
+
+    async def poll_forever(self, seconds: float) -> None:
+        """Re-scan the repository every `seconds` until cancelled."""
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await self.poll()
+            except Exception:
+                log.exception("repository poll failed", extra={"event": "poll_failed"})
+
+    async def drain(self) -> None:
+        """Answer every queued request of every model, then stop their batchers."""
+        await self._retire([v for e in self.models.values() for v in e.versions.values()])

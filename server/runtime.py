@@ -1,0 +1,93 @@
+"""ONNX Runtime: one session per model instance, execution-provider choice, warmup.
+
+Nothing here knows about requests, queues or protocols: an instance takes a dict of numpy arrays
+and returns a dict of numpy arrays.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from server.config import ModelConfig, cpu_threads
+from server.datatypes import numpy_dtype
+
+log = logging.getLogger(__name__)
+
+PROVIDER_NAMES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+
+
+def choose_providers(preference: tuple[str, ...]) -> list[str]:
+    """The preferred execution providers this ONNX Runtime build has, CPU always last."""
+    available = set(ort.get_available_providers())
+    chosen = [PROVIDER_NAMES[p] for p in preference if PROVIDER_NAMES[p] in available]
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+class OnnxInstance:
+    """One ONNX Runtime session: a model instance that runs one batch at a time."""
+
+    def __init__(self, model_file: Path, config: ModelConfig, index: int) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = cpu_threads(config)
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.index = index
+        self.session = ort.InferenceSession(
+            str(model_file), options, providers=choose_providers(config.execution_providers)
+        )
+        self.provider = self.session.get_providers()[0]
+        self.output_names = [o.name for o in config.outputs]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the graph once on ready-made inputs (releases the GIL while it computes)."""
+        results = self.session.run(self.output_names, inputs)
+        return dict(zip(self.output_names, results, strict=True))
+
+
+def load_instances(model_file: Path, config: ModelConfig) -> list[OnnxInstance]:
+    """Create `instance_count` sessions and run the configured warmup on each."""
+    instances = [OnnxInstance(model_file, config, i) for i in range(config.instance_count)]
+    for instance in instances:
+        warm_up(instance, config)
+    return instances
+
+
+def warm_up(instance: OnnxInstance, config: ModelConfig) -> None:
+    """Run the warmup requests of the config; raises if the model fails on them."""
+    rng = np.random.default_rng(0)
+    sizes = config.warmup.batch_sizes if config.batching else (1,)
+    for batch in sizes:
+        batch = min(batch, config.max_batch_size) if config.batching else batch
+        inputs = {}
+        for tensor in config.inputs:
+            dims = tuple(1 if d == -1 else d for d in tensor.dims)
+            shape = ((batch,) + dims) if config.batching else dims
+            inputs[tensor.name] = sample_tensor(tensor.datatype, shape, config.warmup.data, rng)
+        for _ in range(config.warmup.count):
+            instance.run(inputs)
+
+
+def sample_tensor(
+    datatype: str, shape: tuple[int, ...], kind: str, rng: np.random.Generator
+) -> np.ndarray:
+    """A zero or random tensor of a v2 datatype, for warmup."""
+    dtype = numpy_dtype(datatype)
+    if datatype == "BYTES":
+        return np.full(shape, b"", dtype=np.object_)
+    if kind == "zero":
+        return np.zeros(shape, dtype=dtype)
+    if dtype.kind == "f":
+        return rng.standard_normal(shape).astype(dtype)
+    if dtype.kind == "b":
+        return rng.integers(0, 2, shape).astype(dtype)
+    return rng.integers(0, 8, shape).astype(dtype)

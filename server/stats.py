@@ -1,0 +1,132 @@
+"""Per-model-version statistics: one aggregator feeds both `/v2/.../stats` and Prometheus."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from server import metrics
+
+
+@dataclass
+class Duration:
+    """A Triton `StatisticDuration`: how many, and their summed nanoseconds."""
+
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int, count: int = 1) -> None:
+        self.count += count
+        self.ns += ns
+
+    def as_dict(self) -> dict[str, int]:
+        return {"count": self.count, "ns": self.ns}
+
+
+@dataclass
+class BatchDurations:
+    """Compute durations of the batches of one size."""
+
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+
+
+class ModelStats:
+    """Counters and durations of one model version, in Triton's statistics shape."""
+
+    def __init__(self, model: str, version: str) -> None:
+        self.model = model
+        self.version = version
+        self.inference_count = 0
+        self.execution_count = 0
+        self.last_inference_ms = 0
+        self.success = Duration()
+        self.fail = Duration()
+        self.queue = Duration()
+        self.compute_input = Duration()
+        self.compute_infer = Duration()
+        self.compute_output = Duration()
+        self.batches: dict[int, BatchDurations] = {}
+        labels = (model, version)
+        self._inferences = metrics.INFERENCES.labels(*labels)
+        self._executions = metrics.EXECUTIONS.labels(*labels)
+        self._request_seconds = metrics.REQUEST_DURATION.labels(*labels)
+        self._queue_seconds = metrics.QUEUE_DURATION.labels(*labels)
+        self._input_seconds = metrics.COMPUTE_INPUT_DURATION.labels(*labels)
+        self._infer_seconds = metrics.COMPUTE_INFER_DURATION.labels(*labels)
+        self._output_seconds = metrics.COMPUTE_OUTPUT_DURATION.labels(*labels)
+        self._batch_size = metrics.BATCH_SIZE.labels(*labels)
+        self.queue_depth = metrics.QUEUE_DEPTH.labels(*labels)
+        self.ready = metrics.MODEL_READY.labels(*labels)
+        self.load_seconds = metrics.MODEL_LOAD_DURATION.labels(*labels)
+        self._releases = {
+            reason: metrics.BATCH_RELEASES.labels(*labels, reason)
+            for reason in ("full", "preferred", "delay", "immediate", "drain")
+        }
+
+    def record_batch(
+        self, rows: int, requests: int, input_ns: int, infer_ns: int, output_ns: int, reason: str
+    ) -> None:
+        """One executed batch of `rows` rows from `requests` requests."""
+        self.execution_count += 1
+        self.inference_count += rows
+        self.last_inference_ms = int(time.time() * 1000)
+        # Triton charges each request the compute time of the batch it ran in.
+        self.compute_input.add(input_ns * requests, requests)
+        self.compute_infer.add(infer_ns * requests, requests)
+        self.compute_output.add(output_ns * requests, requests)
+        per_size = self.batches.setdefault(rows, BatchDurations())
+        per_size.compute_input.add(input_ns)
+        per_size.compute_infer.add(infer_ns)
+        per_size.compute_output.add(output_ns)
+        self._executions.inc()
+        self._inferences.inc(rows)
+        self._batch_size.observe(rows)
+        self._input_seconds.observe(input_ns / 1e9)
+        self._infer_seconds.observe(infer_ns / 1e9)
+        self._output_seconds.observe(output_ns / 1e9)
+        self._releases[reason].inc()
+
+    def record_queue(self, ns: int) -> None:
+        """Time one request waited before its batch started."""
+        self.queue.add(ns)
+        self._queue_seconds.observe(ns / 1e9)
+
+    def record_success(self, ns: int) -> None:
+        """A request answered with outputs, `ns` after it reached the batcher."""
+        self.success.add(ns)
+        self._request_seconds.observe(ns / 1e9)
+
+    def record_failure(self, ns: int) -> None:
+        """A request that reached the batcher and failed there (timeout, execution error)."""
+        self.fail.add(ns)
+
+    def as_dict(self) -> dict:
+        """The v2 statistics extension's `model_stats` entry."""
+        return {
+            "name": self.model,
+            "version": self.version,
+            "last_inference": self.last_inference_ms,
+            "inference_count": self.inference_count,
+            "execution_count": self.execution_count,
+            "inference_stats": {
+                "success": self.success.as_dict(),
+                "fail": self.fail.as_dict(),
+                "queue": self.queue.as_dict(),
+                "compute_input": self.compute_input.as_dict(),
+                "compute_infer": self.compute_infer.as_dict(),
+                "compute_output": self.compute_output.as_dict(),
+                "cache_hit": Duration().as_dict(),
+                "cache_miss": Duration().as_dict(),
+            },
+            "batch_stats": [
+                {
+                    "batch_size": size,
+                    "compute_input": d.compute_input.as_dict(),
+                    "compute_infer": d.compute_infer.as_dict(),
+                    "compute_output": d.compute_output.as_dict(),
+                }
+                for size, d in sorted(self.batches.items())
+            ],
+        }

@@ -1,0 +1,159 @@
+"""Shared fixtures: a model repository of real ONNX models and a real Volley server process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+sys.path.insert(0, str(Path(__file__).parent))
+import onnx_models  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VolleyProcess:
+    """`python -m server serve` on free loopback ports, stopped with SIGTERM."""
+
+    def __init__(self, repository: Path, *extra: str) -> None:
+        self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.http = f"127.0.0.1:{self.http_port}"
+        self.grpc = f"127.0.0.1:{self.grpc_port}"
+        self.url = f"http://{self.http}"
+        self.log_path = repository.parent / f"volley-{self.http_port}.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "server",
+                "serve",
+                "--model-repository",
+                str(repository),
+                "--host",
+                "127.0.0.1",
+                "--http-port",
+                str(self.http_port),
+                "--grpc-port",
+                str(self.grpc_port),
+                "--metrics-port",
+                str(self.metrics_port),
+                *extra,
+            ],  # fmt: skip
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+    def wait_ready(self, timeout: float = 60.0, path: str = "/v2/health/live") -> None:
+        """Block until the server answers 200 on `path`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.log()}")
+            try:
+                if requests.get(self.url + path, timeout=1).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"server not ready after {timeout}s:\n{self.log()}")
+
+    def wait_models(self, timeout: float = 60.0) -> None:
+        """Block until every model in the repository has finished loading (ready or failed)."""
+        self.wait_ready(timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rows = requests.post(self.url + "/v2/repository/index", timeout=5).json()
+            if (
+                rows
+                and all(r["state"] in ("READY", "UNAVAILABLE") for r in rows)
+                and (
+                    requests.get(self.url + "/v2/health/ready", timeout=5).status_code == 200
+                    or any(r["state"] == "UNAVAILABLE" for r in rows)
+                )
+            ):
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"models not loaded after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        """Everything the server has logged so far."""
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, wait for exit, return the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+def build_repository(root: Path) -> Path:
+    """The shared test repository: mlp (2 versions), dtypes, rowsum, slow, and a bare model."""
+    onnx_models.mlp(root / "mlp" / "1" / "model.onnx", seed=1)
+    onnx_models.mlp(root / "mlp" / "2" / "model.onnx", seed=2)
+    onnx_models.write_config(
+        root / "mlp",
+        {
+            "max_batch_size": 64,
+            "dynamic_batching": {"max_queue_delay_us": 2000, "max_queue_size": 4096},
+            "parameters": {"purpose": "tests"},
+        },
+    )
+    onnx_models.dtypes(root / "dtypes" / "1" / "model.onnx")
+    onnx_models.write_config(root / "dtypes", {"max_batch_size": 8, "dynamic_batching": {}})
+    onnx_models.variable_length(root / "rowsum" / "1" / "model.onnx")
+    onnx_models.write_config(
+        root / "rowsum",
+        {"max_batch_size": 32, "dynamic_batching": {"max_queue_delay_us": 20000}},
+    )
+    onnx_models.slow(root / "slow" / "1" / "model.onnx")
+    onnx_models.write_config(
+        root / "slow",
+        {
+            "max_batch_size": 1,
+            "dynamic_batching": {"max_queue_size": 2},
+            "intra_op_threads": 1,
+        },
+    )
+    onnx_models.mlp(root / "bare" / "1" / "model.onnx", features=8, hidden=16)
+    return root
+
+
+@pytest.fixture(scope="session")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_repository(tmp_path_factory.mktemp("repo") / "models")
+
+
+@pytest.fixture(scope="session")
+def server(repository: Path) -> Iterator[VolleyProcess]:
+    """One server shared by the protocol tests (they do not change the repository)."""
+    proc = VolleyProcess(repository)
+    try:
+        proc.wait_models()
+        yield proc
+    finally:
+        proc.stop()

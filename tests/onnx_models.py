@@ -1,0 +1,145 @@
+"""Small real ONNX models built with onnx.helper, written into a model repository for tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import yaml
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = [helper.make_opsetid("", 17)]
+
+
+def mlp(path: Path, features: int = 32, hidden: int = 256, seed: int = 0) -> Path:
+    """The benchmark stand-in: FP32 [B, features] -> 2 hidden ReLU layers -> sigmoid [B, 1]."""
+    rng = np.random.default_rng(seed)
+    sizes = [features, hidden, hidden, 1]
+    inits, nodes, current = [], [], "input"
+    for i, (a, b) in enumerate(zip(sizes, sizes[1:], strict=False)):
+        w = (rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32)
+        bias = (rng.standard_normal(b) * 0.1).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(bias, f"b{i}")]
+        nodes.append(helper.make_node("Gemm", [current, f"w{i}", f"b{i}"], [f"g{i}"]))
+        current = f"g{i}"
+        if i < len(sizes) - 2:
+            nodes.append(helper.make_node("Relu", [current], [f"r{i}"]))
+            current = f"r{i}"
+    nodes.append(helper.make_node("Sigmoid", [current], ["score"]))
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch", 1])],
+        inits,
+    )
+    return _save(graph, path)
+
+
+def dtypes(path: Path) -> Path:
+    """One input per datatype the server handles, each echoed through a simple op.
+
+    fp16 -> fp16 * 2, int64 -> int64 + 1, int32 -> int32 * 3, uint8 -> cast to int32,
+    bool -> not bool; each tensor is [B, 4].
+    """
+    two = numpy_helper.from_array(np.array(2, dtype=np.float16), "two")
+    one = numpy_helper.from_array(np.array(1, dtype=np.int64), "one")
+    three = numpy_helper.from_array(np.array(3, dtype=np.int32), "three")
+    nodes = [
+        helper.make_node("Mul", ["f16", "two"], ["f16_out"]),
+        helper.make_node("Add", ["i64", "one"], ["i64_out"]),
+        helper.make_node("Mul", ["i32", "three"], ["i32_out"]),
+        helper.make_node("Cast", ["u8"], ["u8_out"], to=TensorProto.INT32),
+        helper.make_node("Not", ["flag"], ["flag_out"]),
+    ]
+
+    def io(name: str, kind: int) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, kind, ["batch", 4])
+
+    graph = helper.make_graph(
+        nodes,
+        "dtypes",
+        [
+            io("f16", TensorProto.FLOAT16),
+            io("i64", TensorProto.INT64),
+            io("i32", TensorProto.INT32),
+            io("u8", TensorProto.UINT8),
+            io("flag", TensorProto.BOOL),
+        ],
+        [
+            io("f16_out", TensorProto.FLOAT16),
+            io("i64_out", TensorProto.INT64),
+            io("i32_out", TensorProto.INT32),
+            io("u8_out", TensorProto.INT32),
+            io("flag_out", TensorProto.BOOL),
+        ],
+        [two, one, three],
+    )
+    return _save(graph, path)
+
+
+def variable_length(path: Path) -> Path:
+    """FP32 [B, N] -> row sums FP32 [B, 1], N variable: batches only join equal N."""
+    axes = numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x", "axes"], ["total"], keepdims=1)],
+        "rowsum",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "n"])],
+        [helper.make_tensor_value_info("total", TensorProto.FLOAT, ["batch", 1])],
+        [axes],
+    )
+    return _save(graph, path)
+
+
+def _save(graph: onnx.GraphProto, path: Path) -> Path:
+    model = helper.make_model(graph, opset_imports=OPSET)
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def write_config(model_dir: Path, config: dict) -> None:
+    """Write `config.yaml` for a model folder."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def slow(path: Path, iterations: int = 10000, width: int = 512) -> Path:
+    """FP32 [B, width] -> FP32 [B, width] after `iterations` MatMul+Tanh steps in a Loop.
+
+    Slow on purpose (tens of milliseconds per batch), for queue-full, timeout and drain tests.
+    """
+    rng = np.random.default_rng(1)
+    w = numpy_helper.from_array(
+        (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32), "w"
+    )
+    trips = numpy_helper.from_array(np.array(iterations, dtype=np.int64), "trips")
+    cond = numpy_helper.from_array(np.array(True), "cond")
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("MatMul", ["state_in", "w"], ["mm"]),
+            helper.make_node("Tanh", ["mm"], ["state_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("state_in", TensorProto.FLOAT, ["batch", width]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("state_out", TensorProto.FLOAT, ["batch", width]),
+        ],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "cond", "x"], ["y"], body=body)],
+        "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
+        [w, trips, cond],
+    )
+    return _save(graph, path)
