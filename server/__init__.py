@@ -1,3 +1,3 @@
-"""Volley: a batched ONNX Runtime inference server speaking KServe v2 / Triton over HTTP and gRPC."""
+"""Volley: a batched ONNX Runtime inference server (KServe v2 / Triton protocol, HTTP and gRPC)."""
 
 __version__ = "0.1.0"

@@ -16,6 +16,7 @@ Inference runs in a thread pool (ONNX Runtime releases the GIL), never on the ev
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -189,10 +190,8 @@ class Batcher:
                 wake_at = min([release_at, *deadlines])
                 if now < wake_at:
                     self._wakeup.clear()
-                    try:
+                    with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wakeup.wait(), (wake_at - now) / 1e9)
-                    except TimeoutError:
-                        pass
                     continue
                 reason = "delay" if now >= release_at else None
                 if reason is None:

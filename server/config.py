@@ -198,7 +198,7 @@ def _autocomplete(raw: dict, graph: dict[str, list[GraphTensor]]) -> dict:
 def _check_against_graph(
     config: ModelConfig, graph: dict[str, list[GraphTensor]], config_path: Path, model_file: Path
 ) -> None:
-    """Every configured tensor must exist in the graph with the same datatype and a fitting shape."""
+    """Each configured tensor must exist in the graph with its datatype and a fitting shape."""
     for kind in ("inputs", "outputs"):
         declared = {t.name: t for t in graph[kind]}
         configured = getattr(config, kind)
@@ -221,7 +221,8 @@ def _check_against_graph(
                     f"{kind[:-1]} '{tensor.name}' has a fixed first dimension {found.shape[0]}"
                 )
             if len(graph_dims) != len(tensor.dims) or any(
-                g is not None and c != -1 and g != c for g, c in zip(graph_dims, tensor.dims)
+                g is not None and c != -1 and g != c
+                for g, c in zip(graph_dims, tensor.dims, strict=True)
             ):
                 shown = ["-1" if d is None else str(d) for d in graph_dims]
                 raise ConfigError(
@@ -233,7 +234,8 @@ def _check_against_graph(
             missing = set(declared) - {t.name for t in configured}
             if missing:
                 raise ConfigError(
-                    f"{config_path}: field 'inputs': graph inputs {sorted(missing)} are not configured"
+                    f"{config_path}: field 'inputs': graph inputs {sorted(missing)} "
+                    "are not configured"
                 )
 
 

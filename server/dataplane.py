@@ -86,7 +86,8 @@ def validate_inputs(
     unknown = sorted(set(given) - expected)
     if unknown:
         raise invalid(
-            f"unexpected input {unknown[0]!r} for model '{config.name}', expected {sorted(expected)}"
+            f"unexpected input {unknown[0]!r} for model '{config.name}', "
+            f"expected {sorted(expected)}"
         )
     rows = -1
     inputs: dict[str, np.ndarray] = {}
@@ -102,11 +103,9 @@ def validate_inputs(
         shape = tensor.shape
         dims = shape[1:] if config.batching else shape
         wanted = ("-1",) * config.batching + tuple(str(d) for d in spec.dims)
-        if (
-            len(dims) != len(spec.dims)
-            or len(shape) == 0
-            and config.batching
-            or any(d != s and s != -1 for d, s in zip(dims, spec.dims))
+        no_batch_dim = config.batching and not shape
+        if no_batch_dim or len(dims) != len(spec.dims) or any(
+            d != s and s != -1 for d, s in zip(dims, spec.dims, strict=True)
         ):
             raise invalid(
                 f"input '{spec.name}' has shape {list(shape)}, model '{config.name}' expects "

@@ -195,6 +195,10 @@ def control_app(dataplane: DataPlane) -> FastAPI:
     async def metadata() -> Response:
         return json_response(server_metadata(__version__))
 
+    @app.get("/v2/models/stats")
+    async def all_stats() -> Response:
+        return await model_stats()
+
     @app.get("/v2/models/{model}")
     @app.get("/v2/models/{model}/versions/{version}")
     async def model_meta(model: str, version: str = "") -> Response:
@@ -214,7 +218,6 @@ def control_app(dataplane: DataPlane) -> FastAPI:
         served = repo.get(model, version)
         return json_response(triton_config(served.config, served.provider))
 
-    @app.get("/v2/models/stats")
     @app.get("/v2/models/{model}/stats")
     @app.get("/v2/models/{model}/versions/{version}/stats")
     async def model_stats(model: str = "", version: str = "") -> Response:

@@ -8,6 +8,7 @@ after, so requests keep being answered across a reload.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -93,10 +94,8 @@ class ModelRepository:
     async def load_all(self) -> None:
         """Load every model on disk; a broken model is marked unavailable, the rest serve."""
         for name in self.names_on_disk():
-            try:
+            with contextlib.suppress(VolleyError):  # logged and recorded in the index
                 await self.load(name)
-            except VolleyError:
-                pass  # already logged and recorded in the index
 
     def get(self, name: str, version: str = "") -> ModelVersion:
         """The version a request names, or the latest ready one; 404/503 otherwise."""
@@ -268,10 +267,8 @@ class ModelRepository:
             entry = self.models.get(name)
             if entry is not None and entry.fingerprint == model_fingerprint(self.root / name):
                 continue
-            try:
+            with contextlib.suppress(VolleyError):  # recorded; the old versions keep serving
                 await self.load(name)
-            except VolleyError:
-                pass  # recorded in the index; the old versions keep serving
         for name in sorted(set(self.models) - on_disk):
             await self.unload(name)
             del self.models[name]

@@ -19,7 +19,7 @@ class InferTensor:
 
 @dataclass
 class RequestedOutput:
-    """An output the client asked for; `binary` is the HTTP binary-extension choice (None = default)."""
+    """An output the client asked for; `binary` is the HTTP binary-data choice (None: default)."""
 
     name: str
     binary: bool | None = None

@@ -96,7 +96,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
     crop = cv2.resize(photo[y : y + side, x : x + side], (size, size), interpolation=cv2.INTER_AREA)
     if rng.random() < 0.5:
-        crop = crop[:, ::-1]
+        crop = cv2.flip(crop, 1)
     gain = rng.uniform(0.6, 1.4, size=3) if rng.random() < 0.5 else np.full(3, rng.uniform(0.6, 1.4))
     return np.clip(crop.astype(np.float32) * gain + rng.uniform(-30, 30), 0, 255)
 
@@ -209,7 +209,8 @@ def make_scene(rng: np.random.Generator, spec: SceneSpec, split: Split) -> Sampl
     image = canvas.image
     if rng.random() < 0.3:
         image = cv2.GaussianBlur(image, (3, 3), 0)
-    image = image + rng.normal(0.0, rng.uniform(0, spec.max_noise_sigma), size=image.shape)
+    sigma = rng.uniform(0, spec.max_noise_sigma)
+    image = image + sigma * rng.standard_normal(size=image.shape, dtype=np.float32)
     return Sample(
         image=np.clip(image, 0, 255).astype(np.uint8),
         boxes=np.array(canvas.boxes, dtype=np.float32).reshape(-1, 4),

@@ -1,0 +1,41 @@
+"""Triton's load generator, perf_analyzer, runs against Volley over HTTP and gRPC unchanged."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+TOOL = Path(__file__).resolve().parents[2] / "shared" / "tools" / "perf_analyzer"
+
+
+@pytest.fixture(scope="module")
+def perf_analyzer() -> Path:
+    if not TOOL.exists():
+        pytest.skip(f"{TOOL} is not on this machine")
+    fetch = subprocess.run([str(TOOL), "--version"], capture_output=True, text=True, timeout=600)
+    if fetch.returncode != 0:
+        pytest.skip(f"perf_analyzer could not be fetched: {fetch.stderr[-500:]}")
+    return TOOL
+
+
+@pytest.mark.parametrize(
+    "protocol,extra",
+    [("http", []), ("grpc", []), ("grpc", ["--streaming"]), ("http", ["-a", "-b", "4"])],
+)
+def test_perf_analyzer_runs_clean(perf_analyzer, server, tmp_path, protocol, extra):
+    url = server.http if protocol == "http" else server.grpc
+    csv = tmp_path / "out.csv"
+    run = subprocess.run(
+        [str(perf_analyzer), "-m", "mlp", "-u", url, "-i", protocol,
+         "--concurrency-range", "4", "--measurement-interval", "1000",
+         "--max-trials", "10", "--stability-percentage", "999", "-f", str(csv), *extra],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "error" not in run.stdout.lower()
+    header, row = csv.read_text().splitlines()[:2]
+    assert header.startswith("Concurrency,Inferences/Second")
+    assert float(row.split(",")[1]) > 0
+    assert "Server:" in run.stdout  # it read /stats because Volley advertises "statistics"

@@ -1,0 +1,113 @@
+"""Training data: simulated transactions or the public credit-card CSV, split by time."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from training.fraud.features import FEATURES, build_features
+from training.fraud.simulate import DAY, SimConfig, simulate
+
+PCA_COLUMNS = tuple(f"V{i}" for i in range(1, 29))
+CSV_FEATURES: dict[str, str] = {
+    **{name: f"PCA component {name} of the original (confidential) features" for name in PCA_COLUMNS},
+    "amount": "transaction amount",
+    "log_amount": "log(1 + amount)",
+}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Feature matrix, labels and timestamps (seconds), rows in time order."""
+
+    features: np.ndarray  # float32 [n, F]
+    labels: np.ndarray  # int8 [n]
+    time: np.ndarray  # [n]
+    feature_docs: dict[str, str]  # feature name -> meaning, in column order
+    source: str
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """Column names of `features`."""
+        return tuple(self.feature_docs)
+
+    def rows(self, mask: np.ndarray) -> Dataset:
+        """The subset of rows selected by a boolean mask."""
+        return Dataset(
+            self.features[mask], self.labels[mask], self.time[mask], self.feature_docs, self.source
+        )
+
+
+@dataclass(frozen=True)
+class Split:
+    """Train, validation and test sets; every train time < every val time < every test time."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Row count, fraud count, fraud rate and time range of each part."""
+        return {
+            name: {
+                "rows": len(part.labels),
+                "frauds": int(part.labels.sum()),
+                "fraud_rate": float(part.labels.mean()),
+                "time_start": float(part.time.min()),
+                "time_end": float(part.time.max()),
+            }
+            for name, part in (("train", self.train), ("val", self.val), ("test", self.test))
+        }
+
+
+def split_by_time(data: Dataset, val_start: float, test_start: float, start: float = 0) -> Split:
+    """Rows in [start, val_start) train, [val_start, test_start) validate, the rest test."""
+    return Split(
+        train=data.rows((data.time >= start) & (data.time < val_start)),
+        val=data.rows((data.time >= val_start) & (data.time < test_start)),
+        test=data.rows(data.time >= test_start),
+    )
+
+
+def simulated_split(config: SimConfig, seed: int, burn_in_days: int) -> Split:
+    """Simulate, featurise and split: after a burn-in that fills the rolling windows, the
+    remaining days go 60 / 20 / 20 % (whole days) to train / val / test."""
+    tx = simulate(config, seed)
+    data = Dataset(build_features(tx), tx.label, tx.time, FEATURES, f"simulator(seed={seed})")
+    usable = config.n_days - burn_in_days
+    val_day = burn_in_days + round(0.6 * usable)
+    test_day = burn_in_days + round(0.8 * usable)
+    return split_by_time(data, val_day * DAY, test_day * DAY, burn_in_days * DAY)
+
+
+def load_creditcard_csv(path: Path) -> Dataset:
+    """Read the public credit-card fraud CSV (`Time, V1..V28, Amount, Class`; quotes allowed)."""
+    with path.open(newline="") as handle:
+        header = next(csv.reader(handle))
+    column = {name.strip(): i for i, name in enumerate(header)}
+    missing = [c for c in ("Time", *PCA_COLUMNS, "Amount", "Class") if c not in column]
+    if missing:
+        raise ValueError(f"{path}: missing columns {missing}")
+    table = np.loadtxt(path, delimiter=",", skiprows=1, quotechar='"', ndmin=2)
+    order = np.argsort(table[:, column["Time"]], kind="stable")
+    table = table[order]
+    amount = table[:, column["Amount"]]
+    features = np.column_stack(
+        [table[:, [column[c] for c in PCA_COLUMNS]], amount, np.log1p(amount)]
+    )
+    return Dataset(
+        features=features.astype(np.float32),
+        labels=table[:, column["Class"]].astype(np.int8),
+        time=table[:, column["Time"]],
+        feature_docs=CSV_FEATURES,
+        source=f"csv({path.name})",
+    )
+
+
+def csv_split(data: Dataset) -> Split:
+    """Time-ordered 60 / 20 / 20 % split of a loaded CSV (cuts at Time quantiles)."""
+    val_start, test_start = np.quantile(data.time, [0.6, 0.8])
+    return split_by_time(data, val_start, test_start, start=float(data.time.min()))
