@@ -143,3 +143,16 @@ def slow(path: Path, iterations: int = 10000, width: int = 512) -> Path:
         [w, trips, cond],
     )
     return _save(graph, path)
+
+
+def fixed_scale(path: Path, shape: tuple[int, ...] = (2, 3), factor: float = 2.0) -> Path:
+    """FP32 `shape` -> FP32 `shape` times `factor`, every dimension fixed (so no batching)."""
+    scale = numpy_helper.from_array(np.array(factor, dtype=np.float32), "factor")
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "factor"], ["y"])],
+        "fixed_scale",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))],
+        [scale],
+    )
+    return _save(graph, path)

@@ -10,16 +10,17 @@ import gzip
 import json
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
 from conftest import VolleyProcess
+from reference import ort_outputs
 from tritonclient.utils import InferenceServerException
 
 TIMEOUT = 30  # seconds, per HTTP call: the machine is shared with training jobs
@@ -59,13 +60,6 @@ def assert_error(response: requests.Response, status: int, *fragments: str) -> s
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
     return message
-
-
-def ort_run(model_file: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """ONNX Runtime's own answer for the same input: the reference the server must match."""
-    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, inputs), strict=True))
 
 
 def slow_body(value: float = 0.1, **parameters) -> dict:
@@ -139,6 +133,25 @@ def test_body_not_an_object(server: VolleyProcess) -> None:
 def test_missing_inputs(server: VolleyProcess, body: dict) -> None:
     response = post(infer_url(server, "mlp"), body)
     assert_error(response, 400, "non-empty 'inputs' list")
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"inputs": [1]}, "each input must be a JSON object"),
+        ({"inputs": [mlp_input(name=3)]}, "input name must be a string"),
+        ({"inputs": [mlp_input(shape="1x32")]}, "must be a list of non-negative integers"),
+        ({"inputs": [mlp_input(shape=[True, 32])]}, "must be a list of non-negative integers"),
+        ({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 32]}]}, "neither 'data'"),
+        ({"inputs": [mlp_input()], "outputs": "score"}, "'outputs' must be a list"),
+        ({"inputs": [mlp_input()], "id": 5}, "id must be a string"),
+        ({"inputs": [mlp_input()], "parameters": []}, "parameters must be a JSON object"),
+    ],
+    ids=["input", "name", "shape-str", "shape-bool", "no-data", "outputs", "id", "parameters"],
+)
+def test_malformed_fields(server: VolleyProcess, body: dict, message: str) -> None:
+    response = post(infer_url(server, "mlp"), body)
+    assert_error(response, 400, message)
 
 
 def test_missing_one_of_several_inputs(server: VolleyProcess) -> None:
@@ -252,7 +265,7 @@ def test_valid_request_still_works(server: VolleyProcess, repository: Path) -> N
     assert doc["model_name"] == "mlp"
     assert doc["model_version"] == "2"
     x = np.full((2, 32), 0.25, dtype=np.float32)
-    expected = ort_run(repository / "mlp" / "2" / "model.onnx", {"input": x})["score"]
+    expected = ort_outputs(repository / "mlp" / "2" / "model.onnx", {"input": x})["score"]
     (output,) = doc["outputs"]
     assert output["shape"] == [2, 1]
     np.testing.assert_allclose(np.array(output["data"]), expected.ravel(), rtol=1e-5, atol=1e-6)
@@ -372,7 +385,7 @@ def test_binary_and_json_data_together(server: VolleyProcess) -> None:
 def test_binary_request_matches_onnxruntime(server: VolleyProcess, repository: Path) -> None:
     rng = np.random.default_rng(7)
     x = rng.standard_normal((5, 32)).astype(np.float32)
-    expected = ort_run(repository / "mlp" / "2" / "model.onnx", {"input": x})["score"]
+    expected = ort_outputs(repository / "mlp" / "2" / "model.onnx", {"input": x})["score"]
 
     # binary input, JSON output
     body, headers = binary_request(x)
@@ -401,16 +414,16 @@ def test_binary_request_matches_onnxruntime(server: VolleyProcess, repository: P
 # --- content encoding -----------------------------------------------------------------------
 
 
-def test_gzip_request(server: VolleyProcess, repository: Path) -> None:
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_compressed_request(server: VolleyProcess, repository: Path, encoding: str) -> None:
     x = np.linspace(-1, 1, 64, dtype=np.float32).reshape(2, 32)
     body = json.dumps({"inputs": [mlp_input(rows=2, data=x.ravel().tolist())]}).encode()
     plain = post(infer_url(server, "mlp"), body)
-    zipped = post(
-        infer_url(server, "mlp"), gzip.compress(body), headers={"Content-Encoding": "gzip"}
-    )
+    compressed = gzip.compress(body) if encoding == "gzip" else zlib.compress(body)
+    zipped = post(infer_url(server, "mlp"), compressed, headers={"Content-Encoding": encoding})
     assert plain.status_code == zipped.status_code == 200, zipped.text
     assert zipped.json() == plain.json()
-    expected = ort_run(repository / "mlp" / "2" / "model.onnx", {"input": x})["score"]
+    expected = ort_outputs(repository / "mlp" / "2" / "model.onnx", {"input": x})["score"]
     data = np.array(zipped.json()["outputs"][0]["data"])
     np.testing.assert_allclose(data, expected.ravel(), rtol=1e-5, atol=1e-6)
 
