@@ -1,8 +1,8 @@
 """Dynamic batching of one model version over its instances.
 
-The rule (Triton's, see docs/batching.md):
-- Requests queue in arrival order. A batch is formed only when an instance is free, so while
-  every instance is busy the queue grows and the next batch is larger.
+The rule (Triton's; docs/batching.md says it for users):
+- Requests queue in arrival order. Each instance has one thread that pulls a batch only when it
+  is free, so while every instance is busy the queue grows and the next batch is larger.
 - A batch takes the oldest request and then, in order, every request whose non-batch shapes
   equal it, while the rows fit in `max_batch_size`; requests of other shapes wait for a later batch.
 - It is released at once when it is full or reaches a preferred size; otherwise it waits for
@@ -10,17 +10,17 @@ The rule (Triton's, see docs/batching.md):
 - A request whose queue timeout passes before its batch starts fails with a timeout; a full
   queue rejects new requests at once. A failed batch fails each of its requests with the reason.
 
-Inference runs in a thread pool (ONNX Runtime releases the GIL), never on the event loop.
+Requests arrive on the event loop; batches form and run on the instance threads (ONNX Runtime
+releases the GIL), and each finished batch hands its results back to the loop in one callback.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,11 +50,12 @@ class Pending:
 
 @dataclass
 class Batch:
-    """Requests released together, and why they were released."""
+    """Requests released together, when, and why."""
 
     requests: list[Pending]
     rows: int
     reason: str
+    start_ns: int
 
 
 class Batcher:
@@ -65,23 +66,31 @@ class Batcher:
     ) -> None:
         self.config = config
         self.stats = stats
-        self._free = deque(instances)
-        self._busy = 0
+        self._loop = asyncio.get_running_loop()
+        self._cond = threading.Condition(threading.Lock())
         self._queue: deque[Pending] = deque()
-        self._wakeup = asyncio.Event()
+        self._running = 0
+        self._draining = False
+        self._stopped = False
         self._idle = asyncio.Event()
         self._idle.set()
-        self._draining = False
-        self._executor = ThreadPoolExecutor(
-            max_workers=len(instances), thread_name_prefix=f"infer-{config.name}"
-        )
         batching = config.dynamic_batching
         self._max_rows = max(config.max_batch_size, 1) if batching else 1
         self._delay_ns = batching.max_queue_delay_us * 1000 if batching else 0
         self._preferred = set(batching.preferred_batch_sizes) if batching else set()
         self._max_queue = batching.max_queue_size if batching else 0
         self._default_timeout_us = batching.default_timeout_us if batching else 0
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._threads = [
+            threading.Thread(
+                target=self._serve,
+                args=(instance,),
+                name=f"batcher-{config.name}-{instance.index}",
+                daemon=True,
+            )
+            for instance in instances
+        ]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def queued(self) -> int:
@@ -90,13 +99,6 @@ class Batcher:
 
     async def infer(self, inputs: Tensors, rows: int, timeout_us: int = 0) -> Tensors:
         """Queue a validated request and wait for its own rows of the batch outputs."""
-        if self._draining:
-            raise VolleyError(ErrorKind.UNAVAILABLE, f"model '{self.config.name}' is unloading")
-        if self._max_queue and len(self._queue) >= self._max_queue:
-            raise VolleyError(
-                ErrorKind.QUEUE_FULL,
-                f"model '{self.config.name}' queue is full ({self._max_queue} requests queued)",
-            )
         now = time.perf_counter_ns()
         timeout_us = timeout_us or self._default_timeout_us
         key = tuple(a.shape[1:] for a in inputs.values()) if self.config.batching else ()
@@ -104,14 +106,22 @@ class Batcher:
             inputs=inputs,
             rows=rows,
             key=key,
-            future=asyncio.get_running_loop().create_future(),
+            future=self._loop.create_future(),
             arrival_ns=now,
             deadline_ns=now + timeout_us * 1000 if timeout_us else None,
         )
-        self._queue.append(pending)
+        with self._cond:
+            if self._draining:
+                raise VolleyError(ErrorKind.UNAVAILABLE, f"model '{self.config.name}' is unloading")
+            if self._max_queue and len(self._queue) >= self._max_queue:
+                raise VolleyError(
+                    ErrorKind.QUEUE_FULL,
+                    f"model '{self.config.name}' queue is full ({self._max_queue} requests queued)",
+                )
+            self._queue.append(pending)
+            self._cond.notify()
         self._idle.clear()
         self.stats.queue_depth.inc()
-        self._wakeup.set()
         try:
             if pending.deadline_ns is None:
                 outputs = await pending.future
@@ -135,75 +145,88 @@ class Batcher:
         try:
             return await asyncio.wait_for(asyncio.shield(pending.future), timeout_us / 1e6)
         except TimeoutError:
-            if pending.started:
+            if not self._forget(pending):
                 return await pending.future
-            self._forget(pending)
-            raise VolleyError(
-                ErrorKind.TIMEOUT,
-                f"request timed out after {timeout_us} us in the queue of model "
-                f"'{self.config.name}'",
-            ) from None
+            raise self._timeout_error(timeout_us) from None
 
-    def _forget(self, pending: Pending) -> None:
-        """Take a request that nobody waits for any more out of the queue."""
-        if not pending.started:
+    def _timeout_error(self, timeout_us: int) -> VolleyError:
+        return VolleyError(
+            ErrorKind.TIMEOUT,
+            f"request timed out after {timeout_us} us in the queue of model '{self.config.name}'",
+        )
+
+    def _forget(self, pending: Pending) -> bool:
+        """Take a request nobody waits for out of the queue; False if its batch has started."""
+        with self._cond:
+            if pending.started:
+                return False
             try:
                 self._queue.remove(pending)
             except ValueError:
-                return
-            self.stats.queue_depth.dec()
-            self._check_idle()
+                return False
+        self.stats.queue_depth.dec()
+        self._check_idle()
+        return True
 
     async def drain(self) -> None:
-        """Refuse new requests, run everything queued without waiting, then stop."""
-        self._draining = True
-        self._wakeup.set()
+        """Refuse new requests, run everything queued without waiting, then stop the threads."""
+        with self._cond:
+            self._draining = True
+            self._cond.notify_all()
         await self._idle.wait()
-        self._task.cancel()
-        self._executor.shutdown(wait=True)
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        await asyncio.to_thread(lambda: [t.join() for t in self._threads])
 
-    async def _run(self) -> None:
-        # One long-lived task per model version; it only ever waits on events, never polls.
+    # --- instance threads -------------------------------------------------------------------
+
+    def _serve(self, instance: OnnxInstance) -> None:
         while True:
-            while not self._free or not self._queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            batch = await self._form_batch()
+            batch = self._next_batch()
             if batch is None:
-                continue
-            instance = self._free.popleft()
-            self._busy += 1
-            asyncio.get_running_loop().create_task(self._execute(batch, instance))
+                return
+            try:
+                outputs, timings = run_batch(instance, batch, self.config.batching)
+            except Exception as exc:  # ORT raises many types; each fails the batch, not the thread
+                log.exception(
+                    "batch failed",
+                    extra={"event": "batch_failed", "model": self.config.name, "rows": batch.rows},
+                )
+                error = VolleyError(ErrorKind.INTERNAL, f"inference failed: {exc}")
+                self._loop.call_soon_threadsafe(self._fail, batch, error)
+            else:
+                self._loop.call_soon_threadsafe(self._finish, batch, outputs, timings)
 
-    async def _form_batch(self) -> Batch | None:
-        """Pick the next batch, waiting up to the queue delay for it to grow."""
-        while True:
-            self._expire(time.perf_counter_ns())
-            if not self._queue:
-                return None
-            picked, rows = self._pick()
-            reason = self._release_reason(rows)
-            now = time.perf_counter_ns()
-            if reason is None:
-                release_at = self._queue[0].arrival_ns + self._delay_ns
-                deadlines = [p.deadline_ns for p in self._queue if p.deadline_ns is not None]
-                wake_at = min([release_at, *deadlines])
-                if now < wake_at:
-                    self._wakeup.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wakeup.wait(), (wake_at - now) / 1e9)
+    def _next_batch(self) -> Batch | None:
+        """Block until a batch is due (or the batcher stops) and take it out of the queue."""
+        with self._cond:
+            while True:
+                if self._stopped:
+                    return None
+                now = time.perf_counter_ns()
+                self._expire(now)
+                if not self._queue:
+                    self._cond.wait()
                     continue
-                reason = "delay" if now >= release_at else None
+                picked, rows = self._pick()
+                reason = self._release_reason(rows)
                 if reason is None:
-                    continue
-            for pending in picked:
-                pending.started = True
-            kept = set(map(id, picked))
-            self._queue = deque(p for p in self._queue if id(p) not in kept)
-            self.stats.queue_depth.dec(len(picked))
-            for pending in picked:
-                self.stats.record_queue(now - pending.arrival_ns)
-            return Batch(picked, rows, reason)
+                    # Hold the lock only while deciding: waiting releases it for new arrivals.
+                    release_at = self._queue[0].arrival_ns + self._delay_ns
+                    if now < release_at:
+                        deadlines = [p.deadline_ns for p in self._queue if p.deadline_ns]
+                        wake_at = min([release_at, *deadlines])
+                        self._cond.wait(max(wake_at - now, 0) / 1e9)
+                        continue
+                    reason = "delay"
+                for pending in picked:
+                    pending.started = True
+                taken = set(map(id, picked))
+                self._queue = deque(p for p in self._queue if id(p) not in taken)
+                self._running += 1
+                self.stats.queue_depth.dec(len(picked))
+                return Batch(picked, rows, reason, now)
 
     def _pick(self) -> tuple[list[Pending], int]:
         """The oldest request plus later ones of the same shapes, while the rows fit."""
@@ -232,54 +255,51 @@ class Batcher:
         return None
 
     def _expire(self, now: int) -> None:
-        """Fail queued requests whose queue timeout has passed."""
+        """Fail queued requests whose queue timeout has passed (called with the lock held)."""
         expired = [p for p in self._queue if p.deadline_ns is not None and now >= p.deadline_ns]
         for pending in expired:
             self._queue.remove(pending)
             self.stats.queue_depth.dec()
-            if not pending.future.done():
-                pending.future.set_exception(
-                    VolleyError(
-                        ErrorKind.TIMEOUT,
-                        f"request timed out in the queue of model '{self.config.name}'",
-                    )
-                )
+            self._loop.call_soon_threadsafe(self._expired, pending)
 
-    async def _execute(self, batch: Batch, instance: OnnxInstance) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            outputs, timings = await loop.run_in_executor(
-                self._executor, run_batch, instance, batch, self.config.batching
-            )
-        except Exception as exc:
-            log.exception(
-                "batch failed",
-                extra={"event": "batch_failed", "model": self.config.name, "rows": batch.rows},
-            )
-            error = VolleyError(ErrorKind.INTERNAL, f"inference failed: {exc}")
-            for pending in batch.requests:
-                if not pending.future.done():
-                    pending.future.set_exception(error)
-        else:
-            self.stats.record_batch(batch.rows, len(batch.requests), *timings, batch.reason)
-            for pending, result in zip(batch.requests, outputs, strict=True):
-                if not pending.future.done():
-                    pending.future.set_result(result)
-        finally:
-            self._free.append(instance)
-            self._busy -= 1
-            self._wakeup.set()
-            self._check_idle()
+    # --- back on the event loop -------------------------------------------------------------
+
+    def _expired(self, pending: Pending) -> None:
+        if not pending.future.done():
+            timeout_us = (pending.deadline_ns - pending.arrival_ns) // 1000
+            pending.future.set_exception(self._timeout_error(timeout_us))
+        self._check_idle()
+
+    def _finish(self, batch: Batch, outputs: list[Tensors], timings: tuple[int, int, int]) -> None:
+        self.stats.record_batch(batch.rows, len(batch.requests), *timings, batch.reason)
+        for pending, result in zip(batch.requests, outputs, strict=True):
+            self.stats.record_queue(batch.start_ns - pending.arrival_ns)
+            if not pending.future.done():
+                pending.future.set_result(result)
+        self._batch_done()
+
+    def _fail(self, batch: Batch, error: VolleyError) -> None:
+        for pending in batch.requests:
+            if not pending.future.done():
+                pending.future.set_exception(error)
+        self._batch_done()
+
+    def _batch_done(self) -> None:
+        with self._cond:
+            self._running -= 1
+        self._check_idle()
 
     def _check_idle(self) -> None:
-        if not self._queue and self._busy == 0:
+        with self._cond:
+            idle = not self._queue and self._running == 0
+        if idle:
             self._idle.set()
 
 
 def run_batch(
     instance: OnnxInstance, batch: Batch, batching: bool
 ) -> tuple[list[Tensors], tuple[int, int, int]]:
-    """Concatenate, run and split one batch (in a worker thread); returns per-request outputs."""
+    """Concatenate, run and split one batch; returns per-request outputs and stage times (ns)."""
     t0 = time.perf_counter_ns()
     requests = batch.requests
     if len(requests) == 1:
@@ -291,6 +311,12 @@ def run_batch(
     t1 = time.perf_counter_ns()
     outputs = instance.run(inputs)
     t2 = time.perf_counter_ns()
+    if batching:
+        for name, value in outputs.items():
+            if value.shape[0] != batch.rows:
+                raise RuntimeError(
+                    f"output '{name}' has {value.shape[0]} rows for a batch of {batch.rows}"
+                )
     if len(requests) == 1:
         split = [outputs]
     else:
@@ -300,11 +326,5 @@ def run_batch(
             end = offset + pending.rows
             split.append({name: value[offset:end] for name, value in outputs.items()})
             offset = end
-    if batching:
-        for name, value in outputs.items():
-            if value.shape[0] != batch.rows:
-                raise RuntimeError(
-                    f"output '{name}' has {value.shape[0]} rows for a batch of {batch.rows}"
-                )
     t3 = time.perf_counter_ns()
     return split, (t1 - t0, t2 - t1, t3 - t2)

@@ -6,6 +6,8 @@ protobuf. A request is fully validated before it joins a queue, so a bad request
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from server import metrics
@@ -26,6 +28,17 @@ OUTCOMES = {
 }
 
 
+@lru_cache(maxsize=4096)
+def _outcome_counter(model: str, version: str, protocol: str, outcome: str):
+    """The labelled request counter, looked up once per label set (it is on the hot path)."""
+    return metrics.REQUESTS.labels(model, version, protocol, outcome)
+
+
+@lru_cache(maxsize=16)
+def _inflight_gauge(protocol: str):
+    return metrics.INFLIGHT.labels(protocol)
+
+
 class DataPlane:
     """Server-wide state the front ends share: the repository and the draining flag."""
 
@@ -42,14 +55,13 @@ class DataPlane:
 
     async def infer(self, request: InferenceRequest, protocol: str) -> InferenceResponse:
         """Run one request through its model's batcher and count the outcome."""
-        gauge = metrics.INFLIGHT.labels(protocol)
+        gauge = _inflight_gauge(protocol)
         gauge.inc()
-        version = request.version
+        served = None
         try:
             if self.draining:
                 raise unavailable("server is shutting down")
             served = self.repository.get(request.model, request.version)
-            version = str(served.version)
             inputs, rows = validate_inputs(served.config, request)
             check_outputs(served.config, request)
             timeout_us = request_timeout_us(request.parameters)
@@ -57,11 +69,14 @@ class DataPlane:
             outputs = await served.batcher.infer(inputs, rows, timeout_us)
             response = build_response(served, request, outputs)
         except VolleyError as exc:
-            metrics.REQUESTS.labels(request.model, version, protocol, OUTCOMES[exc.kind]).inc()
+            # Label by what exists: a client must not mint series with made-up model names.
+            model = request.model if request.model in self.repository.models else ""
+            version = str(served.version) if served is not None else ""
+            _outcome_counter(model, version, protocol, OUTCOMES[exc.kind]).inc()
             raise
         finally:
             gauge.dec()
-        metrics.REQUESTS.labels(request.model, version, protocol, "success").inc()
+        _outcome_counter(request.model, str(served.version), protocol, "success").inc()
         return response
 
 
@@ -104,8 +119,10 @@ def validate_inputs(
         dims = shape[1:] if config.batching else shape
         wanted = ("-1",) * config.batching + tuple(str(d) for d in spec.dims)
         no_batch_dim = config.batching and not shape
-        if no_batch_dim or len(dims) != len(spec.dims) or any(
-            d != s and s != -1 for d, s in zip(dims, spec.dims, strict=True)
+        if (
+            no_batch_dim
+            or len(dims) != len(spec.dims)
+            or any(d != s and s != -1 for d, s in zip(dims, spec.dims, strict=True))
         ):
             raise invalid(
                 f"input '{spec.name}' has shape {list(shape)}, model '{config.name}' expects "

@@ -25,6 +25,7 @@ class SpanRecorder:
         self.instance = instance
         self.spans = spans
         self.provider = instance.provider
+        self.index = instance.index
         self._lock = threading.Lock()
 
     def run(self, inputs):
