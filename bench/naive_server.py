@@ -32,8 +32,12 @@ class InferRequest(BaseModel):
 
 def build_app(model_dir: Path) -> FastAPI:
     name = model_dir.name
-    versions = sorted((p for p in model_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
-    session = ort.InferenceSession(str(versions[-1] / "model.onnx"), providers=["CPUExecutionProvider"])
+    versions = sorted(
+        (p for p in model_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)
+    )
+    session = ort.InferenceSession(
+        str(versions[-1] / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     app = FastAPI()
 
     def describe(args) -> list[dict]:
@@ -46,8 +50,13 @@ def build_app(model_dir: Path) -> FastAPI:
 
     @app.get("/v2/models/{model}")
     def model_meta(model: str):
-        return {"name": name, "versions": ["1"], "platform": "onnxruntime_onnx",
-                "inputs": describe(session.get_inputs()), "outputs": describe(session.get_outputs())}  # fmt: skip
+        return {
+            "name": name,
+            "versions": ["1"],
+            "platform": "onnxruntime_onnx",
+            "inputs": describe(session.get_inputs()),
+            "outputs": describe(session.get_outputs()),
+        }
 
     @app.get("/v2/models/{model}/config")
     def config(model: str):

@@ -5,6 +5,9 @@ on this machine. Prints a markdown table (req/s, p50, p99) and which targets are
 
     python bench/serving.py                       # the shipped fraud model
     python bench/serving.py --model-dir models/fraud --concurrency 1 8 64
+    python bench/serving.py --model-dir models/detector --targets http-binary grpc
+
+On a GPU machine the ceiling and Volley both use CUDA when onnxruntime-gpu is installed.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import argparse
 import csv
 import os
 import platform
+import shlex
 import shutil
 import signal
 import socket
@@ -28,8 +32,9 @@ import onnxruntime as ort
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
-PERF_ANALYZER = ROOT.parent / "shared" / "tools" / "perf_analyzer"
+PERF_ANALYZER = [str(ROOT.parent / "shared" / "tools" / "perf_analyzer")]
 NUMPY_OF = {"tensor(float)": np.float32, "tensor(int64)": np.int64}
+TARGETS = ("naive", "http-json", "http-binary", "grpc")
 
 
 @dataclass
@@ -63,11 +68,11 @@ def machine() -> str:
 
 def ceiling(model_file: Path, seconds: float) -> list[Row]:
     """`session.run` on one row in a loop, in this process: no server, no network."""
-    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    preferred = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    available = [p for p in preferred if p in ort.get_available_providers()]
+    session = ort.InferenceSession(str(model_file), providers=available)
     feeds = {
-        i.name: np.random.default_rng(0)
-        .standard_normal((1, *i.shape[1:]))
-        .astype(NUMPY_OF[i.type])
+        i.name: np.random.default_rng(0).standard_normal((1, *i.shape[1:])).astype(NUMPY_OF[i.type])
         for i in session.get_inputs()
     }
     for _ in range(200):
@@ -80,7 +85,8 @@ def ceiling(model_file: Path, seconds: float) -> list[Row]:
         times.append(time.perf_counter() - t0)
     ms = np.array(times) * 1000
     rps = len(times) / sum(times)
-    return [Row("in-process ORT (ceiling)", 1, rps, *np.percentile(ms, [50, 99]))]
+    provider = session.get_providers()[0].removesuffix("ExecutionProvider")
+    return [Row(f"in-process ORT {provider} (ceiling)", 1, rps, *np.percentile(ms, [50, 99]))]
 
 
 def wait_for(url: str, timeout: float = 60) -> None:
@@ -102,7 +108,7 @@ def perf_analyzer(
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "pa.csv"
         cmd = [
-            str(PERF_ANALYZER), "-m", model, "-u", url, "-i", protocol,
+            *PERF_ANALYZER, "-m", model, "-u", url, "-i", protocol,
             "--concurrency-range", str(concurrency),
             "--measurement-interval", str(int(seconds * 1000)),
             "--max-trials", "10", "--stability-percentage", "25",
@@ -147,19 +153,20 @@ def run(args: argparse.Namespace) -> list[Row]:
     cs = args.concurrency
     json_fmt = ["--input-tensor-format", "json", "--output-tensor-format", "json"]
 
-    port = free_port()
-    naive = start(
-        [sys.executable, "bench/naive_server.py", str(model_dir), str(port)],
-        f"http://127.0.0.1:{port}/v2",
-    )
-    try:
-        for c in cs:
-            rps, p50, p99 = perf_analyzer(
-                name, f"127.0.0.1:{port}", "http", c, json_fmt, args.seconds
-            )
-            rows.append(Row("naive FastAPI, HTTP JSON", c, rps, p50, p99))
-    finally:
-        stop(naive)
+    if "naive" in args.targets:
+        port = free_port()
+        naive = start(
+            [sys.executable, "bench/naive_server.py", str(model_dir), str(port)],
+            f"http://127.0.0.1:{port}/v2",
+        )
+        try:
+            for c in cs:
+                rps, p50, p99 = perf_analyzer(
+                    name, f"127.0.0.1:{port}", "http", c, json_fmt, args.seconds
+                )
+                rows.append(Row("naive FastAPI, HTTP JSON", c, rps, p50, p99))
+        finally:
+            stop(naive)
 
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "models"
@@ -172,12 +179,15 @@ def run(args: argparse.Namespace) -> list[Row]:
             f"http://127.0.0.1:{http}/v2/health/ready",
         )  # fmt: skip
         try:
-            targets = [
-                ("Volley, HTTP JSON", f"127.0.0.1:{http}", "http", json_fmt),
-                ("Volley, HTTP binary", f"127.0.0.1:{http}", "http", []),
-                ("Volley, gRPC", f"127.0.0.1:{grpc_port}", "grpc", []),
-            ]
-            for label, url, protocol, extra in targets:
+            targets = {
+                "http-json": ("Volley, HTTP JSON", f"127.0.0.1:{http}", "http", json_fmt),
+                "http-binary": ("Volley, HTTP binary", f"127.0.0.1:{http}", "http", []),
+                "grpc": ("Volley, gRPC", f"127.0.0.1:{grpc_port}", "grpc", []),
+            }
+            for key in ("http-json", "http-binary", "grpc"):
+                if key not in args.targets:
+                    continue
+                label, url, protocol, extra = targets[key]
                 for c in cs:
                     rps, p50, p99 = perf_analyzer(name, url, protocol, c, extra, args.seconds)
                     rows.append(Row(label, c, rps, p50, p99))
@@ -227,7 +237,13 @@ def main() -> int:
     parser.add_argument("--model-dir", type=Path, default=ROOT / "models" / "fraud")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--seconds", type=float, default=3.0, help="measurement window")
+    parser.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS))
+    parser.add_argument(
+        "--perf-analyzer", help="command that runs perf_analyzer (default: shared tool)"
+    )
     args = parser.parse_args()
+    if args.perf_analyzer:
+        PERF_ANALYZER[:] = shlex.split(args.perf_analyzer)
     print(report(run(args), args.concurrency))
     return 0
 
