@@ -14,6 +14,7 @@ from server import metrics
 from server.config import ModelConfig
 from server.errors import ErrorKind, VolleyError, invalid, unavailable
 from server.repository import ModelRepository, ModelVersion
+from server.runtime import onnx_strings
 from server.types import InferenceRequest, InferenceResponse, InferTensor
 
 OUTCOMES = {
@@ -137,7 +138,14 @@ def validate_inputs(
             if rows not in (-1, shape[0]):
                 raise invalid(f"inputs of model '{config.name}' disagree on the batch size")
             rows = shape[0]
-        inputs[spec.name] = tensor.data
+        if spec.datatype == "BYTES":
+            try:
+                inputs[spec.name] = onnx_strings(tensor.data)
+            except UnicodeDecodeError:
+                raise invalid(f"input '{spec.name}' has BYTES elements that are not UTF-8, "
+                              "which ONNX string tensors require") from None  # fmt: skip
+        else:
+            inputs[spec.name] = tensor.data
     return inputs, max(rows, 1)
 
 

@@ -54,6 +54,15 @@ class OnnxInstance:
         return dict(zip(self.output_names, results, strict=True))
 
 
+def onnx_strings(array: np.ndarray) -> np.ndarray:
+    """BYTES elements as the UTF-8 `str` objects ONNX Runtime's string tensors need."""
+    out = np.empty(array.shape, dtype=np.object_)
+    flat_in, flat_out = array.reshape(-1), out.reshape(-1)
+    for i, item in enumerate(flat_in):
+        flat_out[i] = item.decode("utf-8") if isinstance(item, bytes) else str(item)
+    return out
+
+
 def load_instances(model_file: Path, config: ModelConfig) -> list[OnnxInstance]:
     """Create `instance_count` sessions and run the configured warmup on each."""
     instances = [OnnxInstance(model_file, config, i) for i in range(config.instance_count)]

@@ -125,6 +125,7 @@ def build_repository(root: Path) -> Path:
     )
     onnx_models.dtypes(root / "dtypes" / "1" / "model.onnx")
     onnx_models.write_config(root / "dtypes", {"max_batch_size": 8, "dynamic_batching": {}})
+    onnx_models.strings(root / "strings" / "1" / "model.onnx")
     onnx_models.variable_length(root / "rowsum" / "1" / "model.onnx")
     onnx_models.write_config(
         root / "rowsum",

@@ -79,6 +79,17 @@ def dtypes(path: Path) -> Path:
     return _save(graph, path)
 
 
+def strings(path: Path) -> Path:
+    """BYTES [B, 2] -> the same strings (ONNX string tensors: UTF-8 text)."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["text"], ["text_out"])],
+        "strings",
+        [helper.make_tensor_value_info("text", TensorProto.STRING, ["batch", 2])],
+        [helper.make_tensor_value_info("text_out", TensorProto.STRING, ["batch", 2])],
+    )
+    return _save(graph, path)
+
+
 def variable_length(path: Path) -> Path:
     """FP32 [B, N] -> row sums FP32 [B, 1], N variable: batches only join equal N."""
     axes = numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")

@@ -68,6 +68,17 @@ def test_every_datatype(client, repository):
         np.testing.assert_array_equal(result.as_numpy(name), value)
 
 
+def test_bytes_tensors(client):
+    text = np.array([[b"caf\xc3\xa9", b"x"]], dtype=np.object_)
+    got = client.infer("strings", [_input(text, "text", "BYTES")]).as_numpy("text_out")
+    assert got.tolist() == text.tolist()
+    bad = np.array([[b"\xff", b"x"]], dtype=np.object_)
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("strings", [_input(bad, "text", "BYTES")])
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "not UTF-8" in err.value.message()
+
+
 def test_async_infer(client, repository):
     xs = [np.full((1, 32), i, dtype=np.float32) for i in range(10)]
     results: queue.Queue = queue.Queue()

@@ -90,6 +90,17 @@ def test_every_datatype(client, repository, binary):
         np.testing.assert_array_equal(got, value)
 
 
+@pytest.mark.parametrize("binary", [True, False])
+def test_bytes_tensors(client, binary):
+    text = np.array([["héllo", "wörld"], ["a", ""]], dtype=np.object_)
+    inp = httpclient.InferInput("text", [2, 2], "BYTES")
+    inp.set_data_from_numpy(text, binary_data=binary)
+    out = httpclient.InferRequestedOutput("text_out", binary_data=binary)
+    got = client.infer("strings", [inp], outputs=[out]).as_numpy("text_out")
+    decoded = [[x.decode() if isinstance(x, bytes) else x for x in row] for row in got]
+    assert decoded == text.tolist()
+
+
 def test_all_outputs_returned_when_none_requested(client):
     inp = httpclient.InferInput("input", [1, 32], "FP32")
     inp.set_data_from_numpy(np.zeros((1, 32), dtype=np.float32))
