@@ -76,6 +76,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         try:
             decoded = grpc_codec.decode_request(request)
+            remaining = context.time_remaining()
+            if remaining is not None and "timeout" not in decoded.parameters:
+                # A client deadline bounds the queue wait too: no work for a caller who left.
+                decoded.parameters["timeout"] = max(int(remaining * 1e6), 1)
             response = await self.dataplane.infer(decoded, "grpc")
             return grpc_codec.encode_response(response)
         except VolleyError as exc:
