@@ -114,7 +114,7 @@ async def serve(settings: ServeSettings) -> int:
     dataplane.draining = True
     if poller is not None:
         poller.cancel()
-    await repository.drain()
+    await repository.drain(settings.shutdown_timeout)
     await grpc_server.stop(settings.shutdown_timeout)
     for listener in listeners:
         listener.should_exit = True

@@ -179,6 +179,17 @@ class Batcher:
             self._cond.notify_all()
         await asyncio.to_thread(lambda: [t.join() for t in self._threads])
 
+    def abort(self, error: VolleyError) -> None:
+        """Fail every queued request with `error` and stop; running batches finish unobserved."""
+        with self._cond:
+            queued, self._queue = list(self._queue), deque()
+            self._draining = self._stopped = True
+            self._cond.notify_all()
+        self.stats.queue_depth.dec(len(queued))
+        for pending in queued:
+            if not pending.future.done():
+                pending.future.set_exception(error)
+
     # --- instance threads -------------------------------------------------------------------
 
     def _serve(self, instance: OnnxInstance) -> None:
@@ -194,9 +205,13 @@ class Batcher:
                     extra={"event": "batch_failed", "model": self.config.name, "rows": batch.rows},
                 )
                 error = VolleyError(ErrorKind.INTERNAL, f"inference failed: {exc}")
-                self._loop.call_soon_threadsafe(self._fail, batch, error)
+                callback, args = self._fail, (batch, error)
             else:
-                self._loop.call_soon_threadsafe(self._finish, batch, outputs, timings)
+                callback, args = self._finish, (batch, outputs, timings)
+            try:
+                self._loop.call_soon_threadsafe(callback, *args)
+            except RuntimeError:  # the loop closed under an aborted drain: nobody waits
+                return
 
     def _next_batch(self) -> Batch | None:
         """Block until a batch is due (or the batcher stops) and take it out of the queue."""

@@ -49,10 +49,8 @@ class DataPlane:
 
     @property
     def ready(self) -> bool:
-        """Ready for traffic: not draining, and every model on disk loaded without error."""
-        if self.draining:
-            return False
-        return all(row["state"] == "READY" for row in self.repository.index())
+        """Ready for traffic: not draining, and every model that should serve is serving."""
+        return not self.draining and self.repository.all_ready()
 
     async def infer(self, request: InferenceRequest, protocol: str) -> InferenceResponse:
         """Run one request through its model's batcher and count the outcome."""

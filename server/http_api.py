@@ -57,10 +57,14 @@ class HttpFrontEnd:
         self.control = control_app(dataplane)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
+        if scope["type"] == "http":
             match = INFER_ROUTE.match(scope["path"])
-            if match:
+            if match and scope["method"] == "POST":
                 await self._infer(scope, receive, send, match[1], match[2] or "")
+                return
+            if match:
+                body = error_body("Method Not Allowed: infer takes POST")
+                await _send(send, 405, body, JSON, [(b"allow", b"POST")])
                 return
         await self.control(scope, receive, send)
 
@@ -175,7 +179,14 @@ def control_app(dataplane: DataPlane) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> Response:
-        return json_response({"error": str(exc.detail)}, exc.status_code)
+        response = json_response({"error": str(exc.detail)}, exc.status_code)
+        response.headers.update(exc.headers or {})
+        return response
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(_: Request, exc: Exception) -> Response:
+        log.exception("request failed", extra={"event": "http_error"})
+        return json_response({"error": f"internal error: {exc}"}, 500)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> Response:
@@ -231,7 +242,9 @@ def control_app(dataplane: DataPlane) -> FastAPI:
 
     @app.post("/v2/repository/models/{model}/load")
     async def load(model: str, request: Request) -> Response:
-        params = (await _json_body(request)).get("parameters") or {}
+        params = (await _json_body(request)).get("parameters", {})
+        if not isinstance(params, dict):
+            raise invalid("'parameters' must be a JSON object")
         if any(key == "config" or key.startswith("file:") for key in params):
             raise invalid("config and file overrides are not supported: edit the repository")
         await repo.load(model)

@@ -55,6 +55,7 @@ class ModelEntry:
     reason: str = ""
     versions: dict[int, ModelVersion] = field(default_factory=dict)
     fingerprint: tuple = ()
+    unloaded: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -133,6 +134,14 @@ class ModelRepository:
             return False
         return True
 
+    def all_ready(self) -> bool:
+        """Every model on disk is serving, except those unloaded on purpose (as in Triton)."""
+        for name in self.names_on_disk():
+            entry = self.models.get(name)
+            if entry is None or not (entry.versions or entry.unloaded):
+                return False
+        return True
+
     def index(self, ready_only: bool = False) -> list[dict]:
         """Triton's repository index: every model on disk or loaded, with state and reason."""
         rows = []
@@ -158,6 +167,7 @@ class ModelRepository:
             raise not_found(f"no model folder '{name}' in repository {self.root}")
         entry = self.models.setdefault(name, ModelEntry(name))
         async with entry.lock:
+            entry.unloaded = False
             fingerprint = model_fingerprint(model_dir)
             if not entry.versions:
                 entry.state = ModelState.LOADING
@@ -241,11 +251,9 @@ class ModelRepository:
 
     async def unload(self, name: str) -> None:
         """Stop serving every version of a model once its queued requests are answered."""
-        entry = self.models.get(name)
-        if entry is None:
-            if (self.root / name).is_dir():
-                return
+        if name not in self.models and not (self.root / name).is_dir():
             raise not_found(f"unknown model '{name}'")
+        entry = self.models.setdefault(name, ModelEntry(name))
         async with entry.lock:
             retired = list(entry.versions.values())
             entry.versions = {}
@@ -253,6 +261,7 @@ class ModelRepository:
             await self._retire(retired)
             entry.state = ModelState.UNAVAILABLE
             entry.reason = "unloaded"
+            entry.unloaded = True
         log.info("model unloaded", extra={"event": "model_unloaded", "model": name})
 
     async def _retire(self, versions: list[ModelVersion]) -> None:
@@ -282,6 +291,15 @@ class ModelRepository:
             except Exception:
                 log.exception("repository poll failed", extra={"event": "poll_failed"})
 
-    async def drain(self) -> None:
-        """Answer every queued request of every model, then stop their batchers."""
-        await self._retire([v for e in self.models.values() for v in e.versions.values()])
+    async def drain(self, timeout: float) -> None:
+        """Answer every queued request of every model, then stop their batchers.
+
+        Requests still queued after `timeout` seconds are answered 503 / UNAVAILABLE.
+        """
+        versions = [v for e in self.models.values() for v in e.versions.values()]
+        try:
+            await asyncio.wait_for(self._retire(versions), timeout)
+        except TimeoutError:
+            log.warning("drain timed out", extra={"event": "drain_timeout", "seconds": timeout})
+            for version in versions:
+                version.batcher.abort(unavailable("server is shutting down"))

@@ -286,22 +286,12 @@ def test_wrong_method_on_control_route(server: VolleyProcess) -> None:
     assert_error(response, 405, "Method Not Allowed")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: the 405 of control routes drops Starlette's Allow header "
-    "(http_api.py http_error handler ignores exc.headers)",
-)
 def test_wrong_method_on_control_route_says_allow(server: VolleyProcess) -> None:
     response = post(server.url + "/v2/health/live", {})
     assert response.status_code == 405
     assert response.headers.get("allow") == "GET"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: non-POST on .../infer falls through to the FastAPI app, which has no "
-    "such route, and answers 404 instead of 405 with Allow: POST",
-)
 @pytest.mark.parametrize("method", ["GET", "PUT"])
 def test_wrong_method_on_infer(server: VolleyProcess, method: str) -> None:
     response = requests.request(method, infer_url(server, "mlp"), timeout=TIMEOUT)
@@ -505,8 +495,8 @@ def test_body_under_the_limit_is_served(small_server: VolleyProcess) -> None:
 
 
 def test_queue_full(server: VolleyProcess) -> None:
-    """slow: max_batch_size 1, 1 instance, max_queue_size 2: a burst of 10 overflows it."""
-    count = 10
+    """slow: max_batch_size 1, 1 instance, max_queue_size 2: a burst of 12 overflows it."""
+    count = 12
     barrier = threading.Barrier(count)
     url = infer_url(server, "slow")
 
@@ -590,7 +580,7 @@ def test_grpc_wrong_shape(grpc_client: grpcclient.InferenceServerClient) -> None
 
 
 def test_grpc_queue_full(server: VolleyProcess) -> None:
-    count = 10
+    count = 12
     barrier = threading.Barrier(count)
     x = np.full((1, SLOW_WIDTH), 0.1, np.float32)
 
@@ -598,6 +588,7 @@ def test_grpc_queue_full(server: VolleyProcess) -> None:
         client = grpcclient.InferenceServerClient(server.grpc)
         try:
             tensor = grpc_input(x, "x")
+            assert client.is_server_live()  # connected before the burst
             barrier.wait(TIMEOUT)
             try:
                 client.infer("slow", [tensor], client_timeout=TIMEOUT)

@@ -10,6 +10,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,16 @@ def serve() -> Iterator[Callable[..., VolleyProcess]]:
     yield start
     codes = [proc.stop() for proc in procs]
     assert codes == [0] * len(procs), codes
+
+
+def inflight(proc: VolleyProcess) -> float:
+    """Inference requests the server is handling now (`volley_inflight_requests`, HTTP)."""
+    text = requests.get(proc.url + "/metrics", timeout=TIMEOUT).text
+    prefix = 'volley_inflight_requests{protocol="http"} '
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line[len(prefix) :])
+    return 0.0
 
 
 def index(proc: VolleyProcess) -> list[dict]:
@@ -485,6 +496,39 @@ def test_load_unload_over_grpc(tmp_path: Path, serve) -> None:
         assert "overrides are not supported" in info.value.message()
     finally:
         client.close()
+
+
+def test_unload_answers_queued_requests_first(tmp_path: Path, serve) -> None:
+    root = tmp_path / "models"
+    onnx_models.slow(root / "slow" / "1" / "model.onnx")  # ~100 ms a request, one at a time
+    onnx_models.write_config(
+        root / "slow",
+        {"max_batch_size": 1, "dynamic_batching": {"max_queue_size": 16}, "intra_op_threads": 1},
+    )
+    proc = serve(root)
+    x = np.full((1, 512), 0.1, np.float32)
+    count = 4
+    with ThreadPoolExecutor(count) as pool:
+        futures = [pool.submit(infer, proc, "slow", x, None, "x") for _ in range(count)]
+        wait_for(lambda: inflight(proc) + sum(f.done() for f in futures) >= count, "the queue")
+        response = requests.post(proc.url + "/v2/repository/models/slow/unload", timeout=TIMEOUT)
+        assert response.status_code == 200, response.text
+        # unloading waited for the queue: every request queued before it is answered
+        for future in futures:
+            assert output(future.result(TIMEOUT), (1, 512)).shape == (1, 512)
+    assert_error(infer(proc, "slow", x, input_name="x"), 503, "not ready", "unloaded")
+
+
+def test_load_with_malformed_parameters(tmp_path: Path, serve) -> None:
+    root = two_model_repository(tmp_path / "models")
+    proc = serve(root)
+    for parameters in ([1], 5, "config"):
+        response = requests.post(
+            proc.url + "/v2/repository/models/mlp/load",
+            json={"parameters": parameters},
+            timeout=TIMEOUT,
+        )
+        assert_error(response, 400, "parameters")
 
 
 # --- polling --------------------------------------------------------------------------------
