@@ -34,7 +34,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 PERF_ANALYZER = [str(ROOT.parent / "shared" / "tools" / "perf_analyzer")]
 NUMPY_OF = {"tensor(float)": np.float32, "tensor(int64)": np.int64}
-TARGETS = ("naive", "http-json", "http-binary", "grpc")
+TARGETS = ("naive", "http-json", "http-binary", "grpc", "grpc-stream")
 
 
 @dataclass
@@ -183,8 +183,14 @@ def run(args: argparse.Namespace) -> list[Row]:
                 "http-json": ("Volley, HTTP JSON", f"127.0.0.1:{http}", "http", json_fmt),
                 "http-binary": ("Volley, HTTP binary", f"127.0.0.1:{http}", "http", []),
                 "grpc": ("Volley, gRPC", f"127.0.0.1:{grpc_port}", "grpc", []),
+                "grpc-stream": (
+                    "Volley, gRPC stream",
+                    f"127.0.0.1:{grpc_port}",
+                    "grpc",
+                    ["--streaming"],
+                ),
             }
-            for key in ("http-json", "http-binary", "grpc"):
+            for key in TARGETS[1:]:
                 if key not in args.targets:
                     continue
                 label, url, protocol, extra = targets[key]
@@ -214,7 +220,12 @@ def report(rows: list[Row], concurrency: list[int]) -> str:
     top, ceiling_row = max(concurrency), rows[0]
     naive = find("naive FastAPI, HTTP JSON", top)
     lines += ["", "Targets:"]
-    for label in ("Volley, HTTP JSON", "Volley, HTTP binary", "Volley, gRPC"):
+    for label in (
+        "Volley, HTTP JSON",
+        "Volley, HTTP binary",
+        "Volley, gRPC",
+        "Volley, gRPC stream",
+    ):
         high, one = find(label, top), find(label, 1)
         if high and naive:
             ratio = high.rps / naive.rps
