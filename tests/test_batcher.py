@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx_models
 import pytest
+from reference import assert_close
 
 from server.batcher import Batcher
 from server.config import build_config
@@ -72,7 +73,7 @@ async def test_batches_respect_max_rows_and_keep_order(tmp_path):
     assert len(spans) == 3  # 6 requests of 3 rows: two per batch of at most 8
     reference = [await batcher.infer({"input": x}, 3) for x in xs]
     for got, want in zip(outs, reference, strict=True):
-        np.testing.assert_allclose(got["score"], want["score"], rtol=1e-6)
+        assert_close(got["score"], want["score"])
     await batcher.drain()
 
 

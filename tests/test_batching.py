@@ -8,7 +8,7 @@ import numpy as np
 import tritonclient.grpc.aio as grpcaio
 import tritonclient.http.aio as httpaio
 from metrics_scrape import scrape, total
-from reference import ort_outputs
+from reference import assert_close, ort_outputs
 
 
 def _rows(i: int, batch: int) -> np.ndarray:
@@ -46,7 +46,7 @@ def test_concurrent_requests_share_executions(server, repository):
     model = repository / "mlp" / "2" / "model.onnx"
     for x, got in answers:
         assert got.shape == (x.shape[0], 1)
-        np.testing.assert_allclose(got, ort_outputs(model, {"input": x})["score"], rtol=1e-5)
+        assert_close(got, ort_outputs(model, {"input": x})["score"])
 
     def delta(name: str, **extra: str) -> float:
         return total(after, name, **labels, **extra) - total(before, name, **labels, **extra)

@@ -11,7 +11,7 @@ import requests
 import tritonclient.grpc as grpcclient
 from conftest import VolleyProcess, build_repository
 from metrics_scrape import scrape, total
-from reference import ort_outputs
+from reference import assert_close, ort_outputs
 
 pytestmark = pytest.mark.skipif(
     "CUDAExecutionProvider" not in ort.get_available_providers(),
@@ -36,7 +36,7 @@ def test_models_run_on_cuda_and_match_cpu(tmp_path):
         inp.set_data_from_numpy(x)
         got = client.infer("mlp", [inp]).as_numpy("score")
         want = ort_outputs(repository / "mlp" / "2" / "model.onnx", {"input": x})["score"]
-        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+        assert_close(got, want)
 
         samples = scrape(f"http://127.0.0.1:{server.metrics_port}/metrics")
         assert total(samples, "volley_gpu_memory_total_bytes") > 0

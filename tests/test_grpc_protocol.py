@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aiogrpcclient
-from reference import ort_outputs
+from reference import assert_close, ort_outputs
 from tritonclient.utils import InferenceServerException
 
 
@@ -45,10 +45,10 @@ def test_infer_matches_onnxruntime(client, repository):
     assert result.get_response().id == "g-1"
     assert result.get_response().model_version == "2"
     want = ort_outputs(repository / "mlp" / "2" / "model.onnx", {"input": x})["score"]
-    np.testing.assert_allclose(result.as_numpy("score"), want, rtol=1e-6)
+    assert_close(result.as_numpy("score"), want)
     result = client.infer("mlp", [_input(x)], model_version="1")
     want = ort_outputs(repository / "mlp" / "1" / "model.onnx", {"input": x})["score"]
-    np.testing.assert_allclose(result.as_numpy("score"), want, rtol=1e-6)
+    assert_close(result.as_numpy("score"), want)
 
 
 def test_every_datatype(client, repository):
@@ -91,7 +91,7 @@ def test_async_infer(client, repository):
         i, result, error = results.get(timeout=30)
         assert error is None
         want = ort_outputs(model, {"input": xs[i]})["score"]
-        np.testing.assert_allclose(result.as_numpy("score"), want, rtol=1e-6)
+        assert_close(result.as_numpy("score"), want)
 
 
 def test_bidirectional_stream(client, repository):
@@ -118,7 +118,7 @@ def test_bidirectional_stream(client, repository):
     model = repository / "mlp" / "2" / "model.onnx"
     assert set(got) == set(xs) | {"after-bad"}
     for rid, x in xs.items():
-        np.testing.assert_allclose(got[rid], ort_outputs(model, {"input": x})["score"], rtol=1e-6)
+        assert_close(got[rid], ort_outputs(model, {"input": x})["score"])
 
 
 async def test_asyncio_client_stream(server):

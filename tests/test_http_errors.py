@@ -20,7 +20,7 @@ import pytest
 import requests
 import tritonclient.grpc as grpcclient
 from conftest import VolleyProcess
-from reference import ort_outputs
+from reference import assert_close, ort_outputs
 from tritonclient.utils import InferenceServerException
 
 TIMEOUT = 30  # seconds, per HTTP call: the machine is shared with training jobs
@@ -268,7 +268,7 @@ def test_valid_request_still_works(server: VolleyProcess, repository: Path) -> N
     expected = ort_outputs(repository / "mlp" / "2" / "model.onnx", {"input": x})["score"]
     (output,) = doc["outputs"]
     assert output["shape"] == [2, 1]
-    np.testing.assert_allclose(np.array(output["data"]), expected.ravel(), rtol=1e-5, atol=1e-6)
+    assert_close(np.array(output["data"]), expected.ravel())
 
 
 # --- routes and methods ---------------------------------------------------------------------
@@ -385,7 +385,7 @@ def test_binary_request_matches_onnxruntime(server: VolleyProcess, repository: P
     assert doc["model_version"] == "2"
     (output,) = doc["outputs"]
     assert output["name"] == "score" and output["shape"] == [5, 1]
-    np.testing.assert_allclose(np.array(output["data"]), expected.ravel(), rtol=1e-5, atol=1e-6)
+    assert_close(np.array(output["data"]), expected.ravel())
 
     # binary input, binary output
     body, headers = binary_request(x, parameters={"binary_data_output": True})
@@ -398,7 +398,7 @@ def test_binary_request_matches_onnxruntime(server: VolleyProcess, repository: P
     assert output["parameters"]["binary_data_size"] == 5 * 4
     assert len(response.content) == header_length + 5 * 4
     values = np.frombuffer(response.content[header_length:], "<f4").reshape(5, 1)
-    np.testing.assert_allclose(values, expected, rtol=1e-5, atol=1e-6)
+    assert_close(values, expected)
 
 
 # --- content encoding -----------------------------------------------------------------------
@@ -415,7 +415,7 @@ def test_compressed_request(server: VolleyProcess, repository: Path, encoding: s
     assert zipped.json() == plain.json()
     expected = ort_outputs(repository / "mlp" / "2" / "model.onnx", {"input": x})["score"]
     data = np.array(zipped.json()["outputs"][0]["data"])
-    np.testing.assert_allclose(data, expected.ravel(), rtol=1e-5, atol=1e-6)
+    assert_close(data, expected.ravel())
 
 
 def test_gzip_binary_request(server: VolleyProcess) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 import tritonclient.http.aio as aiohttpclient
-from reference import ort_outputs
+from reference import assert_close, ort_outputs
 from tritonclient.utils import InferenceServerException
 
 
@@ -52,7 +52,7 @@ def test_infer_matches_onnxruntime(client, repository, binary):
     assert result.get_response()["id"] == "req-7"
     assert result.get_response()["model_version"] == "2"
     want = ort_outputs(repository / "mlp" / "2" / "model.onnx", {"input": x})["score"]
-    np.testing.assert_allclose(result.as_numpy("score"), want, rtol=1e-6, atol=1e-7)
+    assert_close(result.as_numpy("score"), want)
 
 
 def test_named_version_is_served(client, repository):
@@ -62,7 +62,7 @@ def test_named_version_is_served(client, repository):
     result = client.infer("mlp", [inp], model_version="1")
     assert result.get_response()["model_version"] == "1"
     want = ort_outputs(repository / "mlp" / "1" / "model.onnx", {"input": x})["score"]
-    np.testing.assert_allclose(result.as_numpy("score"), want, rtol=1e-6)
+    assert_close(result.as_numpy("score"), want)
 
 
 @pytest.mark.parametrize("binary", [True, False])
@@ -119,7 +119,7 @@ def test_async_infer(client, repository):
     model = repository / "mlp" / "2" / "model.onnx"
     for x, handle in zip(xs, handles, strict=True):
         got = handle.get_result().as_numpy("score")
-        np.testing.assert_allclose(got, ort_outputs(model, {"input": x})["score"], rtol=1e-6)
+        assert_close(got, ort_outputs(model, {"input": x})["score"])
 
 
 async def test_asyncio_client(server):

@@ -20,7 +20,7 @@ import requests
 import tritonclient.grpc as grpcclient
 import yaml
 from conftest import VolleyProcess
-from reference import ort_outputs
+from reference import assert_close, ort_outputs
 from tritonclient.utils import InferenceServerException
 
 TIMEOUT = 30  # seconds, per HTTP call and per wait: the machine is shared with training jobs
@@ -197,9 +197,7 @@ def test_model_without_config_is_autocompleted(tmp_path: Path, serve) -> None:
     assert config["input"] == [{"name": "input", "data_type": "TYPE_FP32", "dims": [8]}]
     assert config["output"] == [{"name": "score", "data_type": "TYPE_FP32", "dims": [1]}]
     x = np.random.default_rng(3).standard_normal((3, 8)).astype(np.float32)
-    np.testing.assert_allclose(
-        output(infer(proc, "bare", x), (3, 1)), ort_run(bare, x), rtol=1e-5, atol=1e-6
-    )
+    assert_close(output(infer(proc, "bare", x), (3, 1)), ort_run(bare, x))
     x64 = np.zeros((64, 8), np.float32)
     assert infer(proc, "bare", x64).status_code == 200
     assert_error(infer(proc, "bare", np.zeros((65, 8), np.float32)), 400, "accepts 1 to 64")
@@ -316,7 +314,7 @@ def test_broken_models_leave_the_others_serving(broken_server: VolleyProcess) ->
     models = Path(proc.log_path).parent / "models"
     x = np.full((2, 32), 0.5, np.float32)
     expected = ort_run(models / "good" / "1" / "model.onnx", x)
-    np.testing.assert_allclose(output(infer(proc, "good", x), (2, 1)), expected, rtol=1e-5)
+    assert_close(output(infer(proc, "good", x), (2, 1)), expected)
     # the server as a whole is not ready while a model on disk failed to load
     response = requests.get(proc.url + "/v2/health/ready", timeout=TIMEOUT)
     assert response.status_code != 200
@@ -368,12 +366,12 @@ def test_versions_side_by_side(tmp_path: Path, serve) -> None:
 
     response = infer(proc, "mlp", x)
     assert response.json()["model_version"] == "3"
-    np.testing.assert_allclose(output(response, (4, 1)), expected[3], rtol=1e-5, atol=1e-6)
+    assert_close(output(response, (4, 1)), expected[3])
     for v in (1, 2, 3):
         response = infer(proc, "mlp", x, version=str(v))
         assert response.json()["model_name"] == "mlp"
         assert response.json()["model_version"] == str(v)
-        np.testing.assert_allclose(output(response, (4, 1)), expected[v], rtol=1e-5, atol=1e-6)
+        assert_close(output(response, (4, 1)), expected[v])
         assert model_ready(proc, "mlp", str(v)) == 200
     assert_error(infer(proc, "mlp", x, version="4"), 404, "unknown version '4' of model 'mlp'")
     assert model_ready(proc, "mlp", "4") != 200
@@ -410,7 +408,7 @@ def test_load_unload_reload_over_http(tmp_path: Path, serve) -> None:
     x = np.full((2, 32), 0.3, np.float32)
     other_x = np.ones((2, 3), np.float32)
     before = output(infer(proc, "mlp", x), (2, 1))
-    np.testing.assert_allclose(before, ort_run(root / "mlp" / "1" / "model.onnx", x), rtol=1e-5)
+    assert_close(before, ort_run(root / "mlp" / "1" / "model.onnx", x))
 
     response = requests.post(f"{url}/mlp/unload", timeout=TIMEOUT)
     assert response.status_code == 200 and response.json() == {}
@@ -434,7 +432,7 @@ def test_load_unload_reload_over_http(tmp_path: Path, serve) -> None:
     os.rename(new_file, root / "mlp" / "1" / "model.onnx")
     assert requests.post(f"{url}/mlp/load", json={}, timeout=TIMEOUT).status_code == 200
     after = output(infer(proc, "mlp", x), (2, 1))
-    np.testing.assert_allclose(after, ort_run(root / "mlp" / "1" / "model.onnx", x), rtol=1e-5)
+    assert_close(after, ort_run(root / "mlp" / "1" / "model.onnx", x))
     assert not close(after, before)
 
     # a reload that fails keeps the loaded version serving
@@ -464,7 +462,7 @@ def test_load_unload_over_grpc(tmp_path: Path, serve) -> None:
         tensor.set_data_from_numpy(x)
         expected = ort_run(root / "mlp" / "1" / "model.onnx", x)
         result = client.infer("mlp", [tensor], client_timeout=TIMEOUT)
-        np.testing.assert_allclose(result.as_numpy("score"), expected, rtol=1e-5, atol=1e-6)
+        assert_close(result.as_numpy("score"), expected)
 
         client.unload_model("mlp")
         assert not client.is_model_ready("mlp")
@@ -479,7 +477,7 @@ def test_load_unload_over_grpc(tmp_path: Path, serve) -> None:
         client.load_model("mlp")
         assert client.is_model_ready("mlp")
         result = client.infer("mlp", [tensor], client_timeout=TIMEOUT)
-        np.testing.assert_allclose(result.as_numpy("score"), expected, rtol=1e-5, atol=1e-6)
+        assert_close(result.as_numpy("score"), expected)
         models = client.get_model_repository_index(as_json=True)["models"]
         assert {"name": "mlp", "version": "1", "state": "READY"} in models
 
@@ -612,7 +610,7 @@ def test_poll_switches_versions_without_failing_requests(tmp_path: Path, serve) 
     switches = [b for a, b in zip(versions, versions[1:], strict=False) if a != b]
     assert switches == ["2", "1"], switches
     for _, version, data in stream.results:
-        np.testing.assert_allclose(data, expected[int(version)], rtol=1e-5, atol=1e-6)
+        assert_close(data, expected[int(version)])
     assert rows_of(proc, "mlp") == [{"name": "mlp", "version": "1", "state": "READY", "reason": ""}]
 
 
@@ -634,7 +632,7 @@ def test_poll_adds_and_removes_models(tmp_path: Path, serve) -> None:
     wait_for(lambda: model_ready(proc, "second") == 200, "the new model to be ready")
     response = infer(proc, "second", x)
     assert response.json()["model_version"] == "1"
-    np.testing.assert_allclose(output(response, (1, 1)), ort_run(second_file, x), rtol=1e-5)
+    assert_close(output(response, (1, 1)), ort_run(second_file, x))
     config = requests.get(proc.url + "/v2/models/second/config", timeout=TIMEOUT).json()
     assert config["max_batch_size"] == 4
 

@@ -90,7 +90,7 @@ def test_synthetic_data_is_valid_reproducible_coco(tmp_path: Path) -> None:
         image = coco.loadImgs(ann["image_id"])[0]
         x, y, w, h = ann["bbox"]
         assert w > 0 and h > 0
-        assert 0 <= x and 0 <= y and x + w <= image["width"] and y + h <= image["height"]
+        assert x >= 0 and y >= 0 and x + w <= image["width"] and y + h <= image["height"]
         assert 1 <= ann["category_id"] <= 10
         assert (first.parent / image["file_name"]).is_file()
     data = load_coco(first.parent, 320)

@@ -1,0 +1,250 @@
+"""The fraud model: simulator, point-in-time features, CSV loader, training end to end, export."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import fields, replace
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import yaml
+
+from server.config import build_config
+from training.fraud import main
+from training.fraud.data import PCA_COLUMNS, load_creditcard_csv
+from training.fraud.features import FEATURE_NAMES, LABEL_DELAY_DAYS, build_features
+from training.fraud.model import threshold_for_fpr
+from training.fraud.simulate import (
+    CARD_TESTING,
+    COMPROMISED_CARD,
+    COMPROMISED_TERMINAL,
+    DAY,
+    GENUINE,
+    SimConfig,
+    Transactions,
+    simulate,
+)
+
+SMALL = SimConfig(n_customers=300, n_terminals=600, n_days=60)
+
+
+def _read(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("fraud")
+    assert main(["--quick", "--out", str(out), "--seed", "0"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_tx() -> Transactions:
+    return simulate(SMALL, seed=3)
+
+
+# --- simulator ---------------------------------------------------------------------------------
+
+
+def test_simulator_is_seeded_and_has_every_fraud_scenario(small_tx: Transactions) -> None:
+    again, other = simulate(SMALL, seed=3), simulate(SMALL, seed=4)
+    for field in ("time", "customer", "terminal", "amount", "scenario"):
+        assert np.array_equal(getattr(small_tx, field), getattr(again, field)), field
+    assert not np.array_equal(small_tx.amount[:1000], other.amount[:1000])
+    assert np.all(np.diff(small_tx.time) >= 0), "transactions come sorted by time"
+    assert small_tx.time.max() < (SMALL.n_days + 1) * DAY
+    assert 0.002 <= small_tx.label.mean() <= 0.015
+    counts = np.bincount(small_tx.scenario, minlength=4)
+    assert all(counts[s] > 0 for s in (COMPROMISED_TERMINAL, COMPROMISED_CARD, CARD_TESTING))
+    assert np.all(small_tx.amount > 0)
+
+
+def test_fraud_scenarios_follow_their_story(small_tx: Transactions) -> None:
+    x = build_features(small_tx)
+    col = {name: i for i, name in enumerate(FEATURE_NAMES)}
+    genuine, scenario = small_tx.scenario == GENUINE, small_tx.scenario
+    ratio = x[:, col["amount_to_customer_mean_30d"]]
+    assert np.median(ratio[scenario == COMPROMISED_CARD]) > 2 * np.median(ratio[genuine])
+    burst = x[:, col["customer_count_1h"]]
+    assert burst[scenario == CARD_TESTING].mean() > 5 * burst[genuine].mean()
+    risk = x[:, col["terminal_risk_7d"]]
+    assert risk[scenario == COMPROMISED_TERMINAL].mean() > 10 * risk[genuine].mean()
+
+
+# --- features ----------------------------------------------------------------------------------
+
+
+def _prefix(tx: Transactions, n: int) -> Transactions:
+    return Transactions(**{f.name: getattr(tx, f.name)[:n] for f in fields(tx)})
+
+
+def test_features_only_see_the_past(small_tx: Transactions) -> None:
+    full = build_features(small_tx)
+    cut = int(np.searchsorted(small_tx.time, 40 * DAY))
+    # the future does not exist yet: dropping it leaves every earlier feature identical
+    assert np.array_equal(build_features(_prefix(small_tx, cut)), full[:cut])
+    # rewriting later transactions (amounts, labels, venues) changes nothing before them
+    rng = np.random.default_rng(0)
+    amount, scenario, terminal = (
+        small_tx.amount.copy(),
+        small_tx.scenario.copy(),
+        small_tx.terminal.copy(),
+    )
+    amount[cut:] = np.round(rng.uniform(0.01, 5000, size=len(amount) - cut), 2)
+    scenario[cut:] = np.where(scenario[cut:] == GENUINE, CARD_TESTING, GENUINE)
+    terminal[cut:] = rng.permutation(terminal[cut:])
+    changed = replace(small_tx, amount=amount, scenario=scenario, terminal=terminal)
+    assert np.array_equal(build_features(changed)[:cut], full[:cut])
+
+
+def test_labels_reach_features_only_after_the_delay(small_tx: Transactions) -> None:
+    full = build_features(small_tx)
+    start = int(np.searchsorted(small_tx.time, 30 * DAY))
+    stop = int(np.searchsorted(small_tx.time, 31 * DAY))
+    scenario = small_tx.scenario.copy()
+    scenario[start:stop] = np.where(scenario[start:stop] == GENUINE, COMPROMISED_CARD, GENUINE)
+    flipped = build_features(replace(small_tx, scenario=scenario))
+    blind = small_tx.time < 30 * DAY + LABEL_DELAY_DAYS * DAY
+    assert np.array_equal(flipped[blind], full[blind]), "own or recent labels leaked"
+    assert not np.array_equal(flipped[~blind], full[~blind]), "delayed labels must be used"
+
+
+def test_threshold_for_fpr_is_the_smallest_that_meets_the_target() -> None:
+    rng = np.random.default_rng(1)
+    labels = (rng.random(20_000) < 0.05).astype(np.int8)
+    scores = rng.random(20_000).astype(np.float32) + 0.3 * labels
+    t = np.float32(threshold_for_fpr(scores, labels, 0.01))
+    negatives = scores[labels == 0]
+    assert (negatives >= t).mean() <= 0.01
+    assert (negatives >= np.nextafter(t, np.float32(0))).mean() > 0.01
+
+
+# --- CSV loader --------------------------------------------------------------------------------
+
+
+def _write_creditcard_csv(path: Path, rows: int = 6000, seed: int = 0) -> np.ndarray:
+    """A file in the public dataset's format (quoted header and Class), rows not time-sorted."""
+    rng = np.random.default_rng(seed)
+    time = rng.permutation(rng.uniform(0, 2 * DAY, size=rows).round())
+    label = (rng.random(rows) < 0.02).astype(int)
+    v = rng.normal(size=(rows, 28))
+    v[:, 0] -= 4 * label  # V1 and V3 carry the fraud signal, as in the real data
+    v[:, 2] += 3 * label * rng.random(rows)
+    amount = np.round(rng.lognormal(3, 1, size=rows), 2)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle, quoting=csv.QUOTE_NONNUMERIC)
+        writer.writerow(["Time", *PCA_COLUMNS, "Amount", "Class"])
+        for i in range(rows):
+            writer.writerow([time[i], *v[i], amount[i], str(label[i])])
+    return time
+
+
+def test_creditcard_csv_loader(tmp_path: Path) -> None:
+    path = tmp_path / "creditcard.csv"
+    time = _write_creditcard_csv(path)
+    data = load_creditcard_csv(path)
+    assert data.features.shape == (len(time), 30) and data.features.dtype == np.float32
+    assert data.feature_names == (*PCA_COLUMNS, "amount", "log_amount")
+    assert np.array_equal(data.time, np.sort(time))
+    assert 0 < data.labels.mean() < 0.05 and set(np.unique(data.labels)) == {0, 1}
+    np.testing.assert_allclose(data.features[:, -1], np.log1p(data.features[:, -2]), rtol=1e-6)
+
+
+def test_train_on_creditcard_csv(tmp_path: Path) -> None:
+    path = tmp_path / "creditcard.csv"
+    _write_creditcard_csv(path)
+    out = tmp_path / "model"
+    assert main(["--quick", "--data", str(path), "--out", str(out)]) == 0
+    metrics = _read(out)
+    split = metrics["data"]["split"]
+    assert split["train"]["time_end"] < split["val"]["time_start"] <= split["val"]["time_end"]
+    assert split["val"]["time_end"] < split["test"]["time_start"]
+    assert metrics["data"]["n_features"] == 30
+    assert metrics["models"]["mlp"]["roc_auc"] > 0.9
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["inputs"][0]["dims"] == [30]
+
+
+# --- quick run end to end ----------------------------------------------------------------------
+
+
+def test_quick_run_quality(quick_run: Path) -> None:
+    metrics = _read(quick_run)
+    base_rate = metrics["data"]["split"]["test"]["fraud_rate"]
+    mlp, lr, gbm = (metrics["models"][m] for m in ("mlp", "logistic_regression", "lightgbm"))
+    assert 0.002 < base_rate < 0.02
+    # chance: AP = base rate (< 1 %), ROC-AUC = 0.5, recall at 1 % FPR = 0.01
+    assert mlp["average_precision"] > max(0.4, 30 * base_rate)
+    assert mlp["roc_auc"] > 0.85
+    assert mlp["recall_at_1pct_fpr"] > 0.5
+    assert mlp["average_precision"] > lr["average_precision"] + 0.05
+    for baseline in (lr, gbm):
+        assert baseline["roc_auc"] > 0.8
+    calibration = metrics["mlp"]["test_calibration"]
+    assert abs(calibration["mean_probability"] - base_rate) < 0.5 * base_rate
+    assert calibration["ece"] < 0.01
+    assert metrics["mlp"]["val_operating_point"]["fpr"] <= 0.01
+    assert metrics["mlp"]["test_operating_point"]["fpr"] < 0.02
+    split = metrics["data"]["split"]
+    assert split["train"]["time_end"] < split["val"]["time_start"]
+    assert split["val"]["time_end"] < split["test"]["time_start"]
+    assert metrics["export"]["parity_max_rel_diff"] < 1e-4
+
+
+def test_quick_run_model_folder(quick_run: Path) -> None:
+    config = yaml.safe_load((quick_run / "config.yaml").read_text())
+    n = len(FEATURE_NAMES)
+    assert config["platform"] == "onnx" and config["max_batch_size"] == 1024
+    assert config["inputs"] == [{"name": "features", "datatype": "FP32", "dims": [n]}]
+    assert config["outputs"] == [
+        {"name": "score", "datatype": "FP32", "dims": [1]},
+        {"name": "is_fraud", "datatype": "BOOL", "dims": [1]},
+    ]
+    assert config["dynamic_batching"] == {"max_queue_delay_us": 200, "max_queue_size": 4096}
+    assert config["instance_count"] == 1
+    params = config["parameters"]
+    assert params["feature_names"].split(",") == list(FEATURE_NAMES)
+    assert params["target_fpr"] == "0.01"
+    assert float(params["threshold"]) == pytest.approx(_read(quick_run)["mlp"]["threshold"])
+    served = build_config(quick_run, quick_run / "1" / "model.onnx")  # Volley accepts it
+    assert [o.name for o in served.outputs] == ["score", "is_fraud"]
+    card = (quick_run / "README.md").read_text()
+    for needle in ("opset 17", "python -m training.fraud", "LightGBM", *FEATURE_NAMES):
+        assert needle in card
+
+
+def test_quick_run_onnx_scores_and_decides(quick_run: Path) -> None:
+    session = ort.InferenceSession(str(quick_run / "1" / "model.onnx"))
+    assert [i.name for i in session.get_inputs()] == ["features"]
+    assert [(o.name, o.type) for o in session.get_outputs()] == [
+        ("score", "tensor(float)"),
+        ("is_fraud", "tensor(bool)"),
+    ]
+    meta = session.get_modelmeta().custom_metadata_map
+    config = yaml.safe_load((quick_run / "config.yaml").read_text())
+    assert meta["threshold"] == config["parameters"]["threshold"]
+    assert meta["feature_names"] == ",".join(FEATURE_NAMES) and meta["target_fpr"] == "0.01"
+    threshold = np.float32(meta["threshold"])
+    assert 0 < threshold < 1
+
+    tx = simulate(SMALL, seed=11)  # transactions the model never saw, raw features
+    features = build_features(tx)
+    for batch in (1, 5, len(features)):
+        score, is_fraud = session.run(None, {"features": features[:batch]})
+        assert score.shape == (batch, 1) and score.dtype == np.float32
+        assert is_fraud.shape == (batch, 1) and is_fraud.dtype == np.bool_
+        assert np.all((score >= 0) & (score <= 1))
+        assert np.array_equal(is_fraud, score >= threshold)
+    flagged = is_fraud.ravel()
+    assert flagged.any() and tx.label[flagged].mean() > 10 * tx.label.mean()
+
+
+def test_quick_run_is_reproducible(quick_run: Path, tmp_path: Path) -> None:
+    assert main(["--quick", "--out", str(tmp_path), "--seed", "0"]) == 0
+    first, second = _read(quick_run), _read(tmp_path)
+    first["run"].pop("command"), second["run"].pop("command")
+    assert first == second
