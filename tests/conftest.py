@@ -75,23 +75,19 @@ class VolleyProcess:
             time.sleep(0.1)
         raise TimeoutError(f"server not ready after {timeout}s:\n{self.log()}")
 
-    def wait_models(self, timeout: float = 60.0) -> None:
-        """Block until every model in the repository has finished loading (ready or failed)."""
-        self.wait_ready(timeout)
+    def wait_models(self, timeout: float = 90.0) -> None:
+        """Block until the server has tried to load every model (its `ready` log event).
+
+        The repository index cannot tell a model not loaded yet from a broken one (both are
+        UNAVAILABLE), so this waits for the log line the server writes after loading.
+        """
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            rows = requests.post(self.url + "/v2/repository/index", timeout=5).json()
-            if (
-                rows
-                and all(r["state"] in ("READY", "UNAVAILABLE") for r in rows)
-                and (
-                    requests.get(self.url + "/v2/health/ready", timeout=5).status_code == 200
-                    or any(r["state"] == "UNAVAILABLE" for r in rows)
-                )
-            ):
-                return
-            time.sleep(0.1)
-        raise TimeoutError(f"models not loaded after {timeout}s:\n{self.log()}")
+        while '"event":"ready"' not in self.log():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server did not finish loading in {timeout}s:\n{self.log()}")
+            time.sleep(0.05)
 
     def log(self) -> str:
         """Everything the server has logged so far."""

@@ -30,21 +30,6 @@ POLL = 0.5  # --poll-repository seconds
 # --- helpers --------------------------------------------------------------------------------
 
 
-def wait_started(proc: VolleyProcess, timeout: float = 90.0) -> None:
-    """Block until the server has tried to load every model (its `ready` log event).
-
-    `VolleyProcess.wait_models` cannot tell a model not loaded yet from a broken one (both are
-    UNAVAILABLE in the index), so the repository tests wait for the log line instead.
-    """
-    deadline = time.monotonic() + timeout
-    while '"event":"ready"' not in proc.log():
-        if proc.proc.poll() is not None:
-            raise RuntimeError(f"server exited early:\n{proc.log()}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"server did not finish loading in {timeout}s:\n{proc.log()}")
-        time.sleep(0.05)
-
-
 def wait_for(condition: Callable[[], object], what: str, timeout: float = TIMEOUT) -> object:
     """Poll `condition` until it returns something truthy."""
     deadline = time.monotonic() + timeout
@@ -65,7 +50,7 @@ def serve() -> Iterator[Callable[..., VolleyProcess]]:
     def start(repository: Path, *extra: str) -> VolleyProcess:
         proc = VolleyProcess(repository, "--metrics-port", "0", *extra)
         procs.append(proc)
-        wait_started(proc)
+        proc.wait_models()
         return proc
 
     yield start
@@ -262,7 +247,7 @@ def broken_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VolleyPr
     (root / "no_version" / "config.yaml").write_text("max_batch_size: 4\n")
     proc = VolleyProcess(root, "--metrics-port", "0")
     try:
-        wait_started(proc)
+        proc.wait_models()
         yield proc
     finally:
         assert proc.stop() == 0

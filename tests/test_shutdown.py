@@ -21,17 +21,6 @@ TIMEOUT = 60  # seconds: the machine is shared with training jobs
 WIDTH = 512  # the slow model's row width
 
 
-def wait_started(proc: VolleyProcess, timeout: float = 90.0) -> None:
-    """Block until the server has loaded every model (its `ready` log event)."""
-    deadline = time.monotonic() + timeout
-    while '"event":"ready"' not in proc.log():
-        if proc.proc.poll() is not None:
-            raise RuntimeError(f"server exited early:\n{proc.log()}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"server did not finish loading in {timeout}s:\n{proc.log()}")
-        time.sleep(0.05)
-
-
 def inflight(proc: VolleyProcess) -> dict[str, float]:
     """`volley_inflight_requests` by protocol, from the HTTP port's /metrics."""
     text = requests.get(proc.url + "/metrics", timeout=TIMEOUT).text
@@ -60,7 +49,7 @@ def repository_with_queue(tmp_path: Path) -> Path:
 def volley(repository_with_queue: Path) -> Iterator[VolleyProcess]:
     proc = VolleyProcess(repository_with_queue, "--metrics-port", "0")
     try:
-        wait_started(proc)
+        proc.wait_models()
         yield proc
     finally:
         proc.stop()
@@ -207,7 +196,7 @@ def test_shutdown_timeout_bounds_the_drain(tmp_path: Path) -> None:
             return repr(exc)
 
     try:
-        wait_started(proc)
+        proc.wait_models()
         with ThreadPoolExecutor(count) as pool:
             futures = [pool.submit(one, i / count) for i in range(count)]
             deadline = time.monotonic() + TIMEOUT
