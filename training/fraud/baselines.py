@@ -24,28 +24,30 @@ def logistic_regression(split: Split, seed: int) -> np.ndarray:
 
 
 def lightgbm(split: Split, seed: int, max_trees: int = 600) -> tuple[np.ndarray, int]:
-    """Test-set fraud probabilities of LightGBM early-stopped on validation AP, and its tree count."""
-    model = lgb.LGBMClassifier(
-        n_estimators=max_trees,
-        learning_rate=0.05,
-        num_leaves=31,
-        min_child_samples=50,
-        subsample=0.8,
-        subsample_freq=1,
-        colsample_bytree=0.8,
-        random_state=seed,
-        deterministic=True,
-        force_row_wise=True,
-        n_jobs=LGBM_THREADS,
-        metric="average_precision",
-        verbose=-1,
+    """Test-set fraud probabilities of LightGBM early-stopped on validation AP; its tree count."""
+    params = {
+        "objective": "binary",
+        "metric": "average_precision",
+        "learning_rate": 0.05,
+        "num_leaves": 31,
+        "min_data_in_leaf": 50,
+        "bagging_fraction": 0.8,
+        "bagging_freq": 1,
+        "feature_fraction": 0.8,
+        "seed": seed,
+        "deterministic": True,
+        "force_row_wise": True,
+        "num_threads": LGBM_THREADS,
+        "verbosity": -1,
+    }
+    train = lgb.Dataset(split.train.features, split.train.labels)
+    val = lgb.Dataset(split.val.features, split.val.labels, reference=train)
+    booster = lgb.train(
+        params,
+        train,
+        num_boost_round=max_trees,
+        valid_sets=[val],
+        callbacks=[lgb.early_stopping(50, verbose=False)],
     )
-    model.fit(
-        split.train.features,
-        split.train.labels,
-        eval_set=[(split.val.features, split.val.labels)],
-        callbacks=[lgb.early_stopping(50, first_metric_only=True, verbose=False)],
-    )
-    best = int(model.best_iteration_) or max_trees
-    return model.predict_proba(split.test.features, num_iteration=best)[:, 1], best
-
+    trees = booster.best_iteration or max_trees
+    return booster.predict(split.test.features, num_iteration=trees), trees

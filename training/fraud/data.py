@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from training.fraud.features import FEATURES, build_features
+from training.fraud.features import FEATURES, LOG_SCALED, build_features
 from training.fraud.simulate import DAY, SimConfig, simulate
 
 PCA_COLUMNS = tuple(f"V{i}" for i in range(1, 29))
 CSV_FEATURES: dict[str, str] = {
-    **{name: f"PCA component {name} of the original (confidential) features" for name in PCA_COLUMNS},
+    **{
+        name: f"PCA component {name} of the original (confidential) features"
+        for name in PCA_COLUMNS
+    },
     "amount": "transaction amount",
     "log_amount": "log(1 + amount)",
 }
@@ -27,6 +30,7 @@ class Dataset:
     labels: np.ndarray  # int8 [n]
     time: np.ndarray  # [n]
     feature_docs: dict[str, str]  # feature name -> meaning, in column order
+    log_scaled: frozenset[str]  # heavy-tailed, non-negative features the model log-compresses
     source: str
 
     @property
@@ -36,8 +40,8 @@ class Dataset:
 
     def rows(self, mask: np.ndarray) -> Dataset:
         """The subset of rows selected by a boolean mask."""
-        return Dataset(
-            self.features[mask], self.labels[mask], self.time[mask], self.feature_docs, self.source
+        return replace(
+            self, features=self.features[mask], labels=self.labels[mask], time=self.time[mask]
         )
 
 
@@ -76,7 +80,9 @@ def simulated_split(config: SimConfig, seed: int, burn_in_days: int) -> Split:
     """Simulate, featurise and split: after a burn-in that fills the rolling windows, the
     remaining days go 60 / 20 / 20 % (whole days) to train / val / test."""
     tx = simulate(config, seed)
-    data = Dataset(build_features(tx), tx.label, tx.time, FEATURES, f"simulator(seed={seed})")
+    data = Dataset(
+        build_features(tx), tx.label, tx.time, FEATURES, LOG_SCALED, f"simulator(seed={seed})"
+    )
     usable = config.n_days - burn_in_days
     val_day = burn_in_days + round(0.6 * usable)
     test_day = burn_in_days + round(0.8 * usable)
@@ -103,6 +109,7 @@ def load_creditcard_csv(path: Path) -> Dataset:
         labels=table[:, column["Class"]].astype(np.int8),
         time=table[:, column["Time"]],
         feature_docs=CSV_FEATURES,
+        log_scaled=frozenset({"amount"}),
         source=f"csv({path.name})",
     )
 

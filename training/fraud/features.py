@@ -48,6 +48,11 @@ FEATURES: dict[str, str] = {
     },
 }
 FEATURE_NAMES: tuple[str, ...] = tuple(FEATURES)
+LOG_SCALED = frozenset(
+    name
+    for name in FEATURE_NAMES
+    if name in ("amount", "amount_to_customer_mean_30d") or "count" in name or "mean_amount" in name
+)
 
 
 class PastWindows:
@@ -67,6 +72,7 @@ class PastWindows:
         return lo, hi
 
     def _restore(self, values: np.ndarray) -> np.ndarray:
+        """Sorted order -> input order."""
         out = np.empty_like(values)
         out[self.order] = values
         return out
@@ -109,11 +115,11 @@ def build_features(tx: Transactions) -> np.ndarray:
         columns[f"customer_count_{w}d"] = count
         columns[f"customer_mean_amount_{w}d"] = _mean(customer.total(cents, w * DAY), count) / 100
     mean_30d = columns["customer_mean_amount_30d"]
-    columns["amount_to_customer_mean_30d"] = np.where(
-        mean_30d > 0, tx.amount / np.where(mean_30d > 0, mean_30d, 1.0), 1.0
-    )
+    columns["amount_to_customer_mean_30d"] = tx.amount / np.where(mean_30d > 0, mean_30d, tx.amount)
     columns["customer_count_1h"] = customer.count(HOUR)
-    columns["log_seconds_since_previous"] = np.log1p(customer.seconds_since_previous(NO_HISTORY_GAP))
+    columns["log_seconds_since_previous"] = np.log1p(
+        customer.seconds_since_previous(NO_HISTORY_GAP)
+    )
 
     terminal = PastWindows(tx.terminal, tx.time)
     delay = LABEL_DELAY_DAYS * DAY

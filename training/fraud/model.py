@@ -27,13 +27,15 @@ class MLP(nn.Module):
 class FraudScorer(nn.Module):
     """Raw features -> (calibrated probability `score`, decision `is_fraud = score >= threshold`).
 
-    Everything a client would otherwise have to reproduce (standardisation with the training
-    mean/std, the network, Platt scaling) lives in this one graph.
+    Everything a client would otherwise have to reproduce (log(1 + x) of the heavy-tailed
+    features flagged in `log_mask`, standardisation with the training mean/std, the network,
+    Platt scaling) lives in this one graph.
     """
 
     def __init__(
         self,
         net: MLP,
+        log_mask: np.ndarray,
         mean: np.ndarray,
         std: np.ndarray,
         platt: tuple[float, float],
@@ -41,6 +43,7 @@ class FraudScorer(nn.Module):
     ):
         super().__init__()
         self.net = net
+        self.register_buffer("log_mask", torch.as_tensor(log_mask, dtype=torch.bool))
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
         self.register_buffer("inv_std", torch.as_tensor(1.0 / std, dtype=torch.float32))
         self.register_buffer("platt_a", torch.tensor(platt[0], dtype=torch.float32))
@@ -48,9 +51,16 @@ class FraudScorer(nn.Module):
         self.register_buffer("threshold", torch.tensor(threshold, dtype=torch.float32))
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logit = self.net((features - self.mean) * self.inv_std)
-        score = torch.sigmoid(logit * self.platt_a + self.platt_b)
+        logit = self.net(self.normalise(features))
+        # 1 / (1 + exp(-z)) rather than sigmoid: ONNX Runtime's Sigmoid kernel is an approximation
+        # that is off by ~5e-4 relative for small probabilities, its Exp is accurate.
+        score = 1.0 / (1.0 + torch.exp(-(logit * self.platt_a + self.platt_b)))
         return score, score >= self.threshold
+
+    def normalise(self, features: torch.Tensor) -> torch.Tensor:
+        """Log-compress the flagged features, then standardise: the network's actual input."""
+        compressed = torch.log(torch.clamp(features, min=0.0) + 1.0)
+        return (torch.where(self.log_mask, compressed, features) - self.mean) * self.inv_std
 
 
 def fit_platt(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:

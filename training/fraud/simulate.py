@@ -16,12 +16,12 @@ Detection - Practical Handbook" (2022), chapter 3, with a card-testing scenario 
    customer makes a short run of 3-6 small purchases (transit, vending) within an hour.
 4. Fraud scenarios, each a Poisson number of new incidents per day scaled to the population:
    - compromised terminal: every transaction at the terminal is fraudulent for the next
-     U{7..28} days (skimmer, breached merchant);
+     U{14..28} days (skimmer, breached merchant);
    - compromised card: for the next 14 days a third of the customer's transactions are fraudulent
      with amounts multiplied by U(3, 6) (the fraudster spends big);
    - card testing: 5-20 small transactions (0.5-3.0) within about half an hour, mostly at night,
      at one or two remote, mostly online terminals, followed in 70 % of cases by a large cash-out.
-   With the default rates about 0.5-0.8 % of transactions are fraudulent.
+   With the default rates about 0.6-0.8 % of transactions are fraudulent.
 
 Timestamps are integer seconds from the start (day 0 is a Monday, 00:00). Amounts are rounded to
 cents. The same seed always yields the same transactions.
@@ -51,8 +51,8 @@ class SimConfig:
     n_terminals: int = 8_000
     n_days: int = 120
     radius: float = 5.0
-    terminal_compromises_per_10k_terminals_day: float = 2.0
-    card_compromises_per_5k_customers_day: float = 3.0
+    terminal_compromises_per_10k_terminals_day: float = 1.5
+    card_compromises_per_5k_customers_day: float = 2.5
     card_tests_per_5k_customers_day: float = 1.5
 
 
@@ -86,17 +86,15 @@ def simulate(config: SimConfig, seed: int) -> Transactions:
     category = rng.choice(len(CATEGORIES), size=config.n_terminals, p=CATEGORY_PROBS)
     indptr, nearby = _nearby_terminals(home, terminal_xy, config.radius)
 
-    parts = [
-        _genuine(rng, config, mean_amount, tx_per_day, indptr, nearby, category),
-        _micro_runs(rng, config, indptr, nearby),
-    ]
-    time, customer, terminal, amount, scenario = (np.concatenate(col) for col in zip(*parts))
+    genuine = _genuine(rng, config, mean_amount, tx_per_day, indptr, nearby, category)
+    time, customer, terminal, amount, scenario = _stack(
+        genuine, _micro_runs(rng, config, indptr, nearby)
+    )
     _compromise_terminals(rng, config, time, terminal, scenario)
     _compromise_cards(rng, config, time, customer, amount, scenario)
-    tests = _card_testing(rng, config, mean_amount, category)
-    time, customer, terminal, amount, scenario = (
-        np.concatenate(pair)
-        for pair in zip((time, customer, terminal, amount, scenario), tests, strict=True)
+    time, customer, terminal, amount, scenario = _stack(
+        (time, customer, terminal, amount, scenario),
+        _card_testing(rng, config, mean_amount, category),
     )
     order = np.lexsort((terminal, customer, time))
     return Transactions(
@@ -106,6 +104,11 @@ def simulate(config: SimConfig, seed: int) -> Transactions:
         amount=np.round(amount[order], 2),
         scenario=scenario[order],
     )
+
+
+def _stack(*parts: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    """Concatenate column tuples (time, customer, terminal, amount, scenario) row-wise."""
+    return tuple(np.concatenate(column) for column in zip(*parts, strict=True))
 
 
 def _nearby_terminals(
@@ -210,7 +213,7 @@ def _compromise_terminals(
     day = _incidents(rng, per_day, config.n_days)
     who = rng.integers(0, config.n_terminals, size=len(day))
     start = day * DAY + rng.integers(0, DAY, size=len(day))
-    end = start + rng.integers(7, 29, size=len(day)) * DAY
+    end = start + rng.integers(14, 29, size=len(day)) * DAY
     hit = _mark_windows(terminal, time, who, start, end)
     scenario[hit[scenario[hit] == GENUINE]] = COMPROMISED_TERMINAL
 

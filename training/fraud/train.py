@@ -4,6 +4,8 @@ then Platt calibration and the 1 % FPR threshold, both fitted on the validation 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,23 +15,24 @@ from torch import nn
 from tqdm import tqdm
 
 from training.fraud.data import Split
-from training.fraud.model import MLP, FraudScorer, fit_platt, threshold_for_fpr
 from training.fraud.metrics import TARGET_FPR
+from training.fraud.model import MLP, FraudScorer, fit_platt, threshold_for_fpr
 
-TORCH_THREADS = 2
+TORCH_THREADS = 1
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimiser and early-stopping settings."""
 
-    max_epochs: int = 30
+    max_epochs: int = 40
     patience: int = 5
-    batch_size: int = 1024
-    lr: float = 1e-3
+    batch_size: int = 2048
+    lr: float = 3e-3
     weight_decay: float = 1e-5
     hidden: tuple[int, ...] = (128, 64)
     dropout: float = 0.1
+    pos_weight_power: float = 0.5  # positive weight = (negatives / positives) ** power
 
 
 @dataclass(frozen=True)
@@ -42,15 +45,23 @@ class TrainResult:
     history: list[dict[str, float]]
 
 
-def make_deterministic(seed: int) -> None:
-    """Seed torch and pin its thread count and algorithms so a run is repeatable."""
+@contextmanager
+def deterministic_torch(seed: int) -> Iterator[None]:
+    """Seed torch and pin its thread count and algorithms so a run is repeatable; the previous
+    thread count and algorithm setting come back afterwards (other code shares the process)."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.manual_seed(seed)
     torch.set_num_threads(TORCH_THREADS)
     torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
 
 
 def standardisation(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and standard deviation (1 for constant features), as float32."""
+    """Per-column mean and standard deviation (1 for constant columns), as float32."""
     mean = features.mean(axis=0, dtype=np.float64)
     std = features.std(axis=0, dtype=np.float64)
     return mean.astype(np.float32), np.where(std > 1e-6, std, 1.0).astype(np.float32)
@@ -58,16 +69,24 @@ def standardisation(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def train_mlp(split: Split, config: TrainConfig, seed: int) -> TrainResult:
     """Fit the MLP on split.train, stop early on split.val and wrap it, calibrated, for export."""
-    make_deterministic(seed)
-    mean, std = standardisation(split.train.features)
-    net = MLP(split.train.features.shape[1], config.hidden, config.dropout)
-    scorer = FraudScorer(net, mean, std, platt=(1.0, 0.0))
+    with deterministic_torch(seed):
+        return _train(split, config, seed)
+
+
+def _train(split: Split, config: TrainConfig, seed: int) -> TrainResult:
+    n_features = split.train.features.shape[1]
+    log_mask = np.array([name in split.train.log_scaled for name in split.train.feature_names])
+    net = MLP(n_features, config.hidden, config.dropout)
+    unscaled = FraudScorer(net, log_mask, np.zeros(n_features), np.ones(n_features), (1.0, 0.0))
+    mean, std = standardisation(_normalise(unscaled, split.train.features).numpy())
+    scorer = FraudScorer(net, log_mask, mean, std, platt=(1.0, 0.0))
     x_train = _normalise(scorer, split.train.features)
     y_train = torch.as_tensor(split.train.labels, dtype=torch.float32).unsqueeze(1)
     x_val = _normalise(scorer, split.val.features)
 
     positives = float(split.train.labels.sum())
-    pos_weight = (len(split.train.labels) - positives) / max(positives, 1.0)
+    imbalance = (len(split.train.labels) - positives) / max(positives, 1.0)
+    pos_weight = imbalance**config.pos_weight_power
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([pos_weight]))
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(seed)
@@ -96,10 +115,10 @@ def train_mlp(split: Split, config: TrainConfig, seed: int) -> TrainResult:
 
     net.load_state_dict(best_state)
     platt = fit_platt(_logits(net, x_val), split.val.labels)
-    scorer = FraudScorer(net, mean, std, platt)
+    scorer = FraudScorer(net, log_mask, mean, std, platt)
     val_scores = score(scorer, split.val.features)[0]
     threshold = threshold_for_fpr(val_scores, split.val.labels, TARGET_FPR)
-    scorer = FraudScorer(net, mean, std, platt, threshold).eval()
+    scorer = FraudScorer(net, log_mask, mean, std, platt, threshold).eval()
     return TrainResult(scorer, best_epoch, pos_weight, history)
 
 
@@ -112,8 +131,9 @@ def score(scorer: FraudScorer, features: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def _normalise(scorer: FraudScorer, features: np.ndarray) -> torch.Tensor:
-    """Standardise raw features exactly as the exported graph does."""
-    return (torch.as_tensor(features) - scorer.mean) * scorer.inv_std
+    """Raw features -> network input, exactly as the exported graph computes it."""
+    with torch.no_grad():
+        return scorer.normalise(torch.as_tensor(features))
 
 
 def _logits(net: MLP, x: torch.Tensor) -> np.ndarray:
