@@ -15,7 +15,11 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-DTYPES = {"tensor(float)": ("FP32", np.float32), "tensor(int64)": ("INT64", np.int64)}
+DTYPES = {
+    "tensor(float)": ("FP32", np.float32),
+    "tensor(int64)": ("INT64", np.int64),
+    "tensor(bool)": ("BOOL", np.bool_),
+}
 
 
 class Tensor(BaseModel):
@@ -70,7 +74,7 @@ def build_app(model_dir: Path) -> FastAPI:
         }
         results = session.run(None, feeds)
         outputs = [
-            {"name": o.name, "datatype": DTYPES.get(o.type, ("BOOL",))[0], "shape": list(r.shape),
+            {"name": o.name, "datatype": DTYPES[o.type][0], "shape": list(r.shape),
              "data": r.reshape(-1).tolist()}
             for o, r in zip(session.get_outputs(), results, strict=True)
         ]  # fmt: skip
