@@ -69,7 +69,9 @@ def write_coco(root: Path, samples: Iterable[Sample], class_names: Sequence[str]
             raise OSError(f"cannot write {root / file_name}")
         height, width = sample.image.shape[:2]
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
-        for (x1, y1, x2, y2), label in zip(sample.boxes.tolist(), sample.labels.tolist(), strict=True):
+        for (x1, y1, x2, y2), label in zip(
+            sample.boxes.tolist(), sample.labels.tolist(), strict=True
+        ):
             annotations.append(
                 {
                     "id": len(annotations) + 1,
@@ -122,7 +124,9 @@ def load_coco(path: Path, size: int) -> DetectionSet:
             raise ValueError(f"OpenCV cannot read image {record['file_name']!r}")
         height, width = bgr.shape[:2]
         interpolation = cv2.INTER_AREA if max(height, width) > size else cv2.INTER_LINEAR
-        images[i] = cv2.cvtColor(cv2.resize(bgr, (size, size), interpolation=interpolation), cv2.COLOR_BGR2RGB)
+        images[i] = cv2.cvtColor(
+            cv2.resize(bgr, (size, size), interpolation=interpolation), cv2.COLOR_BGR2RGB
+        )
         anns = by_image.get(record["id"], [])
         xywh = np.array([a["bbox"] for a in anns], dtype=np.float32).reshape(-1, 4)
         boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)

@@ -14,10 +14,12 @@ import torch.nn.functional as F
 DETECTION_FIELDS = ("x1", "y1", "x2", "y2", "score", "class_id")
 
 
-def cell_centres(height: int, width: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+def cell_centres(
+    height: int, width: int, stride: int, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixel coordinates (x, y) of the centre of every grid cell, each flattened to [H*W]."""
-    ys = torch.arange(height, dtype=torch.float32) * stride + stride / 2
-    xs = torch.arange(width, dtype=torch.float32) * stride + stride / 2
+    ys = torch.arange(height, dtype=torch.float32, device=device) * stride + stride / 2
+    xs = torch.arange(width, dtype=torch.float32, device=device) * stride + stride / 2
     grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
     return grid_x.reshape(-1), grid_y.reshape(-1)
 
@@ -47,8 +49,10 @@ def decode(heat_logits: torch.Tensor, distances: torch.Tensor, stride: int, k: i
     class_id = torch.div(index, cells, rounding_mode="floor")
     cell = index - class_id * cells
     picked = distances.flatten(2).gather(2, cell.unsqueeze(1).expand(-1, 4, -1))
-    centre_x, centre_y = cell_centres(height, width, stride)
-    boxes = distances_to_boxes(picked, centre_x[cell], centre_y[cell]).clamp(min=0.0)
-    limit = torch.tensor([width, height, width, height], dtype=torch.float32) * stride
-    boxes = torch.minimum(boxes, limit)
+    centre_x, centre_y = cell_centres(height, width, stride, heat_logits.device)
+    x1, y1, x2, y2 = distances_to_boxes(picked, centre_x[cell], centre_y[cell]).unbind(-1)
+    right, bottom = float(width * stride), float(height * stride)
+    boxes = torch.stack(
+        (x1.clamp(0, right), y1.clamp(0, bottom), x2.clamp(0, right), y2.clamp(0, bottom)), -1
+    )
     return torch.cat((boxes, scores.unsqueeze(-1), class_id.unsqueeze(-1).to(torch.float32)), -1)

@@ -32,9 +32,16 @@ def predict(predictor: Predictor, images: np.ndarray, batch_size: int = 16) -> n
     return np.concatenate(chunks)
 
 
-def onnx_predictor(path: Path) -> Predictor:
+def cpu_session(path: Path, threads: int) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session with a fixed number of intra-op threads."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_predictor(path: Path, threads: int) -> Predictor:
     """A predictor running the exported graph with ONNX Runtime on the CPU."""
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = cpu_session(path, threads)
     name = session.get_inputs()[0].name
     return lambda x: session.run(None, {name: x})[0]
 
@@ -88,12 +95,14 @@ def coco_map(data: DetectionSet, detections: np.ndarray) -> dict[str, float]:
     return {"map50": float(evaluator.stats[1]), "map50_95": float(evaluator.stats[0])}
 
 
-def ort_latency(path: Path, size: int, batch_sizes: tuple[int, ...] = (1, 8), runs: int = 20) -> dict:
+def ort_latency(
+    path: Path, size: int, threads: int, batch_sizes: tuple[int, ...] = (1, 8), runs: int = 20
+) -> dict:
     """Median ONNX Runtime CPU latency per batch (ms) and throughput (images/s) at each size."""
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = cpu_session(path, threads)
     name = session.get_inputs()[0].name
     rng = np.random.default_rng(0)
-    out = {}
+    out: dict = {"threads": threads}
     for batch in batch_sizes:
         x = rng.random((batch, 3, size, size), dtype=np.float32)
         for _ in range(3):
@@ -104,5 +113,8 @@ def ort_latency(path: Path, size: int, batch_sizes: tuple[int, ...] = (1, 8), ru
             session.run(None, {name: x})
             times.append(time.perf_counter() - start)
         ms = float(np.median(times) * 1000)
-        out[f"batch_{batch}"] = {"ms_per_batch": round(ms, 2), "images_per_s": round(batch * 1000 / ms, 1)}
+        out[f"batch_{batch}"] = {
+            "ms_per_batch": round(ms, 2),
+            "images_per_s": round(batch * 1000 / ms, 1),
+        }
     return out

@@ -38,9 +38,10 @@ def build_targets(
     """Targets for a batch from per-image xyxy pixel boxes [M,4] and class ids [M]."""
     batch, (height, width) = len(boxes), grid
     most = max(1, max(len(b) for b in boxes))
-    padded = torch.zeros(batch, most, 4)
-    classes = torch.zeros(batch, most, dtype=torch.long)
-    valid = torch.zeros(batch, most, dtype=torch.bool)
+    device = boxes[0].device
+    padded = torch.zeros(batch, most, 4, device=device)
+    classes = torch.zeros(batch, most, dtype=torch.long, device=device)
+    valid = torch.zeros(batch, most, dtype=torch.bool, device=device)
     for i, (b, c) in enumerate(zip(boxes, labels, strict=True)):
         padded[i, : len(b)], classes[i, : len(c)], valid[i, : len(b)] = b, c, True
     x1, y1, x2, y2 = padded.unbind(-1)
@@ -50,20 +51,21 @@ def build_targets(
     cell_y = (centre_y / stride).floor().clamp(0, height - 1)
     sigma_x = GAUSSIAN_FRACTION * size_x / (6 * stride)
     sigma_y = GAUSSIAN_FRACTION * size_y / (6 * stride)
-    dx = torch.arange(width, dtype=torch.float32) - cell_x.unsqueeze(-1)
-    dy = torch.arange(height, dtype=torch.float32) - cell_y.unsqueeze(-1)
+    dx = torch.arange(width, dtype=torch.float32, device=device) - cell_x.unsqueeze(-1)
+    dy = torch.arange(height, dtype=torch.float32, device=device) - cell_y.unsqueeze(-1)
     gauss_x = torch.exp(-(dx**2) / (2 * sigma_x.unsqueeze(-1) ** 2))
     gauss_y = torch.exp(-(dy**2) / (2 * sigma_y.unsqueeze(-1) ** 2))
     gauss = (gauss_y.unsqueeze(-1) * gauss_x.unsqueeze(-2)).flatten(2) * valid.unsqueeze(-1)
 
-    heatmap = torch.zeros(batch * num_classes, height * width)
-    rows = (torch.arange(batch).unsqueeze(1) * num_classes + classes)[valid]
-    heatmap.index_reduce_(0, rows, gauss[valid], "amax")
+    heatmap = torch.zeros(batch * num_classes, height * width, device=device)
+    rows = (torch.arange(batch, device=device).unsqueeze(1) * num_classes + classes)[valid]
+    picked = gauss[valid]
+    heatmap.scatter_reduce_(0, rows.unsqueeze(1).expand_as(picked), picked, "amax")
 
-    xs, ys = cell_centres(height, width, stride)
-    inside = ((xs - centre_x.unsqueeze(-1)).abs() <= GAUSSIAN_FRACTION * size_x.unsqueeze(-1) / 2) & (
-        (ys - centre_y.unsqueeze(-1)).abs() <= GAUSSIAN_FRACTION * size_y.unsqueeze(-1) / 2
-    )
+    xs, ys = cell_centres(height, width, stride, device)
+    inside = (
+        (xs - centre_x.unsqueeze(-1)).abs() <= GAUSSIAN_FRACTION * size_x.unsqueeze(-1) / 2
+    ) & ((ys - centre_y.unsqueeze(-1)).abs() <= GAUSSIAN_FRACTION * size_y.unsqueeze(-1) / 2)
     region = (inside | (gauss == 1.0)) & valid.unsqueeze(-1)
     area = size_x * size_y
     cell_weight = gauss * region
@@ -87,12 +89,16 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def giou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Generalised IoU of matching xyxy boxes [P,4] -> [P]."""
-    inter_wh = (torch.minimum(pred[:, 2:], target[:, 2:]) - torch.maximum(pred[:, :2], target[:, :2])).clamp(min=0)
+    inter_wh = (
+        torch.minimum(pred[:, 2:], target[:, 2:]) - torch.maximum(pred[:, :2], target[:, :2])
+    ).clamp(min=0)
     inter = inter_wh.prod(-1)
     area_pred = (pred[:, 2:] - pred[:, :2]).prod(-1)
     area_target = (target[:, 2:] - target[:, :2]).prod(-1)
     union = area_pred + area_target - inter
-    hull = (torch.maximum(pred[:, 2:], target[:, 2:]) - torch.minimum(pred[:, :2], target[:, :2])).prod(-1)
+    hull = (
+        torch.maximum(pred[:, 2:], target[:, 2:]) - torch.minimum(pred[:, :2], target[:, :2])
+    ).prod(-1)
     return inter / union - (hull - union) / hull
 
 
@@ -101,10 +107,12 @@ def detection_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Total loss and its parts (for logging) for one batch."""
     height, width = heat_logits.shape[-2:]
-    xs, ys = cell_centres(height, width, stride)
+    xs, ys = cell_centres(height, width, stride, heat_logits.device)
     pred = distances_to_boxes(distances.flatten(2), xs, ys)
     used = targets.weight > 0
     weight = targets.weight[used]
-    box = ((1 - giou(pred[used], targets.boxes[used])) * weight).sum() / weight.sum().clamp(min=1e-6)
+    box = ((1 - giou(pred[used], targets.boxes[used])) * weight).sum() / weight.sum().clamp(
+        min=1e-6
+    )
     heat = focal_loss(heat_logits, targets.heatmap)
-    return heat + BOX_LOSS_WEIGHT * box, {"heat": float(heat), "box": float(box)}
+    return heat + BOX_LOSS_WEIGHT * box, {"heat": heat.item(), "box": box.item()}

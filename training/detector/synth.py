@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 import skimage.data
 from sklearn.datasets import load_digits
+from tqdm import tqdm
 
 from training.detector.coco import Sample, write_coco
 
@@ -97,7 +98,9 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     crop = cv2.resize(photo[y : y + side, x : x + side], (size, size), interpolation=cv2.INTER_AREA)
     if rng.random() < 0.5:
         crop = cv2.flip(crop, 1)
-    gain = rng.uniform(0.6, 1.4, size=3) if rng.random() < 0.5 else np.full(3, rng.uniform(0.6, 1.4))
+    gain = (
+        rng.uniform(0.6, 1.4, size=3) if rng.random() < 0.5 else np.full(3, rng.uniform(0.6, 1.4))
+    )
     return np.clip(crop.astype(np.float32) * gain + rng.uniform(-30, 30), 0, 255)
 
 
@@ -229,4 +232,5 @@ def write_synthetic_coco(
     root: Path, n: int, seed: int, split: Split, spec: SceneSpec = SceneSpec()
 ) -> Path:
     """Write `n` scenes as a COCO data set under `root`; returns the annotation file."""
-    return write_coco(root, scenes(n, seed, split, spec), list(CLASS_NAMES))
+    progress = tqdm(scenes(n, seed, split, spec), total=n, desc=f"drawing {split} scenes")
+    return write_coco(root, progress, list(CLASS_NAMES))

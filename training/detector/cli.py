@@ -1,0 +1,183 @@
+"""`python -m training.detector`: data -> training -> ONNX export -> checks -> model folder."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.detector.artifacts import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    write_card,
+    write_config,
+    write_metrics,
+)
+from training.detector.coco import DetectionSet, load_coco
+from training.detector.evaluate import (
+    coco_map,
+    images_to_input,
+    onnx_predictor,
+    ort_latency,
+    predict,
+)
+from training.detector.model import CenterNet, Detector
+from training.detector.synth import write_synthetic_coco
+from training.detector.train import TrainConfig, bf16_is_fast, train
+from training.export import OPSET, check_parity, export_onnx
+
+INPUT_SIZE = 320
+TOP_K = 100
+PARITY_BATCH_SIZES = (1, 3, 8)
+COCO_VAL_FRACTION = 0.1
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much synthetic data to draw and how long to train."""
+
+    train_images: int
+    val_images: int
+    epochs: int
+
+
+FULL = Plan(train_images=6000, val_images=500, epochs=13)
+QUICK = Plan(train_images=800, val_images=100, epochs=6)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(prog="python -m training.detector", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small data, short run (tests)")
+    parser.add_argument(
+        "--coco", type=Path, help="train on this COCO data set instead (see coco.py)"
+    )
+    parser.add_argument("--out", type=Path, default=Path("models/detector"), help="model folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, help="override the plan's number of epochs")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="CPU threads (fixed for determinism)"
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="training forward pass; auto = bf16 autocast where the CPU has AMX (export is fp32)",
+    )
+    return parser.parse_args(argv)
+
+
+def split_coco(full: DetectionSet, seed: int) -> tuple[DetectionSet, DetectionSet]:
+    """A seeded random split of a user's data set into training and held-out images."""
+    if len(full) < 2:
+        raise ValueError("a COCO data set needs at least 2 images: one is held out for evaluation")
+    order = np.random.default_rng(seed).permutation(len(full))
+    n_val = max(1, round(len(full) * COCO_VAL_FRACTION))
+    return full.subset(order[n_val:]), full.subset(order[:n_val])
+
+
+def load_data(
+    args: argparse.Namespace, plan: Plan, scratch: Path
+) -> tuple[DetectionSet, DetectionSet, dict]:
+    """Training and held-out sets plus a description of where they came from."""
+    if args.coco is not None:
+        train_set, val_set = split_coco(load_coco(args.coco, INPUT_SIZE), args.seed)
+        info = {"source": "coco", "path": str(args.coco)}
+    else:
+        write_synthetic_coco(scratch / "train", plan.train_images, args.seed, "train")
+        write_synthetic_coco(scratch / "val", plan.val_images, args.seed, "test")
+        train_set = load_coco(scratch / "train", INPUT_SIZE)
+        val_set = load_coco(scratch / "val", INPUT_SIZE)
+        info = {"source": "synthetic"}
+    sizes = {"train_images": len(train_set), "val_images": len(val_set), "seed": args.seed}
+    return train_set, val_set, info | sizes
+
+
+def export_and_check(
+    net: CenterNet, val_set: DetectionSet, out: Path, scratch: Path
+) -> tuple[Path, float]:
+    """Export the decoded graph and check ONNX Runtime against PyTorch (path, worst difference)."""
+    detector = Detector(net, TOP_K).eval()
+    example = torch.rand(1, 3, INPUT_SIZE, INPUT_SIZE)
+    metadata = {
+        "classes": ",".join(val_set.class_names),
+        "input_size": str(INPUT_SIZE),
+        "opset": str(OPSET),
+    }
+    with warnings.catch_warnings():  # the grid size becomes a constant: the input is fixed
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        path = export_onnx(
+            detector, example, out / "1" / "model.onnx", INPUT_NAME, [OUTPUT_NAME], metadata
+        )
+    heads = export_onnx(
+        net, example, scratch / "heads.onnx", INPUT_NAME, ["heat_logits", "distances"]
+    )
+    generator = torch.Generator().manual_seed(1234)
+
+    def random_images(batch: int) -> torch.Tensor:
+        return torch.rand(batch, 3, INPUT_SIZE, INPUT_SIZE, generator=generator)
+
+    def held_out_images(batch: int) -> torch.Tensor:
+        return torch.from_numpy(images_to_input(val_set.images[np.arange(batch) % len(val_set)]))
+
+    worst = check_parity(net, heads, random_images, PARITY_BATCH_SIZES)
+    worst = max(worst, check_parity(detector, path, held_out_images, PARITY_BATCH_SIZES))
+    return path, worst
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the whole pipeline and write config.yaml, 1/model.onnx, metrics.json and README.md."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    epochs = args.epochs or plan.epochs
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="volley-detector-") as tmp:
+        train_set, val_set, data_info = load_data(args, plan, Path(tmp))
+        net = CenterNet(len(train_set.class_names))
+        bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_is_fast())
+        config = TrainConfig(epochs=epochs, seed=args.seed, bf16=bf16)
+        training = train(net, train_set, config)
+        path, worst = export_and_check(net, val_set, args.out, Path(tmp))
+    detections = predict(onnx_predictor(path, args.threads), val_set.images)
+    metrics = {
+        "command": shlex.join(["python", "-m", "training.detector", *argv]),
+        "data": data_info,
+        "quality": coco_map(val_set, detections),
+        "training": training
+        | {
+            "epochs": epochs,
+            "batch_size": config.batch_size,
+            "threads": args.threads,
+            "precision": "bf16 autocast" if bf16 else "fp32",
+        },
+        "model": {
+            "input_size": INPUT_SIZE,
+            "k": TOP_K,
+            "stride": net.stride,
+            "class_names": train_set.class_names,
+            "parameters": sum(p.numel() for p in net.parameters()),
+            "onnx_bytes": path.stat().st_size,
+        },
+        "export": {
+            "opset": OPSET,
+            "parity_max_rel_diff": worst,
+            "parity_batch_sizes": list(PARITY_BATCH_SIZES),
+        },
+        "latency_ort_cpu": ort_latency(path, INPUT_SIZE, args.threads),
+    }
+    write_metrics(args.out, metrics)
+    write_config(args.out, train_set.class_names, INPUT_SIZE, TOP_K)
+    write_card(args.out, metrics)
+    quality = metrics["quality"]
+    print(f"mAP@0.5 {quality['map50']:.3f}  mAP@0.5:0.95 {quality['map50_95']:.3f}  -> {args.out}")
+    return 0
