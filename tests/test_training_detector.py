@@ -151,11 +151,6 @@ def test_quick_run_quality_far_above_chance(quick_run: Path) -> None:
         assert metrics["latency_ort_cpu"][batch]["ms_per_batch"] > 0
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known failure, open: after 1 quick epoch on a tiny user dataset the ONNX export "
-    "parity check (rtol 1e-4) fails; the full synthetic run passes it (1.3e-5)",
-)
 def test_training_on_a_user_coco_dataset(tmp_path: Path) -> None:
     dataset = write_synthetic_coco(tmp_path / "mine", 20, seed=9, split="train").parent
     out = tmp_path / "model"
