@@ -19,7 +19,7 @@ from training.detector.coco import load_coco
 from training.detector.decode import decode
 from training.detector.loss import build_targets
 from training.detector.model import CenterNet
-from training.detector.synth import CLASS_NAMES, write_synthetic_coco
+from training.detector.synth import CLASS_NAMES, SCENES_PER_CHUNK, scenes, write_synthetic_coco
 from training.detector.train import TrainConfig, bf16_is_fast, train
 
 QUICK_MAP50_FLOOR = 0.3  # chance is ~0; an untrained or broken model scores < 0.01
@@ -73,6 +73,18 @@ def test_targets_decode_back_to_the_boxes() -> None:
     order = detections[:, 5].argsort(descending=True)
     torch.testing.assert_close(detections[order, :4], boxes)
     assert detections[order, 5].tolist() == [7.0, 3.0]
+
+
+def test_scenes_do_not_depend_on_the_number_of_drawing_processes() -> None:
+    n = SCENES_PER_CHUNK + 7  # two chunks, the second one short
+    alone = list(scenes(n, seed=5, split="test", workers=1))
+    parallel = list(scenes(n, seed=5, split="test", workers=2))
+    assert len(alone) == len(parallel) == n
+    for one, other in zip(alone, parallel, strict=True):
+        assert np.array_equal(one.image, other.image)
+        assert np.array_equal(one.boxes, other.boxes)
+        assert np.array_equal(one.labels, other.labels)
+    assert not np.array_equal(alone[0].image, alone[SCENES_PER_CHUNK].image)
 
 
 def test_synthetic_data_is_valid_reproducible_coco(tmp_path: Path) -> None:

@@ -72,8 +72,9 @@ def write_card(out: Path, metrics: dict) -> Path:
             "the photographs bundled with scikit-image (astronaut, coffee, rocket, coins, brick, "
             "...), with colour jitter, random lines/circles/rectangles as clutter, up to 20 digits "
             "per image that may hide up to 30% of each other, blur and Gaussian noise. A box is "
-            "the tight box around a digit's rendered pixels. The held-out set uses a different "
-            "seed and the 20% of scikit-learn digit samples never used for training."
+            "the tight box around a digit's rendered pixels. The held-out scenes come from their "
+            "own random stream and use only the 20% of scikit-learn digit samples never used for "
+            "training."
         )
     else:
         side = model["input_size"]

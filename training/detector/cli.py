@@ -50,7 +50,7 @@ class Plan:
     epochs: int
 
 
-FULL = Plan(train_images=6000, val_images=500, epochs=13)
+FULL = Plan(train_images=15000, val_images=500, epochs=5)
 QUICK = Plan(train_images=800, val_images=100, epochs=6)
 
 
@@ -93,8 +93,11 @@ def load_data(
         train_set, val_set = split_coco(load_coco(args.coco, INPUT_SIZE), args.seed)
         info = {"source": "coco", "path": str(args.coco)}
     else:
-        write_synthetic_coco(scratch / "train", plan.train_images, args.seed, "train")
-        write_synthetic_coco(scratch / "val", plan.val_images, args.seed, "test")
+        for name, n, split in (
+            ("train", plan.train_images, "train"),
+            ("val", plan.val_images, "test"),
+        ):
+            write_synthetic_coco(scratch / name, n, args.seed, split, workers=args.threads)
         train_set = load_coco(scratch / "train", INPUT_SIZE)
         val_set = load_coco(scratch / "val", INPUT_SIZE)
         info = {"source": "synthetic"}

@@ -3,15 +3,18 @@
 Every scene is a random crop of a real photograph with random clutter shapes, then up to
 `max_objects` digits at random positions, sizes, rotations and colours. Later digits may cover
 earlier ones, but no digit loses more than `max_occluded` of its pixels. Sensor noise and blur
-finish the image. The box of a digit is the tight box around its rendered pixels. Everything is
-drawn from one `numpy.random.Generator`, so a seed reproduces the data set exactly.
+finish the image. The box of a digit is the tight box around its rendered pixels. Scenes are
+drawn in chunks, each from its own `numpy.random.Generator` seeded by (seed, split, chunk), so a
+seed reproduces the data set exactly however many processes draw it.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Literal
 
@@ -47,6 +50,7 @@ GLYPH_UPSAMPLE = 4  # the 8x8 digit is smoothed at 4x before it is warped into t
 GLYPH_PAD = 2  # empty border (in 8x8 pixels) so rotated strokes are not cut off
 ALPHA_THRESHOLD = 0.3  # a pixel belongs to a digit where its coverage is at least this
 TEST_FRACTION = 0.2  # share of the scikit-learn digit samples kept for held-out scenes
+SCENES_PER_CHUNK = 100  # one random generator and one unit of parallel work
 
 Split = Literal["train", "test"]
 
@@ -221,16 +225,45 @@ def make_scene(rng: np.random.Generator, spec: SceneSpec, split: Split) -> Sampl
     )
 
 
-def scenes(n: int, seed: int, split: Split, spec: SceneSpec = SceneSpec()) -> Iterator[Sample]:
-    """`n` reproducible scenes from `seed`; test scenes use digit samples never seen in training."""
-    rng = np.random.default_rng([seed, 0 if split == "train" else 1])
-    for _ in range(n):
-        yield make_scene(rng, spec, split)
+def _chunk(index: int, n: int, seed: int, split: Split, spec: SceneSpec) -> list[Sample]:
+    """Scenes `index * SCENES_PER_CHUNK` up to `n`, from the chunk's own generator."""
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1, index])
+    count = min(SCENES_PER_CHUNK, n - index * SCENES_PER_CHUNK)
+    return [make_scene(rng, spec, split) for _ in range(count)]
+
+
+def scenes(
+    n: int, seed: int, split: Split, spec: SceneSpec = SceneSpec(), workers: int = 1
+) -> Iterator[Sample]:
+    """`n` reproducible scenes from `seed`, in order, drawn by `workers` processes.
+
+    Test scenes use digit samples never seen in training. The scenes do not depend on `workers`.
+    """
+    draw = partial(_chunk, n=n, seed=seed, split=split, spec=spec)
+    chunks = range(-(-n // SCENES_PER_CHUNK))
+    if workers <= 1 or len(chunks) <= 1:
+        for index in chunks:
+            yield from draw(index)
+        return
+    # spawn, not fork: the parent may already run torch/OpenMP threads, which fork does not copy
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=context) as pool:
+        for chunk in pool.map(draw, chunks):
+            yield from chunk
 
 
 def write_synthetic_coco(
-    root: Path, n: int, seed: int, split: Split, spec: SceneSpec = SceneSpec()
+    root: Path,
+    n: int,
+    seed: int,
+    split: Split,
+    spec: SceneSpec = SceneSpec(),
+    workers: int = 1,
 ) -> Path:
-    """Write `n` scenes as a COCO data set under `root`; returns the annotation file."""
-    progress = tqdm(scenes(n, seed, split, spec), total=n, desc=f"drawing {split} scenes")
+    """Write `n` scenes as a COCO data set under `root` (drawn by `workers` processes).
+
+    Returns the annotation file.
+    """
+    drawn = scenes(n, seed, split, spec, workers)
+    progress = tqdm(drawn, total=n, desc=f"drawing {split} scenes")
     return write_coco(root, progress, list(CLASS_NAMES))
