@@ -4,4 +4,5 @@ import sys
 
 from training.detector.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importable without side effects, as spawned workers need
+    sys.exit(main())

@@ -21,7 +21,7 @@ inputs:
 outputs:
   - {{name: {OUTPUT_NAME}, datatype: FP32, dims: [{k}, 6]}}
 dynamic_batching:
-  max_queue_delay_us: 2000
+  max_queue_delay_us: 0  # a busy instance batches what queues meanwhile; waiting only adds latency
   max_queue_size: 256
 instance_count: 1
 parameters:
