@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,17 @@ class VolleyProcess:
         return self.proc.returncode
 
 
+@contextmanager
+def serving(repository: Path, *extra: str) -> Iterator[VolleyProcess]:
+    """A server on `repository` that has tried to load every model; stopped on exit."""
+    proc = VolleyProcess(repository, *extra)
+    try:
+        proc.wait_models()
+        yield proc
+    finally:
+        proc.stop()
+
+
 def build_repository(root: Path) -> Path:
     """The shared test repository: mlp (2 versions), dtypes, rowsum, slow, and a bare model."""
     onnx_models.mlp(root / "mlp" / "1" / "model.onnx", seed=1)
@@ -148,9 +160,5 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def server(repository: Path) -> Iterator[VolleyProcess]:
     """One server shared by the protocol tests (they do not change the repository)."""
-    proc = VolleyProcess(repository)
-    try:
-        proc.wait_models()
+    with serving(repository) as proc:
         yield proc
-    finally:
-        proc.stop()

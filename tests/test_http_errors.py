@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
-from conftest import VolleyProcess
+from conftest import VolleyProcess, serving
 from reference import assert_close, ort_outputs
 from tritonclient.utils import InferenceServerException
 
@@ -445,12 +445,8 @@ def test_unsupported_content_encoding(server: VolleyProcess) -> None:
 @pytest.fixture(scope="module")
 def small_server(repository: Path) -> Iterator[VolleyProcess]:
     """A server of our own that takes request bodies of at most 100 000 bytes."""
-    proc = VolleyProcess(repository, "--max-request-bytes", "100000", "--metrics-port", "0")
-    try:
-        proc.wait_models()
+    with serving(repository, "--max-request-bytes", "100000", "--metrics-port", "0") as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def big_body() -> bytes:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from conftest import ROOT, VolleyProcess
+from conftest import ROOT, VolleyProcess, serving
 from reference import ON_GPU, assert_close, ort_outputs
 
 from training.detector.coco import load_coco
@@ -32,12 +32,8 @@ def shipped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VolleyProcess]
     """`volley serve` on a copy of the shipped repository."""
     repository = tmp_path_factory.mktemp("shipped") / "models"
     shutil.copytree(SHIPPED, repository)
-    proc = VolleyProcess(repository)
-    try:
-        proc.wait_models()
+    with serving(repository) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def test_both_shipped_models_load_ready(shipped: VolleyProcess) -> None:

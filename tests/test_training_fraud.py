@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 import tritonclient.http as httpclient
 import yaml
-from conftest import VolleyProcess
+from conftest import serving
 
 from server.config import build_config
 from training.fraud import main
@@ -257,9 +257,7 @@ def test_volley_serves_score_and_decision(quick_run: Path, tmp_path: Path) -> No
     repository = tmp_path / "models"
     shutil.copytree(quick_run, repository / "fraud")
     features = build_features(simulate(SMALL, seed=12))[:64]
-    proc = VolleyProcess(repository)
-    try:
-        proc.wait_models()
+    with serving(repository) as proc:
         client = httpclient.InferenceServerClient(proc.http)
         config = client.get_model_config("fraud")
         threshold = np.float32(config["parameters"]["threshold"]["string_value"])
@@ -267,8 +265,6 @@ def test_volley_serves_score_and_decision(quick_run: Path, tmp_path: Path) -> No
         request.set_data_from_numpy(features)
         result = client.infer("fraud", [request])
         client.close()
-    finally:
-        proc.stop()
     score, is_fraud = result.as_numpy("score"), result.as_numpy("is_fraud")
     assert score.shape == (64, 1) and score.dtype == np.float32
     assert is_fraud.shape == (64, 1) and is_fraud.dtype == np.bool_
