@@ -179,3 +179,12 @@ def test_training_on_a_user_coco_dataset(tmp_path: Path) -> None:
     session = ort.InferenceSession(str(out / "1" / "model.onnx"))
     x = np.zeros((2, 3, 320, 320), dtype=np.float32)
     assert session.run(None, {"images": x})[0].shape == (2, 100, 6)
+
+
+def test_help_describes_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--quick", "--coco", "--out", "--seed", "--epochs", "--threads", "--precision"):
+        assert option in text

@@ -269,3 +269,12 @@ def test_volley_serves_score_and_decision(quick_run: Path, tmp_path: Path) -> No
     assert score.shape == (64, 1) and score.dtype == np.float32
     assert is_fraud.shape == (64, 1) and is_fraud.dtype == np.bool_
     assert np.array_equal(is_fraud, score >= threshold)
+
+
+def test_help_describes_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--quick", "--data", "--out", "--seed"):
+        assert option in text

@@ -59,7 +59,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m training.detector", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small data, short run (tests)")
     parser.add_argument(
-        "--coco", type=Path, help="train on this COCO data set instead (see coco.py)"
+        "--coco",
+        type=Path,
+        help="train on this COCO instances data set instead: a folder holding annotations.json "
+        "(image file_name relative to it or to its images/), or the annotation file; "
+        f"a seeded {round(COCO_VAL_FRACTION * 100)}%% of the images is held out",
     )
     parser.add_argument("--out", type=Path, default=Path("models/detector"), help="model folder")
     parser.add_argument("--seed", type=int, default=0)
