@@ -68,9 +68,8 @@ def train(net: CenterNet, data: DetectionSet, config: TrainConfig) -> dict[str, 
     )
     rng = np.random.default_rng(config.seed)
     grid = (data.images.shape[1] // net.stride, data.images.shape[2] // net.stride)
-    # channels-last is oneDNN's native layout: training steps run 20 % (fp32) to 35 % (bf16)
-    # faster than in NCHW on this CPU; the net goes back to NCHW for export when done.
-    net.to(memory_format=torch.channels_last)
+    # NCHW on purpose: channels-last trains 16 % faster on this CPU, but two full runs of it gave
+    # different models (bench/RESULTS.md), and the same command must give the same model.
     net.train()
     start = time.perf_counter()
     parts: dict[str, float] = {}
@@ -81,9 +80,7 @@ def train(net: CenterNet, data: DetectionSet, config: TrainConfig) -> dict[str, 
                     batch.boxes, batch.labels, net.num_classes, grid, net.stride
                 )
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-                    heat_logits, distances = net(
-                        batch.images.contiguous(memory_format=torch.channels_last)
-                    )
+                    heat_logits, distances = net(batch.images)
                 loss, parts = detection_loss(
                     heat_logits.float(), distances.float(), targets, net.stride
                 )
@@ -93,7 +90,6 @@ def train(net: CenterNet, data: DetectionSet, config: TrainConfig) -> dict[str, 
                 schedule.step()
                 progress.update()
                 progress.set_postfix({k: f"{v:.3f}" for k, v in parts.items()}, refresh=False)
-    net.to(memory_format=torch.contiguous_format)
     net.eval()
     seconds = time.perf_counter() - start
     return {
