@@ -1,8 +1,8 @@
 """Detector training speed: steps per second by precision and memory layout, on this CPU.
 
-One training step is what `training/detector/train.py` does: forward (optionally in bf16
-autocast), losses, backward, AdamW. Batches are random images with one box each, so only the
-arithmetic is measured, not the data. Prints a markdown table.
+Each step is `training.detector.train.train_step`, the one the training loop runs. Batches are
+random images with one box each, so only the arithmetic is measured, not the data. Prints a
+markdown table.
 
     python bench/training_speed.py
     python bench/training_speed.py --steps 40 --threads 2
@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from serving import machine  # noqa: E402  (bench/serving.py, beside this script)
 
-from training.detector.loss import build_targets, detection_loss  # noqa: E402
+from training.detector.loss import build_targets  # noqa: E402
 from training.detector.model import CenterNet  # noqa: E402
-from training.detector.train import bf16_is_fast  # noqa: E402
+from training.detector.train import bf16_is_fast, train_step  # noqa: E402
 
 INPUT_SIZE = 320
 BATCH = 16
@@ -45,12 +45,7 @@ def steps_per_second(bf16: bool, channels_last: bool, steps: int, warmup: int) -
     for step in range(warmup + steps):
         if step == warmup:
             start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            heat, distances = net(images)
-        loss, _ = detection_loss(heat.float(), distances.float(), targets, net.stride)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(net, optimizer, images, targets, bf16)
     return steps / (time.perf_counter() - start)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from training.export import OPSET
+from training.export import OPSET, PARITY_RULE
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "detections"
@@ -146,7 +146,7 @@ ONNX Runtime CPU latency ({latency["threads"]} threads, median):
 
 ONNX Runtime matches PyTorch on fresh random inputs (raw head outputs) and on held-out images
 (decoded detections), batch sizes {parity_batches}: the largest relative difference seen was
-{parity:.1e} (limit 1e-4; magnitudes below 0.1 count as 0.1). Detections whose scores tie within
+{parity:.1e} ({PARITY_RULE}). Detections whose scores tie within
 that tolerance may come out in either order, so decoded rows are matched, not compared by position
 (`training/detector/parity.py`).
 

@@ -97,13 +97,11 @@ def load_data(
         train_set, val_set = split_coco(load_coco(args.coco, INPUT_SIZE), args.seed)
         info = {"source": "coco", "path": str(args.coco)}
     else:
-        for name, n, split in (
-            ("train", plan.train_images, "train"),
-            ("val", plan.val_images, "test"),
-        ):
-            write_synthetic_coco(scratch / name, n, args.seed, split, workers=args.threads)
-        train_set = load_coco(scratch / "train", INPUT_SIZE)
-        val_set = load_coco(scratch / "val", INPUT_SIZE)
+        train_dir, val_dir = scratch / "train", scratch / "val"
+        write_synthetic_coco(train_dir, plan.train_images, args.seed, "train", workers=args.threads)
+        write_synthetic_coco(val_dir, plan.val_images, args.seed, "test", workers=args.threads)
+        train_set = load_coco(train_dir, INPUT_SIZE)
+        val_set = load_coco(val_dir, INPUT_SIZE)
         info = {"source": "synthetic"}
     sizes = {"train_images": len(train_set), "val_images": len(val_set), "seed": args.seed}
     return train_set, val_set, info | sizes

@@ -10,15 +10,13 @@ SCORE = 4  # column of the score in a detection row (see decode.DETECTION_FIELDS
 
 
 def detection_difference(have: np.ndarray, want: np.ndarray) -> float:
-    """Largest relative difference between two [N,k,6] detection outputs.
+    """Largest relative difference between two same-shaped [N,k,6] detection outputs.
 
     Two runtimes differ in the last bits, so two detections whose scores are closer than that
     may come out in either order, and one tied with the k-th score may be replaced by its twin
     just below the cut. So the sorted scores are compared position by position, and every other
     row must equal some row of the other output (rows tied with the cut are exempt).
     """
-    if have.shape != want.shape:
-        raise AssertionError(f"ONNX detections shape {have.shape} != PyTorch {want.shape}")
     worst = float(relative_difference(have[..., SCORE], want[..., SCORE]).max(initial=0.0))
     for mine, theirs in zip(have, want, strict=True):
         pairwise = relative_difference(mine[:, None, :], theirs[None, :, :]).max(axis=-1)

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from training.detector.coco import DetectionSet
 from training.detector.evaluate import images_to_input
-from training.detector.loss import build_targets, detection_loss
+from training.detector.loss import Targets, build_targets, detection_loss
 from training.detector.model import CenterNet
 
 
@@ -55,6 +55,23 @@ def epoch_batches(data: DetectionSet, batch_size: int, rng: np.random.Generator)
         )
 
 
+def train_step(
+    net: CenterNet,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    targets: Targets,
+    bf16: bool,
+) -> dict[str, float]:
+    """One update: forward (bf16 autocast if asked), float32 losses, backward, optimizer step."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        heat_logits, distances = net(images)
+    loss, parts = detection_loss(heat_logits.float(), distances.float(), targets, net.stride)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return parts
+
+
 def train(net: CenterNet, data: DetectionSet, config: TrainConfig) -> dict[str, float]:
     """Train `net` in place; returns the wall time, step count and last losses."""
     batch_size = min(config.batch_size, len(data))
@@ -79,14 +96,7 @@ def train(net: CenterNet, data: DetectionSet, config: TrainConfig) -> dict[str, 
                 targets = build_targets(
                     batch.boxes, batch.labels, net.num_classes, grid, net.stride
                 )
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-                    heat_logits, distances = net(batch.images)
-                loss, parts = detection_loss(
-                    heat_logits.float(), distances.float(), targets, net.stride
-                )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                parts = train_step(net, optimizer, batch.images, targets, config.bf16)
                 schedule.step()
                 progress.update()
                 progress.set_postfix({k: f"{v:.3f}" for k, v in parts.items()}, refresh=False)

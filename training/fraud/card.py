@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from training.export import PARITY_RULE
 from training.fraud import simulate
 from training.fraud.data import Dataset
 from training.fraud.features import LABEL_DELAY_DAYS
@@ -115,7 +116,7 @@ def render_card(metrics: dict, data: Dataset) -> str:
         f"ONNX opset {export['opset']}, dynamic batch dimension, validated by",
         "`onnx.checker.check_model(full_check=True)`. ONNX Runtime matches PyTorch on fresh random",
         f"inputs at batch sizes {export['parity_batch_sizes']}: largest relative difference",
-        f"{export['parity_max_rel_diff']:.2e} (limit 1e-4; magnitudes below 0.1 count as 0.1),",
+        f"{export['parity_max_rel_diff']:.2e} ({PARITY_RULE}),",
         "identical decisions.",
         "",
         "## Rebuild",
