@@ -48,7 +48,9 @@ class _Listener(uvicorn.Server):
         yield
 
 
-def _listener(app, host: str, port: int, timeout: float) -> _Listener:
+def _listener(
+    app, host: str, port: int, timeout: float, max_message_bytes: int = 16 * 1024 * 1024
+) -> _Listener:
     config = uvicorn.Config(
         app,
         host=host,
@@ -59,6 +61,7 @@ def _listener(app, host: str, port: int, timeout: float) -> _Listener:
         log_config=None,
         timeout_graceful_shutdown=int(timeout),
         timeout_keep_alive=30,
+        ws_max_size=max_message_bytes,
         # Measured on the infer hot path: each of these costs per request and adds nothing here.
         proxy_headers=False,
         server_header=False,
@@ -90,8 +93,9 @@ async def serve(settings: ServeSettings) -> int:
         settings.host,
         settings.http_port,
         settings.shutdown_timeout,
+        settings.max_request_bytes,
     )
-    grpc_server = create_grpc_server(
+    grpc_server, servicer = create_grpc_server(
         dataplane, f"{settings.host}:{settings.grpc_port}", settings.max_request_bytes
     )
     listeners = [http]
@@ -126,6 +130,7 @@ async def serve(settings: ServeSettings) -> int:
     await stop.wait()
     log.info("draining", extra={"event": "draining"})
     dataplane.draining = True
+    servicer.end_streams()
     if poller is not None:
         poller.cancel()
     await repository.drain(settings.shutdown_timeout)

@@ -46,6 +46,8 @@ class Pending:
     arrival_ns: int
     deadline_ns: int | None
     started: bool = field(default=False)
+    start_ns: int = 0  # when its batch started
+    compute_ns: int = 0  # how long its batch ran
 
 
 @dataclass
@@ -99,6 +101,13 @@ class Batcher:
 
     async def infer(self, inputs: Tensors, rows: int, timeout_us: int = 0) -> Tensors:
         """Queue a validated request and wait for its own rows of the batch outputs."""
+        outputs, _, _ = await self.infer_timed(inputs, rows, timeout_us)
+        return outputs
+
+    async def infer_timed(
+        self, inputs: Tensors, rows: int, timeout_us: int = 0
+    ) -> tuple[Tensors, int, int]:
+        """`infer`, also returning how long the request queued and its batch ran (ns)."""
         now = time.perf_counter_ns()
         timeout_us = timeout_us or self._default_timeout_us
         key = tuple(a.shape[1:] for a in inputs.values()) if self.config.batching else ()
@@ -134,7 +143,7 @@ class Batcher:
             self.stats.record_failure(time.perf_counter_ns() - now)
             raise
         self.stats.record_success(time.perf_counter_ns() - now)
-        return outputs
+        return outputs, pending.start_ns - pending.arrival_ns, pending.compute_ns
 
     async def _wait_with_timeout(self, pending: Pending, timeout_us: int) -> Tensors:
         """Wait for the result; past the deadline a still-queued request fails with a timeout.
@@ -287,7 +296,9 @@ class Batcher:
 
     def _finish(self, batch: Batch, outputs: list[Tensors], timings: tuple[int, int, int]) -> None:
         self.stats.record_batch(batch.rows, len(batch.requests), *timings, batch.reason)
+        compute_ns = sum(timings)
         for pending, result in zip(batch.requests, outputs, strict=True):
+            pending.start_ns, pending.compute_ns = batch.start_ns, compute_ns
             self.stats.record_queue(batch.start_ns - pending.arrival_ns)
             if not pending.future.done():
                 pending.future.set_result(result)

@@ -1,4 +1,5 @@
-"""The `volley` command: `volley serve` and `volley train fraud|detector`."""
+"""The `volley` command: `volley serve`, `volley train fraud|detector`, `volley detect` and
+`volley camera`."""
 
 from __future__ import annotations
 
@@ -70,6 +71,92 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("args", nargs=argparse.REMAINDER, help="options for that training script")
 
 
+def _detect_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "detect",
+        help="detect objects in image files with a running server's detection pipeline",
+        description="Send image files (JPEG/PNG/WebP/BMP) to the `detect` model of a running "
+        "Volley (or Triton) server and print the detections: boxes in the images' own pixels.",
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument(
+        "--server",
+        metavar="HOST:PORT",
+        help="server address (default: localhost:8001 for grpc, localhost:8000 for http)",
+    )
+    p.add_argument(
+        "--protocol", choices=["grpc", "http"], default="grpc", help="wire protocol (default: grpc)"
+    )
+    p.add_argument("--model", default="detect", help="detection pipeline model (default: detect)")
+    p.add_argument(
+        "--json", action="store_true", help="print JSON (one list of images) instead of a table"
+    )
+    p.add_argument(
+        "--save",
+        type=Path,
+        metavar="DIR",
+        help="write annotated copies of the images (same file names) to DIR",
+    )
+    p.add_argument(
+        "--score-threshold", type=float, metavar="F", help="lowest score kept (server default)"
+    )
+    p.add_argument(
+        "--classes", metavar="LIST", help="keep only these classes, e.g. 3,7 (names or ids)"
+    )
+
+
+def _camera_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "camera",
+        help="stream a webcam, video file or RTSP/HTTP stream to the detection pipeline",
+        description="Read frames with OpenCV from SOURCE, stream them as JPEG over gRPC "
+        "ModelStreamInfer (latest frame wins on the server) and draw the newest detections with "
+        "FPS and end-to-end latency, in a window or (--headless) into a video file and a "
+        "JSON-lines log. Reconnects when the server goes away; Ctrl-C stops cleanly.",
+    )
+    p.add_argument("source", metavar="SOURCE", help="webcam index (0), video file, or URL")
+    p.add_argument(
+        "--server",
+        default="localhost:8001",
+        metavar="HOST:PORT",
+        help="gRPC address (default: localhost:8001)",
+    )
+    p.add_argument("--model", default="detect", help="detection pipeline model (default: detect)")
+    p.add_argument(
+        "--headless",
+        action="store_true",
+        help="no window: write the annotated video (--out) and the answer log (--log)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        metavar="VIDEO",
+        help="annotated video, .avi (MJPG) or .mp4 (mp4v) (default with --headless: annotated.avi)",
+    )
+    p.add_argument(
+        "--log",
+        type=Path,
+        metavar="JSONL",
+        help="one JSON line per server answer (default with --headless: frames.jsonl)",
+    )
+    p.add_argument(
+        "--max-fps",
+        type=float,
+        metavar="F",
+        help="send at most F frames per second (video files: pace at F instead of the file's FPS)",
+    )
+    p.add_argument(
+        "--score-threshold", type=float, metavar="F", help="lowest score kept (server default)"
+    )
+    p.add_argument(
+        "--jpeg-quality",
+        type=int,
+        default=80,
+        metavar="Q",
+        help="JPEG quality of sent frames (default: 80)",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `volley` command."""
     parser = argparse.ArgumentParser(prog="volley", description="Volley inference server")
@@ -77,9 +164,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _train_parser(sub)
+    _detect_parser(sub)
+    _camera_parser(sub)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "detect":
+        return _detect(args)
+    if args.command == "camera":
+        return _camera(args)
     return _train(args.model, args.args)
 
 
@@ -112,3 +205,15 @@ def _train(model: str, args: list[str]) -> int:
     else:
         from training.detector import main as train_main
     return train_main(args)
+
+
+def _detect(args: argparse.Namespace) -> int:
+    from clients.detect_cli import run
+
+    return run(args)
+
+
+def _camera(args: argparse.Namespace) -> int:
+    from clients.camera import run
+
+    return run(args)

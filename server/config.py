@@ -36,6 +36,7 @@ class TensorConfig(_Strict):
     name: str
     datatype: str
     dims: tuple[int, ...]
+    optional: bool = False
 
     @field_validator("datatype")
     @classmethod
@@ -90,7 +91,7 @@ class ModelConfig(_Strict):
     """Everything Volley needs to serve one model (all versions share it)."""
 
     name: str
-    platform: Literal["onnx", "onnxruntime_onnx"] = "onnx"
+    platform: Literal["onnx", "onnxruntime_onnx", "volley_detection"] = "onnx"
     max_batch_size: int = Field(0, ge=0)
     inputs: tuple[TensorConfig, ...] = ()
     outputs: tuple[TensorConfig, ...] = ()

@@ -20,6 +20,8 @@ from server.dataplane import DataPlane
 from server.errors import ErrorKind, VolleyError
 from server.protocol import grpc_codec
 from server.protocol.model_info import model_metadata, server_metadata, triton_config
+from server.streams import FrameAnswer, FrameStream
+from server.types import InferenceRequest
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,14 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, dataplane: DataPlane) -> None:
         self.dataplane = dataplane
         self.repo = dataplane.repository
+        self._stream_readers: set[asyncio.Task] = set()
+        self._ending_streams = False
+
+    def end_streams(self) -> None:
+        """Shutting down: every open stream stops reading, answers what it took, and ends."""
+        self._ending_streams = True
+        for reader in self._stream_readers:
+            reader.cancel()
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -87,51 +97,79 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Requests are handled concurrently (so they batch together); each answer is written
-        as soon as it is ready, carrying its request's id."""
-        answers: asyncio.Queue = asyncio.Queue()
+        as soon as it is ready, carrying its request's id. Frames to a pipeline model are a
+        camera session instead: latest-frame-wins (`server.streams`)."""
+        # Bounded: when the client stops reading answers, reading its requests stops too.
+        answers: asyncio.Queue = asyncio.Queue(maxsize=MAX_STREAM_INFLIGHT)
         tasks: set[asyncio.Task] = set()
         done = object()
 
-        async def answer(request: pb.ModelInferRequest) -> None:
+        async def emit_frame(answer: FrameAnswer) -> None:
+            await answers.put(_frame_message(answer))
+
+        frames = FrameStream(self.dataplane, emit_frame, "grpc_stream")
+
+        async def answer(request: pb.ModelInferRequest, decoded: InferenceRequest) -> None:
             try:
-                decoded = grpc_codec.decode_request(request)
                 response = await self.dataplane.infer(decoded, "grpc_stream")
                 message = pb.ModelStreamInferResponse(
                     infer_response=grpc_codec.encode_response(response)
                 )
             except VolleyError as exc:
                 message = _stream_error(request, exc.message)
-            except Exception as exc:  # never let one request break the stream
+            except Exception:  # never let one request break the stream
                 log.exception("stream infer failed", extra={"event": "stream_infer_error"})
-                message = _stream_error(request, f"internal error: {exc}")
+                message = _stream_error(request, "internal error; see the server log")
             await answers.put(message)
+
+        async def take(request: pb.ModelInferRequest) -> None:
+            try:
+                decoded = grpc_codec.decode_request(request)
+            except VolleyError as exc:
+                await answers.put(_stream_error(request, exc.message))
+                return
+            if frames.takes(decoded):
+                await frames.submit(decoded)
+                return
+            if len(tasks) >= MAX_STREAM_INFLIGHT:
+                await answers.put(
+                    _stream_error(
+                        request,
+                        f"stream has {MAX_STREAM_INFLIGHT} requests in flight; "
+                        "wait for answers before sending more",
+                    )
+                )
+                return
+            task = asyncio.create_task(answer(request, decoded))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
         async def read() -> None:
             try:
-                async for request in request_iterator:
-                    if len(tasks) >= MAX_STREAM_INFLIGHT:
-                        await answers.put(
-                            _stream_error(
-                                request,
-                                f"stream has {MAX_STREAM_INFLIGHT} requests in flight; "
-                                "wait for answers before sending more",
-                            )
-                        )
-                        continue
-                    task = asyncio.create_task(answer(request))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
+                try:
+                    async for request in request_iterator:
+                        await take(request)
+                except asyncio.CancelledError:
+                    if not self._ending_streams:
+                        raise  # the client left: nothing to answer
+                    asyncio.current_task().uncancel()
                 if tasks:
                     await asyncio.gather(*tasks, return_exceptions=True)
+                await frames.finish()
             finally:
                 await answers.put(done)
 
         reader = asyncio.create_task(read())
+        self._stream_readers.add(reader)
+        reader.add_done_callback(self._stream_readers.discard)
+        if self._ending_streams:
+            reader.cancel()
         try:
             while (message := await answers.get()) is not done:
                 yield message
         finally:
             reader.cancel()
+            frames.close()
             for task in list(tasks):
                 task.cancel()
 
@@ -164,6 +202,15 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
 
+def _frame_message(answer: FrameAnswer) -> pb.ModelStreamInferResponse:
+    """A stream frame's answer: its response (processed or skipped), or an error naming it."""
+    if answer.response is None:
+        return pb.ModelStreamInferResponse(
+            error_message=answer.error, infer_response=pb.ModelInferResponse(id=answer.id)
+        )
+    return pb.ModelStreamInferResponse(infer_response=grpc_codec.encode_response(answer.response))
+
+
 def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
     return pb.ModelStreamInferResponse(
         error_message=message, infer_response=pb.ModelInferResponse(id=request.id)
@@ -176,7 +223,7 @@ async def _abort(context: grpc.aio.ServicerContext, error: VolleyError) -> None:
 
 def create_grpc_server(
     dataplane: DataPlane, address: str, max_message_bytes: int
-) -> grpc.aio.Server:
+) -> tuple[grpc.aio.Server, InferenceServicer]:
     """A grpcio asyncio server with the inference service bound to `address`."""
     server = grpc.aio.server(
         options=[
@@ -185,8 +232,7 @@ def create_grpc_server(
             ("grpc.so_reuseport", 0),
         ]
     )
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(dataplane), server
-    )
+    servicer = InferenceServicer(dataplane)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     server.add_insecure_port(address)
-    return server
+    return server, servicer

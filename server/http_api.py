@@ -12,11 +12,12 @@ import logging
 import re
 import zlib
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import FileResponse, Response
 from starlette.exceptions import HTTPException
 
 from server import __version__, metrics
@@ -24,6 +25,7 @@ from server.dataplane import DataPlane
 from server.errors import ErrorKind, VolleyError, invalid
 from server.protocol import http_codec
 from server.protocol.model_info import model_metadata, server_metadata, triton_config
+from server.websocket import serve_frames
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ Scope = dict
 Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
 
+STATIC = Path(__file__).parent / "static"
 INFER_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([0-9]+))?/infer$")
 JSON = "application/json"
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -254,6 +257,14 @@ def control_app(dataplane: DataPlane) -> FastAPI:
     async def unload(model: str) -> Response:
         await repo.unload(model)
         return json_response({})
+
+    @app.websocket("/v2/models/{model}/stream")
+    async def frame_stream(websocket: WebSocket, model: str) -> None:
+        await serve_frames(websocket, dataplane, model)
+
+    @app.get("/camera")
+    async def camera_page() -> Response:
+        return FileResponse(STATIC / "camera.html", media_type="text/html")
 
     @app.get("/metrics")
     async def prometheus() -> Response:

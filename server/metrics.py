@@ -96,6 +96,32 @@ MODEL_LOAD_DURATION = Gauge(
     "volley_model_load_duration_seconds", "Time the last load of the version took (with warmup).",
     MODEL, registry=REGISTRY,
 )  # fmt: skip
+PIPELINE_STAGE_DURATION = Histogram(
+    "volley_pipeline_stage_duration_seconds",
+    "Time a pipeline request spent in each stage: decode (image decode and letterbox, off the "
+    "event loop), inference (the wrapped model: queue and batch), nms (boxes, off the loop).",
+    (*MODEL, "stage"), buckets=LATENCY_BUCKETS, registry=REGISTRY,
+)  # fmt: skip
+FRAMES = Counter(
+    "volley_frames",
+    "Stream frames answered, by outcome: processed, skipped (replaced by a newer frame or too "
+    "old), failed.",
+    ("model", "outcome"), registry=REGISTRY,
+)  # fmt: skip
+FRAME_AGE = Histogram(
+    "volley_frame_age_seconds",
+    "Age of a stream frame when its inference batch started (since it reached the server).",
+    ("model",), buckets=LATENCY_BUCKETS, registry=REGISTRY,
+)  # fmt: skip
+FRAME_LATENCY = Histogram(
+    "volley_frame_latency_seconds",
+    "Server time of a processed stream frame, from its arrival to its answer.",
+    ("model",), buckets=LATENCY_BUCKETS, registry=REGISTRY,
+)  # fmt: skip
+ACTIVE_STREAMS = Gauge(
+    "volley_active_streams", "Open camera streams (gRPC or WebSocket), per model.", ("model",),
+    registry=REGISTRY,
+)  # fmt: skip
 
 
 class GpuCollector(Collector):

@@ -1,6 +1,8 @@
 """The model repository: scanning `models/`, loading versions, readiness, load/unload/poll.
 
-Layout: `<root>/<model>/config.yaml` (optional) and `<root>/<model>/<version>/model.onnx`.
+Layout: `<root>/<model>/config.yaml` (optional) and `<root>/<model>/<version>/model.onnx`; a
+pipeline is a folder with only a `config.yaml` that says `pipeline: detection` and names the
+model it wraps (it serves as version 1, and loads after the plain models).
 A (re)load builds and warms the new versions before it swaps them in, and drains the old ones
 after, so requests keep being answered across a reload.
 """
@@ -16,9 +18,19 @@ from enum import StrEnum
 from pathlib import Path
 
 from server.batcher import Batcher
-from server.config import CONFIG_FILE, MODEL_FILE, ConfigError, ModelConfig, build_config
+from server.config import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    ConfigError,
+    ModelConfig,
+    build_config,
+    read_config_file,
+)
 from server.errors import ErrorKind, VolleyError, not_found, unavailable
+from server.pipelines.config import parse_detection_config
+from server.pipelines.detection import DetectionPipeline
 from server.runtime import load_instances
+from server.servable import OnnxModel, Servable
 from server.stats import ModelStats
 
 log = logging.getLogger(__name__)
@@ -35,15 +47,24 @@ class ModelState(StrEnum):
 
 @dataclass
 class ModelVersion:
-    """One served version: its config, its batcher over its instances, its statistics."""
+    """One served version: the servable that answers it, and what it was loaded from."""
 
     name: str
     version: int
-    config: ModelConfig
-    batcher: Batcher
-    stats: ModelStats
-    provider: str
+    model: Servable
     fingerprint: tuple
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def stats(self) -> ModelStats:
+        return self.model.stats
+
+    @property
+    def provider(self) -> str:
+        return self.model.provider
 
 
 @dataclass
@@ -92,9 +113,20 @@ class ModelRepository:
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and p.name[0] not in "._")
 
+    def is_pipeline(self, name: str) -> bool:
+        """Whether the model folder holds a pipeline (which wraps other models)."""
+        try:
+            return "pipeline" in read_config_file(self.root / name)
+        except ConfigError:
+            return False
+
+    def in_load_order(self, names: list[str]) -> list[str]:
+        """Plain models first, then the pipelines that wrap them."""
+        return sorted(names, key=lambda name: (self.is_pipeline(name), name))
+
     async def load_all(self) -> None:
         """Load every model on disk; a broken model is marked unavailable, the rest serve."""
-        for name in self.names_on_disk():
+        for name in self.in_load_order(self.names_on_disk()):
             with contextlib.suppress(VolleyError):  # logged and recorded in the index
                 await self.load(name)
 
@@ -126,13 +158,19 @@ class ModelRepository:
         versions = self.models[name].versions
         return [versions[v] for v in sorted(versions)]
 
+    def onnx_model(self, name: str) -> OnnxModel:
+        """The latest version of a plain ONNX model, as a pipeline wraps it."""
+        model = self.get(name).model
+        if not isinstance(model, OnnxModel):
+            raise unavailable(f"model '{name}' is a pipeline; a pipeline wraps an ONNX model")
+        return model
+
     def is_ready(self, name: str, version: str = "") -> bool:
         """Whether the model (or that version of it) would take a request now."""
         try:
-            self.get(name, version)
+            return self.get(name, version).model.ready
         except VolleyError:
             return False
-        return True
 
     def all_ready(self) -> bool:
         """Every model on disk is serving, except those unloaded on purpose (as in Triton)."""
@@ -172,7 +210,11 @@ class ModelRepository:
             if not entry.versions:
                 entry.state = ModelState.LOADING
             try:
-                loaded = await self._load_versions(entry, model_dir)
+                raw = read_config_file(model_dir)
+                if "pipeline" in raw:
+                    loaded = await self._load_pipeline(entry, model_dir, raw, fingerprint)
+                else:
+                    loaded = await self._load_versions(entry, model_dir)
             except (ConfigError, VolleyError) as exc:
                 message = exc.message if isinstance(exc, VolleyError) else str(exc)
                 entry.reason = message
@@ -192,6 +234,22 @@ class ModelRepository:
             for version in loaded.values():
                 version.stats.ready.set(1)
         await self._retire(retired)
+
+    async def _load_pipeline(
+        self, entry: ModelEntry, model_dir: Path, raw: dict, fingerprint: tuple
+    ) -> dict[int, ModelVersion]:
+        """Build a pipeline (version 1) over the models it wraps; unchanged ones are kept."""
+        current = entry.versions.get(1)
+        if current is not None and current.fingerprint == fingerprint:
+            return {1: current}
+        config = parse_detection_config({"name": model_dir.name, **raw}, model_dir / CONFIG_FILE)
+        pipeline = DetectionPipeline(config, self.onnx_model, ModelStats(config.name, "1"))
+        log.info(
+            "pipeline loaded",
+            extra={"event": "model_loaded", "model": config.name, "version": 1,
+                   "wraps": config.detector, "layout": pipeline.plan().layout},
+        )  # fmt: skip
+        return {1: ModelVersion(config.name, 1, pipeline, fingerprint)}
 
     async def _load_versions(self, entry: ModelEntry, model_dir: Path) -> dict[int, ModelVersion]:
         """Build the versions the policy selects, reusing unchanged ones already serving."""
@@ -245,9 +303,9 @@ class ModelRepository:
                 "seconds": round(seconds, 3),
             },
         )
-        return ModelVersion(
-            config.name, number, config, Batcher(config, instances, stats), stats, provider, stamp
-        )
+        batcher = Batcher(config, instances, stats)
+        model = OnnxModel(config, number, batcher, stats, provider, instances[0].metadata)
+        return ModelVersion(config.name, number, model, stamp)
 
     async def unload(self, name: str) -> None:
         """Stop serving every version of a model once its queued requests are answered."""
@@ -267,12 +325,12 @@ class ModelRepository:
     async def _retire(self, versions: list[ModelVersion]) -> None:
         for version in versions:
             version.stats.ready.set(0)
-        await asyncio.gather(*(v.batcher.drain() for v in versions))
+        await asyncio.gather(*(v.model.drain() for v in versions))
 
     async def poll(self) -> None:
         """One scan: load new or changed models, unload the ones whose folder is gone."""
         on_disk = set(self.names_on_disk())
-        for name in sorted(on_disk):
+        for name in self.in_load_order(list(on_disk)):
             entry = self.models.get(name)
             if entry is not None and entry.fingerprint == model_fingerprint(self.root / name):
                 continue
@@ -297,9 +355,17 @@ class ModelRepository:
         Requests still queued after `timeout` seconds are answered 503 / UNAVAILABLE.
         """
         versions = [v for e in self.models.values() for v in e.versions.values()]
+        # Pipelines first: what they have in progress still needs the models they wrap.
+        pipelines = [v for v in versions if not isinstance(v.model, OnnxModel)]
+        plain = [v for v in versions if isinstance(v.model, OnnxModel)]
+
+        async def retire_in_order() -> None:
+            await self._retire(pipelines)
+            await self._retire(plain)
+
         try:
-            await asyncio.wait_for(self._retire(versions), timeout)
+            await asyncio.wait_for(retire_in_order(), timeout)
         except TimeoutError:
             log.warning("drain timed out", extra={"event": "drain_timeout", "seconds": timeout})
             for version in versions:
-                version.batcher.abort(unavailable("server is shutting down"))
+                version.model.abort(unavailable("server is shutting down"))

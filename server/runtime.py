@@ -46,6 +46,7 @@ class OnnxInstance:
             str(model_file), options, providers=choose_providers(config.execution_providers)
         )
         self.provider = self.session.get_providers()[0]
+        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         self.output_names = [o.name for o in config.outputs]
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

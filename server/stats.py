@@ -60,6 +60,10 @@ class ModelStats:
         self.queue_depth = metrics.QUEUE_DEPTH.labels(*labels)
         self.ready = metrics.MODEL_READY.labels(*labels)
         self.load_seconds = metrics.MODEL_LOAD_DURATION.labels(*labels)
+        self._stages = {
+            stage: metrics.PIPELINE_STAGE_DURATION.labels(*labels, stage)
+            for stage in ("decode", "inference", "nms")
+        }
         self._releases = {
             reason: metrics.BATCH_RELEASES.labels(*labels, reason)
             for reason in ("full", "preferred", "delay", "immediate", "drain")
@@ -87,6 +91,28 @@ class ModelStats:
         self._infer_seconds.observe(infer_ns / 1e9)
         self._output_seconds.observe(output_ns / 1e9)
         self._releases[reason].inc()
+
+    def record_pipeline(
+        self, images: int, decode_ns: int, queue_ns: int, infer_ns: int, nms_ns: int
+    ) -> None:
+        """One pipeline request: decode, the wrapped model (its queue wait and batch), NMS.
+
+        In the v2 statistics decode is compute_input, the wrapped model's time compute_infer,
+        NMS compute_output; the wrapped model's queue wait is also the pipeline's queue.
+        """
+        self.execution_count += 1
+        self.inference_count += images
+        self.last_inference_ms = int(time.time() * 1000)
+        self.compute_input.add(decode_ns)
+        self.compute_infer.add(infer_ns)
+        self.compute_output.add(nms_ns)
+        self.queue.add(queue_ns)
+        self._executions.inc()
+        self._inferences.inc(images)
+        self._queue_seconds.observe(queue_ns / 1e9)
+        self._stages["decode"].observe(decode_ns / 1e9)
+        self._stages["inference"].observe(infer_ns / 1e9)
+        self._stages["nms"].observe(nms_ns / 1e9)
 
     def record_queue(self, ns: int) -> None:
         """Time one request waited before its batch started."""

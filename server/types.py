@@ -45,3 +45,4 @@ class InferenceResponse:
     version: str
     id: str
     outputs: list[InferTensor]
+    parameters: dict[str, bool | int | float | str] = field(default_factory=dict)

@@ -62,6 +62,18 @@ def decode_request(request: pb.ModelInferRequest) -> InferenceRequest:
     )
 
 
+def set_parameter(param: pb.InferParameter, value: bool | int | float | str) -> None:
+    """Store a Python value in the matching `InferParameter` oneof."""
+    if isinstance(value, bool):
+        param.bool_param = value
+    elif isinstance(value, int):
+        param.int64_param = value
+    elif isinstance(value, float):
+        param.double_param = value
+    else:
+        param.string_param = str(value)
+
+
 def _from_contents(item: pb.ModelInferRequest.InferInputTensor, shape: tuple) -> np.ndarray:
     field = CONTENTS_FIELD.get(item.datatype)
     if field is None:
@@ -90,6 +102,8 @@ def encode_response(response: InferenceResponse) -> pb.ModelInferResponse:
     message = pb.ModelInferResponse(
         model_name=response.model, model_version=response.version, id=response.id
     )
+    for key, value in response.parameters.items():
+        set_parameter(message.parameters[key], value)
     for tensor in response.outputs:
         message.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
         message.raw_output_contents.append(tensor_to_bytes(tensor.data))

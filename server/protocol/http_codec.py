@@ -183,6 +183,8 @@ def encode_response(
     doc: dict = {"model_name": response.model, "model_version": response.version}
     if response.id:
         doc["id"] = response.id
+    if response.parameters:
+        doc["parameters"] = response.parameters
     doc["outputs"] = outputs
     header = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
     if not blobs:

@@ -5,8 +5,14 @@ from __future__ import annotations
 from server.config import ModelConfig
 from server.repository import ModelVersion
 
-PLATFORM = "onnxruntime_onnx"
 TRITON_TYPE = {"BYTES": "TYPE_STRING"}
+
+
+def platform(config: ModelConfig) -> tuple[str, str]:
+    """(platform, backend) as Triton names them: ONNX Runtime, or Volley's own pipelines."""
+    if config.platform == "volley_detection":
+        return "volley_detection", "volley"
+    return "onnxruntime_onnx", "onnxruntime"
 
 
 def model_metadata(served: ModelVersion, versions: list[int]) -> dict:
@@ -22,7 +28,7 @@ def model_metadata(served: ModelVersion, versions: list[int]) -> dict:
     return {
         "name": config.name,
         "versions": [str(v) for v in versions],
-        "platform": PLATFORM,
+        "platform": platform(config)[0],
         "inputs": tensors(config.inputs),
         "outputs": tensors(config.outputs),
     }
@@ -37,14 +43,16 @@ def triton_config(config: ModelConfig, provider: str) -> dict:
                 "name": t.name,
                 "data_type": TRITON_TYPE.get(t.datatype, f"TYPE_{t.datatype}"),
                 "dims": list(t.dims),
+                **({"optional": True} if t.optional else {}),
             }
             for t in specs
         ]
 
+    name, backend = platform(config)
     out: dict = {
         "name": config.name,
-        "platform": PLATFORM,
-        "backend": "onnxruntime",
+        "platform": name,
+        "backend": backend,
         "max_batch_size": config.max_batch_size,
         "input": tensors(config.inputs),
         "output": tensors(config.outputs),

@@ -1,0 +1,248 @@
+"""Vision benchmark: how many 30 FPS cameras Volley serves, against the in-process ceiling.
+
+- ceiling: decode + letterbox + detector + NMS for one 640x480 JPEG at a time, in one Python loop
+  in this process (no server), with the same code and thread count the server uses;
+- cameras: N gRPC `ModelStreamInfer` streams to `detect`, each sending 640x480 JPEG frames at
+  30 FPS; N grows until p99 end-to-end latency exceeds 100 ms or 1 % of frames are skipped;
+- single image: one JPEG per request, one request at a time, over HTTP and gRPC.
+
+    python bench/vision.py                  # the shipped models/ (detect over detector)
+    python bench/vision.py --seconds 20 --max-streams 12
+
+The load generator runs on the same machine as the server and takes CPU from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from serving import free_port, machine, start, stop
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from vision_scenes import encode, scene_image  # noqa: E402
+
+from server.pipelines.images import decode_image, letterbox  # noqa: E402
+from server.pipelines.layouts import read_candidates  # noqa: E402
+from server.pipelines.postprocess import DetectOptions, select, to_original  # noqa: E402
+
+FPS = 30
+LATENCY_BUDGET_MS = 100.0
+SKIP_BUDGET = 0.01
+OPTIONS = DetectOptions(0.3, 0.5, 100, None, False)
+
+
+def camera_frames(count: int = 16) -> list[bytes]:
+    """640x480 JPEG frames of synthetic scenes, as a webcam would send them."""
+    return [encode(scene_image(seed, (320, 240), 2.0).image, quality=80) for seed in range(count)]
+
+
+def ceiling(model_file: Path, frames: list[bytes], seconds: float) -> tuple[float, np.ndarray]:
+    """Frames per second and per-frame ms of the whole pipeline in one loop, no server."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count() or 1
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def one(data: bytes) -> None:
+        boxed = letterbox(decode_image(data, "frame", 40_000_000), 320, 320, 114)
+        tensor = boxed.pixels.transpose(2, 0, 1)[None].astype(np.float32) * np.float32(1 / 255)
+        (raw,) = session.run(None, {name: tensor})
+        to_original(select(read_candidates("volley", raw[0], 0.3), OPTIONS, True), boxed)
+
+    for data in frames[:5]:
+        one(data)
+    times = []
+    start_at = time.perf_counter()
+    while time.perf_counter() - start_at < seconds:
+        t0 = time.perf_counter()
+        one(frames[len(times) % len(frames)])
+        times.append((time.perf_counter() - t0) * 1e3)
+    return len(times) / (time.perf_counter() - start_at), np.array(times)
+
+
+@dataclass
+class StreamLog:
+    sent: dict[str, float] = field(default_factory=dict)
+    latency_ms: list[float] = field(default_factory=list)
+    skipped: int = 0
+    errors: int = 0
+
+
+def camera(address: str, frames: list[bytes], name: str, seconds: float, log: StreamLog) -> None:
+    """One 30 FPS camera: a gRPC stream, frames sent on the beat, answers timed."""
+    client = grpcclient.InferenceServerClient(address)
+    lock = threading.Lock()
+
+    def on_answer(result, error) -> None:
+        now = time.perf_counter()
+        with lock:
+            if error is not None:
+                log.errors += 1
+                return
+            response = result.get_response()
+            if response.parameters["skipped"].bool_param:
+                log.skipped += 1
+            else:
+                log.latency_ms.append((now - log.sent[response.id]) * 1e3)
+
+    client.start_stream(callback=on_answer)
+    begin = time.perf_counter()
+    for i in range(int(seconds * FPS)):
+        delay = begin + i / FPS - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        tensor = grpcclient.InferInput("images", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([frames[i % len(frames)]], dtype=np.object_))
+        frame_id = f"{name}-{i}"
+        with lock:
+            log.sent[frame_id] = time.perf_counter()
+        client.async_stream_infer("detect", [tensor], request_id=frame_id)
+    deadline = time.perf_counter() + 5
+    while time.perf_counter() < deadline:
+        with lock:
+            if len(log.latency_ms) + log.skipped + log.errors >= len(log.sent):
+                break
+        time.sleep(0.01)
+    client.stop_stream()
+    client.close()
+
+
+@dataclass
+class CameraRow:
+    streams: int
+    processed_fps: float
+    skipped: float
+    p50_ms: float
+    p99_ms: float
+
+    @property
+    def sustained(self) -> bool:
+        return self.p99_ms <= LATENCY_BUDGET_MS and self.skipped < SKIP_BUDGET
+
+
+def cameras(address: str, frames: list[bytes], streams: int, seconds: float) -> CameraRow:
+    logs = [StreamLog() for _ in range(streams)]
+    threads = [
+        threading.Thread(target=camera, args=(address, frames, f"c{i}", seconds, logs[i]))
+        for i in range(streams)
+    ]
+    for i, thread in enumerate(threads):
+        thread.start()
+        time.sleep(1 / FPS / streams * (i > 0))  # cameras are not in phase
+    for thread in threads:
+        thread.join()
+    sent = sum(len(log.sent) for log in logs)
+    latency = np.concatenate([log.latency_ms for log in logs]) if sent else np.zeros(1)
+    skipped = (
+        sum(log.skipped + log.errors for log in logs)
+        + sent
+        - sum(len(log.latency_ms) + log.skipped + log.errors for log in logs)
+    )
+    return CameraRow(
+        streams, len(latency) / seconds, skipped / sent, *np.percentile(latency, [50, 99])
+    )
+
+
+def single_image(proc_http: str, proc_grpc: str, frame: bytes, n: int) -> dict[str, np.ndarray]:
+    """Per-request ms of one JPEG per request, one at a time, over each protocol."""
+    out = {}
+    http = httpclient.InferenceServerClient(proc_http)
+    grpc = grpcclient.InferenceServerClient(proc_grpc)
+    for name, module, client in (("http", httpclient, http), ("grpc", grpcclient, grpc)):
+        tensor = module.InferInput("images", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([frame], dtype=np.object_))
+        times = []
+        for i in range(n + 10):
+            t0 = time.perf_counter()
+            client.infer("detect", [tensor])
+            if i >= 10:
+                times.append((time.perf_counter() - t0) * 1e3)
+        out[name] = np.array(times)
+    http.close()
+    grpc.close()
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=Path, default=ROOT / "models")
+    parser.add_argument("--seconds", type=float, default=10.0, help="per camera step")
+    parser.add_argument("--max-streams", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=200, help="single-image requests")
+    args = parser.parse_args()
+
+    frames = camera_frames()
+    model_file = args.models / "detector" / "1" / "model.onnx"
+    ceiling_fps, ceiling_ms = ceiling(model_file, frames, args.seconds)
+
+    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    cmd = [sys.executable, "-m", "server", "serve", "--model-repository", str(args.models),
+           "--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port),
+           "--metrics-port", str(metrics_port)]  # fmt: skip
+    proc = start(cmd, f"http://127.0.0.1:{http_port}/v2/health/ready")
+    try:
+        grpc_address = f"127.0.0.1:{grpc_port}"
+        single = single_image(f"127.0.0.1:{http_port}", grpc_address, frames[0], args.requests)
+        rows = []
+        for streams in range(1, args.max_streams + 1):
+            rows.append(cameras(grpc_address, frames, streams, args.seconds))
+            print(f"  {streams} streams: {rows[-1]}", file=sys.stderr)
+            if not rows[-1].sustained:
+                break
+    finally:
+        stop(proc)
+    print(report(ceiling_fps, ceiling_ms, rows, single))
+    return 0
+
+
+def report(ceiling_fps: float, ceiling_ms: np.ndarray, rows: list[CameraRow], single: dict) -> str:
+    best = max((r.streams for r in rows if r.sustained), default=0)
+    lines = [
+        f"Machine: {machine()}",
+        "",
+        f"In-process ceiling (decode + letterbox + infer + NMS, one loop): {ceiling_fps:.1f} "
+        f"frames/s, p50 {np.percentile(ceiling_ms, 50):.2f} ms, "
+        f"p99 {np.percentile(ceiling_ms, 99):.2f} ms per 640x480 JPEG",
+        "",
+        "| 30 FPS cameras | processed frames/s | skipped | p50 ms | p99 ms | sustained |",
+        "|---:|---:|---:|---:|---:|:---:|",
+        *(
+            f"| {r.streams} | {r.processed_fps:.1f} | {r.skipped:.1%} | {r.p50_ms:.1f} | "
+            f"{r.p99_ms:.1f} | {'yes' if r.sustained else 'no'} |"
+            for r in rows
+        ),
+        "",
+        f"Sustained: {best} cameras = {best * FPS} frames/s = "
+        f"{best * FPS / ceiling_fps:.0%} of the ceiling's {ceiling_fps:.1f} frames/s "
+        f"(target >= 90 %; p99 <= {LATENCY_BUDGET_MS:.0f} ms and < {SKIP_BUDGET:.0%} skipped)",
+        "",
+        "| single 640x480 JPEG, c=1 | p50 ms | p99 ms | over the ceiling's p50 |",
+        "|---|---:|---:|---:|",
+        f"| in-process ceiling | {np.percentile(ceiling_ms, 50):.2f} | "
+        f"{np.percentile(ceiling_ms, 99):.2f} | - |",
+    ]
+    for name, times in single.items():
+        p50, p99 = np.percentile(times, [50, 99])
+        lines.append(
+            f"| Volley {name} | {p50:.2f} | {p99:.2f} | "
+            f"+{p50 - np.percentile(ceiling_ms, 50):.2f} ms |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Pipelines: models that wrap other models with pre- and post-processing (detection)."""

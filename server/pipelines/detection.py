@@ -1,0 +1,352 @@
+"""The detection pipeline: images in, boxes in original pixels out, served as a model.
+
+Per request: decode and letterbox each image on the pipeline's thread pool, run the wrapped
+detector through its own dynamic batcher (so images of many requests and streams share batches),
+then read the raw output, filter, run per-class NMS and map boxes back, again on the pool. The
+event loop only hands work over. The wrapped model is looked up per request, so a reload of the
+detector is picked up without reloading the pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.config import ConfigError
+from server.datatypes import numpy_dtype
+from server.errors import ErrorKind, VolleyError, invalid, unavailable
+from server.pipelines.config import DetectionConfig, pipeline_model_config
+from server.pipelines.images import Letterboxed, check_size, decode_image, letterbox
+from server.pipelines.layouts import (
+    NEEDS_NMS,
+    check_dims,
+    class_count,
+    detect_layout,
+    metadata_class_names,
+    metadata_input_size,
+    read_candidates,
+)
+from server.pipelines.postprocess import (
+    Candidates,
+    DetectOptions,
+    detect_options,
+    pack,
+    select,
+    to_original,
+)
+from server.servable import FramePolicy, OnnxModel, check_outputs, queue_timeout_us
+from server.stats import ModelStats
+from server.types import InferenceRequest, InferenceResponse, InferTensor
+
+ModelLookup = Callable[[str], OnnxModel]
+
+
+@dataclass(frozen=True)
+class DetectorPlan:
+    """How to feed and read one loaded version of the wrapped detector."""
+
+    detector: OnnxModel
+    input_name: str
+    input_dtype: np.dtype
+    height: int
+    width: int
+    batch_dim: bool  # False: a detector with a fixed batch of 1 (its input is [1, 3, H, W])
+    max_rows: int
+    output_name: str
+    layout: str
+    class_names: tuple[str, ...]
+
+
+def plan_detector(config: DetectionConfig, detector: OnnxModel) -> DetectorPlan:
+    """Check that `detector` can serve this pipeline and work out how to feed and read it."""
+    model = detector.config
+    where = f"pipeline '{config.name}': detector '{config.detector}'"
+    if len(model.inputs) != 1 or model.inputs[0].datatype not in ("FP32", "FP16"):
+        raise ConfigError(f"{where} must have one FP32 or FP16 image input")
+    spec = model.inputs[0]
+    dims, batch_dim = spec.dims, model.batching
+    if not batch_dim:
+        if len(dims) != 4 or dims[0] != 1:
+            raise ConfigError(f"{where}: input dims {list(dims)} are not [N, 3, H, W]")
+        dims = dims[1:]
+    if len(dims) != 3 or dims[0] not in (3, -1):
+        raise ConfigError(f"{where}: input dims {list(dims)} are not [N, 3, H, W]")
+    metadata = detector.metadata
+    size = config.input_size or (
+        (dims[1], dims[2]) if dims[1] > 0 and dims[2] > 0 else metadata_input_size(metadata)
+    )
+    if size is None:
+        raise ConfigError(f"{where} has a dynamic input size: set 'input_size' in config.yaml")
+    out = model.outputs[0]
+    out_dims = out.dims if batch_dim else out.dims[1:]
+    layout = config.layout
+    if layout == "auto":
+        layout = detect_layout(out_dims, metadata)
+    check_dims(layout, out_dims)
+    names = config.class_names or metadata_class_names(metadata)
+    if names is None and "classes" in model.parameters:
+        names = tuple(n.strip() for n in model.parameters["classes"].split(","))
+    if names is None:
+        names = tuple(str(i) for i in range(class_count(layout, out_dims) or 0))
+    return DetectorPlan(
+        detector=detector,
+        input_name=spec.name,
+        input_dtype=numpy_dtype(spec.datatype),
+        height=int(size[0]),
+        width=int(size[1]),
+        batch_dim=batch_dim,
+        max_rows=model.max_batch_size if batch_dim else 1,
+        output_name=out.name,
+        layout=layout,
+        class_names=names,
+    )
+
+
+@dataclass
+class Prepared:
+    """One image ready for the detector, and how to map its boxes back."""
+
+    tensor: np.ndarray  # [3, H, W] in the detector's dtype
+    geometry: Letterboxed
+
+
+class DetectionPipeline:
+    """A `Servable` that wraps a detector model of the repository."""
+
+    def __init__(self, config: DetectionConfig, lookup: ModelLookup, stats: ModelStats) -> None:
+        self.detection = config
+        self.config = pipeline_model_config(config)
+        self.version = "1"
+        self.stats = stats
+        self.provider = "CPUExecutionProvider"  # pre/post-processing runs on the host
+        self.frame_policy = FramePolicy(config.max_frame_age_ms)
+        self._lookup = lookup
+        self._plan: DetectorPlan | None = None
+        workers = config.workers or os.cpu_count() or 1
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"pipeline-{config.name}")
+        self._active = 0
+        self._draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.plan()  # refuse to load while the detector is missing or does not fit
+
+    @property
+    def ready(self) -> bool:
+        try:
+            self.plan()
+        except VolleyError:
+            return False
+        return True
+
+    def plan(self) -> DetectorPlan:
+        """The plan for the detector version serving now (re-made when it was reloaded)."""
+        try:
+            detector = self._lookup(self.detection.detector)
+        except VolleyError as exc:
+            raise unavailable(
+                f"model '{self.config.name}' wraps model '{self.detection.detector}', "
+                f"which cannot serve: {exc.message}"
+            ) from None
+        if self._plan is None or self._plan.detector is not detector:
+            try:
+                self._plan = plan_detector(self.detection, detector)
+            except ConfigError as exc:
+                raise unavailable(str(exc)) from None
+        return self._plan
+
+    async def infer(
+        self, request: InferenceRequest, timeout_us: int, deadline_ns: int | None = None
+    ) -> InferenceResponse:
+        """Detect objects in every image of the request.
+
+        `deadline_ns` bounds when the detector's batch may start (a stream frame's age limit).
+        """
+        if self._draining:
+            raise unavailable(f"model '{self.config.name}' is unloading")
+        started = time.perf_counter_ns()
+        self._active += 1
+        self._idle.clear()
+        try:
+            response = await self._detect(request, timeout_us, deadline_ns, started)
+        except VolleyError:
+            self.stats.record_failure(time.perf_counter_ns() - started)
+            raise
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
+        self.stats.record_success(time.perf_counter_ns() - started)
+        return response
+
+    async def _detect(
+        self, request: InferenceRequest, timeout_us: int, deadline_ns: int | None, started: int
+    ) -> InferenceResponse:
+        plan = self.plan()
+        options = detect_options(request.parameters, self.detection, plan.class_names)
+        check_outputs(self.config, request)
+        loop = asyncio.get_running_loop()
+
+        t0 = time.perf_counter_ns()
+        jobs = self._prepare_jobs(request, plan, options)
+        prepared = await asyncio.gather(*(loop.run_in_executor(self._pool, job) for job in jobs))
+        t1 = time.perf_counter_ns()
+        raw, queue_ns, compute_ns = await self._run_detector(
+            plan, prepared, queue_timeout_us(timeout_us, deadline_ns)
+        )
+        t2 = time.perf_counter_ns()
+        geometry = [p.geometry for p in prepared]
+        nms = NEEDS_NMS[plan.layout]
+        results = await loop.run_in_executor(
+            self._pool, _postprocess, plan.layout, raw, geometry, options, nms
+        )
+        outputs = pack(results, plan.class_names)
+        t3 = time.perf_counter_ns()
+
+        self.stats.record_pipeline(len(prepared), t1 - t0, queue_ns, t2 - t1, t3 - t2)
+        parameters: dict = {
+            "decode_us": (t1 - t0) // 1000,
+            "queue_us": queue_ns // 1000,
+            "inference_us": compute_ns // 1000,
+            "nms_us": (t3 - t2) // 1000,
+            "total_us": (t3 - started) // 1000,
+        }
+        if len(prepared) == 1:
+            parameters["image_width"] = prepared[0].geometry.width
+            parameters["image_height"] = prepared[0].geometry.height
+        if "capture_ts" in request.parameters:
+            parameters["capture_ts"] = request.parameters["capture_ts"]
+        wanted = [o.name for o in request.outputs] or list(outputs)
+        tensors = [
+            InferTensor(name, spec.datatype, outputs[name].shape, outputs[name])
+            for spec in self.config.outputs
+            if (name := spec.name) in wanted
+        ]
+        return InferenceResponse(self.config.name, self.version, request.id, tensors, parameters)
+
+    def _prepare_jobs(
+        self, request: InferenceRequest, plan: DetectorPlan, options: DetectOptions
+    ) -> list[Callable[[], Prepared]]:
+        """One thread-pool job per image: decode (or take pixels), letterbox, to tensor."""
+        tensor = _image_input(request, self.config.name)
+        limit = self.detection.max_images
+        if tensor.name == "images":
+            if len(tensor.shape) != 1:
+                raise invalid(f"input 'images' must have shape [N], got {list(tensor.shape)}")
+            count = tensor.shape[0]
+        else:
+            if len(tensor.shape) not in (3, 4) or tensor.shape[-1] != 3:
+                raise invalid(
+                    f"input 'pixels' must have shape [H, W, 3] or [N, H, W, 3], "
+                    f"got {list(tensor.shape)}"
+                )
+            count = tensor.shape[0] if len(tensor.shape) == 4 else 1
+        if not 1 <= count <= limit:
+            raise invalid(f"{count} images in one request; model '{self.config.name}' takes "
+                          f"1 to {limit}")  # fmt: skip
+        settings = (plan, self.detection.pad_value, self.detection.pixel_scale)
+        max_pixels = self.detection.max_image_pixels
+        if tensor.name == "images":
+            return [
+                _job(_prepare_encoded, item, f"image {i}", max_pixels, *settings)
+                for i, item in enumerate(tensor.data.reshape(-1))
+            ]
+        pixels = tensor.data if len(tensor.shape) == 4 else tensor.data[None]
+        check_size(pixels.shape[2], pixels.shape[1], "pixels", max_pixels)
+        return [_job(_prepare_pixels, image, options.bgr, *settings) for image in pixels]
+
+    async def _run_detector(
+        self, plan: DetectorPlan, prepared: list[Prepared], timeout_us: int
+    ) -> tuple[np.ndarray, int, int]:
+        """Feed the detector in chunks of at most its batch size; join the raw outputs."""
+        loop = asyncio.get_running_loop()
+        chunks = [prepared[i : i + plan.max_rows] for i in range(0, len(prepared), plan.max_rows)]
+
+        async def run(chunk: list[Prepared]) -> tuple[np.ndarray, int, int]:
+            if len(chunk) == 1:
+                batch = chunk[0].tensor[None]
+            else:
+                batch = await loop.run_in_executor(self._pool, np.stack, [p.tensor for p in chunk])
+            outputs, queue_ns, compute_ns = await plan.detector.infer_tensors(
+                {plan.input_name: batch}, len(chunk), timeout_us
+            )
+            return outputs[plan.output_name], queue_ns, compute_ns
+
+        try:
+            done = await asyncio.gather(*(run(chunk) for chunk in chunks))
+        except VolleyError as exc:
+            if exc.kind is ErrorKind.INTERNAL:
+                raise VolleyError(ErrorKind.INTERNAL, f"detector failed: {exc.message}") from None
+            raise
+        raw = done[0][0] if len(done) == 1 else np.concatenate([d[0] for d in done])
+        return raw, max(d[1] for d in done), max(d[2] for d in done)
+
+    async def drain(self) -> None:
+        """Refuse new requests and wait for the ones in progress."""
+        self._draining = True
+        await self._idle.wait()
+        self._pool.shutdown(wait=False)
+
+    def abort(self, error: VolleyError) -> None:
+        """Nothing queues inside the pipeline itself; its detector's queue is aborted there."""
+        self._draining = True
+
+
+def _image_input(request: InferenceRequest, model: str) -> InferTensor:
+    """The request's one image input, `images` (encoded, BYTES) or `pixels` (UINT8)."""
+    expected = {"images": "BYTES", "pixels": "UINT8"}
+    names = [t.name for t in request.inputs]
+    unknown = [n for n in names if n not in expected]
+    if unknown or len(names) != 1:
+        raise invalid(
+            f"model '{model}' takes exactly one input: 'images' (BYTES [N], encoded JPEG, PNG, "
+            f"WebP or BMP) or 'pixels' (UINT8 [N, H, W, 3]); got {names}"
+        )
+    tensor = request.inputs[0]
+    if tensor.datatype != expected[tensor.name]:
+        raise invalid(
+            f"input '{tensor.name}' has datatype {tensor.datatype}, model '{model}' expects "
+            f"{expected[tensor.name]}"
+        )
+    return tensor
+
+
+def _job(fn: Callable[..., Prepared], *args: object) -> Callable[[], Prepared]:
+    return lambda: fn(*args)
+
+
+def _prepare_encoded(
+    data: bytes, what: str, max_pixels: int, plan: DetectorPlan, pad: int, scale: float
+) -> Prepared:
+    if not isinstance(data, bytes):
+        raise invalid(f"{what}: expected encoded image bytes")
+    return _to_tensor(decode_image(data, what, max_pixels), plan, pad, scale)
+
+
+def _prepare_pixels(
+    image: np.ndarray, bgr: bool, plan: DetectorPlan, pad: int, scale: float
+) -> Prepared:
+    rgb = np.ascontiguousarray(image[..., ::-1]) if bgr else np.ascontiguousarray(image)
+    return _to_tensor(rgb, plan, pad, scale)
+
+
+def _to_tensor(rgb: np.ndarray, plan: DetectorPlan, pad: int, scale: float) -> Prepared:
+    boxed = letterbox(rgb, plan.height, plan.width, pad)
+    chw = boxed.pixels.transpose(2, 0, 1).astype(plan.input_dtype)
+    chw *= plan.input_dtype.type(scale)
+    return Prepared(chw, boxed)
+
+
+def _postprocess(
+    layout: str, raw: np.ndarray, geometry: list[Letterboxed], options: DetectOptions, nms: bool
+) -> list[Candidates]:
+    out = []
+    for per_image, boxed in zip(raw, geometry, strict=True):
+        found = read_candidates(layout, per_image, options.score_threshold)
+        out.append(to_original(select(found, options, nms), boxed))
+    return out

@@ -1,0 +1,202 @@
+"""What a served model version is to the data plane, and the plain ONNX model that is one.
+
+A `Servable` validates and answers its own requests; the data plane and both front ends talk to
+every model through this one interface, whether it runs one ONNX graph through its batcher
+(`OnnxModel`) or a pipeline around another model (`server.pipelines`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from server.batcher import Batcher, Tensors
+from server.config import ModelConfig
+from server.errors import ErrorKind, VolleyError, invalid
+from server.runtime import onnx_strings
+from server.stats import ModelStats
+from server.types import InferenceRequest, InferenceResponse, InferTensor
+
+
+@dataclass(frozen=True)
+class FramePolicy:
+    """How streams of frames to a model are served: latest-frame-wins, and how old is too old."""
+
+    max_frame_age_ms: int
+
+
+class Servable(Protocol):
+    """One loaded model version as the data plane sees it."""
+
+    config: ModelConfig
+    stats: ModelStats
+    provider: str
+    frame_policy: FramePolicy | None  # None: stream requests are plain concurrent requests
+
+    @property
+    def ready(self) -> bool:
+        """Whether it can take requests now (a pipeline also needs the model it wraps)."""
+
+    async def infer(
+        self, request: InferenceRequest, timeout_us: int, deadline_ns: int | None = None
+    ) -> InferenceResponse:
+        """Validate and answer one request; raises `VolleyError` for the client.
+
+        `timeout_us` bounds the queue wait; `deadline_ns` (perf_counter) instead bounds when
+        its batch may start at the latest.
+        """
+
+    async def drain(self) -> None:
+        """Refuse new work and return once everything accepted is answered."""
+
+    def abort(self, error: VolleyError) -> None:
+        """Fail everything still queued with `error`."""
+
+
+def queue_timeout_us(timeout_us: int, deadline_ns: int | None) -> int:
+    """The queue timeout left before `deadline_ns`; a timeout error if it has passed."""
+    if deadline_ns is None:
+        return timeout_us
+    left_us = (deadline_ns - time.perf_counter_ns()) // 1000
+    if left_us <= 0:
+        raise VolleyError(ErrorKind.TIMEOUT, "the request's deadline passed before it was queued")
+    return left_us
+
+
+class OnnxModel:
+    """An ONNX graph served through the dynamic batcher over its instances."""
+
+    frame_policy = None
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        version: int,
+        batcher: Batcher,
+        stats: ModelStats,
+        provider: str,
+        metadata: dict[str, str],
+    ) -> None:
+        self.config = config
+        self.version = str(version)
+        self.batcher = batcher
+        self.stats = stats
+        self.provider = provider
+        self.metadata = metadata  # the ONNX file's metadata_props (class names, input size...)
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    async def infer(
+        self, request: InferenceRequest, timeout_us: int, deadline_ns: int | None = None
+    ) -> InferenceResponse:
+        """Validate against the config before queueing, so a bad request fails alone."""
+        inputs, rows = validate_inputs(self.config, request)
+        check_outputs(self.config, request)
+        timeout_us = queue_timeout_us(timeout_us, deadline_ns)
+        outputs = await self.batcher.infer(inputs, rows, timeout_us)
+        return build_response(self.config, self.version, request, outputs)
+
+    async def infer_tensors(
+        self, inputs: Tensors, rows: int, timeout_us: int = 0
+    ) -> tuple[Tensors, int, int]:
+        """Run ready-made, valid tensors through the batcher (for pipelines).
+
+        Returns the outputs, how long the request queued and how long its batch ran (ns).
+        """
+        return await self.batcher.infer_timed(inputs, rows, timeout_us)
+
+    async def drain(self) -> None:
+        await self.batcher.drain()
+
+    def abort(self, error: VolleyError) -> None:
+        self.batcher.abort(error)
+
+
+def validate_inputs(
+    config: ModelConfig, request: InferenceRequest
+) -> tuple[dict[str, np.ndarray], int]:
+    """Check names, datatypes and shapes against the config; return inputs in config order."""
+    given: dict[str, InferTensor] = {}
+    for tensor in request.inputs:
+        if tensor.name in given:
+            raise invalid(f"input '{tensor.name}' is given twice")
+        given[tensor.name] = tensor
+    expected = {t.name for t in config.inputs}
+    unknown = sorted(set(given) - expected)
+    if unknown:
+        raise invalid(
+            f"unexpected input {unknown[0]!r} for model '{config.name}', "
+            f"expected {sorted(expected)}"
+        )
+    rows = -1
+    inputs: dict[str, np.ndarray] = {}
+    for spec in config.inputs:
+        tensor = given.get(spec.name)
+        if tensor is None:
+            raise invalid(f"missing input '{spec.name}' for model '{config.name}'")
+        if tensor.datatype != spec.datatype:
+            raise invalid(
+                f"input '{spec.name}' has datatype {tensor.datatype}, model '{config.name}' "
+                f"expects {spec.datatype}"
+            )
+        shape = tensor.shape
+        dims = shape[1:] if config.batching else shape
+        wanted = ("-1",) * config.batching + tuple(str(d) for d in spec.dims)
+        no_batch_dim = config.batching and not shape
+        if (
+            no_batch_dim
+            or len(dims) != len(spec.dims)
+            or any(d != s and s != -1 for d, s in zip(dims, spec.dims, strict=True))
+        ):
+            raise invalid(
+                f"input '{spec.name}' has shape {list(shape)}, model '{config.name}' expects "
+                f"[{', '.join(wanted)}]"
+            )
+        if config.batching:
+            if not 1 <= shape[0] <= config.max_batch_size:
+                raise invalid(
+                    f"input '{spec.name}' has batch size {shape[0]}, model '{config.name}' "
+                    f"accepts 1 to {config.max_batch_size}"
+                )
+            if rows not in (-1, shape[0]):
+                raise invalid(f"inputs of model '{config.name}' disagree on the batch size")
+            rows = shape[0]
+        if spec.datatype == "BYTES":
+            try:
+                inputs[spec.name] = onnx_strings(tensor.data)
+            except UnicodeDecodeError:
+                raise invalid(f"input '{spec.name}' has BYTES elements that are not UTF-8, "
+                              "which ONNX string tensors require") from None  # fmt: skip
+        else:
+            inputs[spec.name] = tensor.data
+    return inputs, max(rows, 1)
+
+
+def check_outputs(config: ModelConfig, request: InferenceRequest) -> None:
+    """Every requested output must exist (checked before the request is queued)."""
+    specs = {t.name for t in config.outputs}
+    for output in request.outputs:
+        if output.name not in specs:
+            raise invalid(
+                f"unknown output '{output.name}' requested from model '{config.name}', "
+                f"it has {sorted(specs)}"
+            )
+
+
+def build_response(
+    config: ModelConfig, version: str, request: InferenceRequest, outputs: dict[str, np.ndarray]
+) -> InferenceResponse:
+    """Pick the requested outputs (all when none are named) and describe them."""
+    specs = {t.name: t for t in config.outputs}
+    names = [o.name for o in request.outputs] or list(specs)
+    tensors = []
+    for name in names:
+        spec = specs[name]
+        value = outputs[name]
+        tensors.append(InferTensor(name, spec.datatype, tuple(value.shape), value))
+    return InferenceResponse(config.name, version, request.id, tensors)

@@ -1,0 +1,151 @@
+"""The WebSocket camera endpoint: `/v2/models/{model}/stream` on the HTTP port.
+
+Binary messages are encoded frames; an optional text message before one sets that frame's `id`
+and `capture_ts`, and `parameters` for the rest of the stream. Answers are JSON text messages,
+one per frame: detections, skipped (with the reason) or an error naming the frame. Frames are
+served latest-frame-wins, exactly as on gRPC `ModelStreamInfer` (`server.streams`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import numpy as np
+import orjson
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from server.dataplane import DataPlane
+from server.streams import FrameAnswer, FrameStream
+from server.types import InferenceRequest, InferTensor
+
+POLICY_VIOLATION = 1008
+OUTGOING_LIMIT = 64  # answers waiting for a slow reader; past it, reading frames pauses
+META_KEYS = {"id", "capture_ts", "parameters"}
+
+
+class BadMessage(ValueError):
+    """A text message that is not a valid frame header."""
+
+
+async def serve_frames(websocket: WebSocket, dataplane: DataPlane, model: str) -> None:
+    """Run one camera session until the client leaves."""
+    await websocket.accept()
+    if dataplane.frame_policy(model, "") is None:
+        await websocket.send_text(_json({"id": None, "error": _refusal(dataplane, model)}))
+        await websocket.close(POLICY_VIOLATION)
+        return
+    outgoing: asyncio.Queue[str] = asyncio.Queue(maxsize=OUTGOING_LIMIT)
+
+    async def emit(answer: FrameAnswer) -> None:
+        await outgoing.put(_json(answer_document(answer)))
+
+    async def write() -> None:
+        while True:
+            await websocket.send_text(await outgoing.get())
+
+    frames = FrameStream(dataplane, emit, "websocket")
+    writer = asyncio.create_task(write())
+    parameters: dict = {}
+    header: dict = {}
+    count = 0
+    try:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            if message.get("bytes") is not None:
+                count += 1
+                frame_id = str(header.pop("id", count))
+                extra = {"capture_ts": header.pop("capture_ts")} if "capture_ts" in header else {}
+                data = np.array([message["bytes"]], dtype=np.object_)
+                request = InferenceRequest(
+                    model=model,
+                    version="",
+                    inputs=[InferTensor("images", "BYTES", (1,), data)],
+                    id=frame_id,
+                    parameters={**parameters, **extra},
+                )
+                await frames.submit(request)
+            elif message.get("text") is not None:
+                try:
+                    header = read_header(message["text"])
+                except BadMessage as exc:
+                    header = {}
+                    await emit(FrameAnswer("", error=str(exc)))
+                    continue
+                parameters.update(header.pop("parameters", {}))
+    except WebSocketDisconnect:
+        pass
+    finally:
+        frames.close()
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await writer
+
+
+def read_header(text: str) -> dict:
+    """Check a text message: a JSON object with optional `id`, `capture_ts`, `parameters`."""
+    try:
+        doc = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise BadMessage(f"text message is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise BadMessage("text message must be a JSON object")
+    unknown = sorted(set(doc) - META_KEYS)
+    if unknown:
+        raise BadMessage(f"unknown keys {unknown}; a text message may hold {sorted(META_KEYS)}")
+    if "id" in doc and not isinstance(doc["id"], str | int):
+        raise BadMessage("'id' must be a string or an integer")
+    if "capture_ts" in doc and not isinstance(doc["capture_ts"], int | float | str):
+        raise BadMessage("'capture_ts' must be a number or a string")
+    params = doc.get("parameters", {})
+    if not isinstance(params, dict) or not all(
+        isinstance(v, str | int | float | bool) for v in params.values()
+    ):
+        raise BadMessage("'parameters' must be an object of strings, numbers or booleans")
+    return doc
+
+
+def answer_document(answer: FrameAnswer) -> dict:
+    """A frame's answer as the JSON the camera page reads."""
+    if answer.response is None:
+        return {"id": answer.id or None, "error": answer.error}
+    response = answer.response
+    params = response.parameters
+    doc: dict = {"id": answer.id}
+    if "capture_ts" in params:
+        doc["capture_ts"] = params["capture_ts"]
+    if answer.skipped:
+        doc.update(skipped=True, reason=params.get("skip_reason", ""))
+        return doc
+    out = {t.name: t.data for t in response.outputs}
+    count = int(out["num_detections"][0])
+    doc["width"], doc["height"] = params.get("image_width"), params.get("image_height")
+    doc["detections"] = [
+        {
+            "box": [round(float(x), 1) for x in out["boxes"][0, i]],
+            "score": round(float(out["scores"][0, i]), 4),
+            "class_id": int(out["class_ids"][0, i]),
+            "class_name": out["class_names"][0, i].decode(),
+        }
+        for i in range(count)
+    ]
+    doc["timings"] = {
+        key: params[key]
+        for key in ("decode_us", "queue_us", "inference_us", "nms_us", "total_us")
+        if key in params
+    }
+    return doc
+
+
+def _refusal(dataplane: DataPlane, model: str) -> str:
+    if model not in dataplane.repository.models:
+        return f"unknown model '{model}'"
+    if not dataplane.repository.is_ready(model):
+        return f"model '{model}' is not ready"
+    return f"model '{model}' is not a pipeline model; camera streams need one (e.g. 'detect')"
+
+
+def _json(doc: dict) -> str:
+    return orjson.dumps(doc).decode()
