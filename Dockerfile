@@ -3,7 +3,7 @@
 #                --build-arg ORT_PACKAGE=onnxruntime-gpu==1.31.1 -t volley:gpu .
 ARG BASE=python:3.11-slim
 FROM ${BASE}
-ARG ORT_PACKAGE=""
+ARG ORT_PACKAGE=onnxruntime
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
@@ -11,8 +11,8 @@ COPY pyproject.toml README.md ./
 COPY server server
 COPY clients clients
 COPY training training
-RUN python3 -m pip install . \
- && if [ -n "$ORT_PACKAGE" ]; then python3 -m pip uninstall -y onnxruntime && python3 -m pip install "$ORT_PACKAGE"; fi
+# The server and ONNX Runtime (CPU build, or ORT_PACKAGE=onnxruntime-gpu==...); no PyTorch.
+RUN python3 -m pip install . "$ORT_PACKAGE"
 COPY models models
 
 EXPOSE 8000 8001 8002

@@ -12,6 +12,7 @@ import contextlib
 import gc
 import logging
 import signal
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,9 @@ class ServeSettings:
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
+    model_control: str = "explicit"  # Triton's modes: none, poll, explicit
+    load_models: tuple[str, ...] = ("*",)  # explicit mode: loaded at start ("*": every model)
+    strict_readiness: bool = True
     poll_seconds: float = 0.0
     max_request_bytes: int = 64 * 1024 * 1024
     shutdown_timeout: float = 30.0
@@ -82,10 +86,36 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(100_000, 50, 1000)
 
 
+class StartupError(Exception):
+    """A reason not to start, said in one line (the CLI prints it and exits non-zero)."""
+
+
+def check_startup(settings: ServeSettings) -> None:
+    """Refuse to start on a missing repository or a port another process holds."""
+    if not settings.model_repository.is_dir():
+        raise StartupError(
+            f"model repository '{settings.model_repository}' does not exist "
+            "(set it with --model-repository)"
+        )
+    ports = [("--http-port", settings.http_port), ("--grpc-port", settings.grpc_port)]
+    if settings.metrics_port:
+        ports.append(("--metrics-port", settings.metrics_port))
+    for flag, port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listeners do
+            try:
+                probe.bind((settings.host, port))
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot listen on {settings.host}:{port} ({exc.strerror}): another process "
+                    f"may hold it; choose another port with {flag}"
+                ) from None
+
+
 async def serve(settings: ServeSettings) -> int:
     """Run until SIGTERM/SIGINT, then drain and return the exit code."""
-    repository = ModelRepository(settings.model_repository)
-    dataplane = DataPlane(repository)
+    repository = ModelRepository(settings.model_repository, settings.model_control)
+    dataplane = DataPlane(repository, settings.strict_readiness)
     metrics.enable_gpu_metrics()
 
     http = _listener(
@@ -120,10 +150,10 @@ async def serve(settings: ServeSettings) -> int:
             "metrics_port": settings.metrics_port,
         },
     )
-    await repository.load_all()
+    await repository.load_at_start(settings.load_models)
     tune_garbage_collector()
     poller = None
-    if settings.poll_seconds > 0:
+    if settings.model_control == "poll":
         poller = asyncio.create_task(repository.poll_forever(settings.poll_seconds))
     log.info("ready", extra={"event": "ready", "models": repository.index()})
 

@@ -1,5 +1,5 @@
-"""The `volley` command: `volley serve`, `volley train fraud|detector`, `volley detect` and
-`volley camera`."""
+"""The `volley` command: `volley serve`, `volley train fraud|detector`, `volley detect`,
+`volley camera`, and the admin tools `volley models`, `volley infer` and `volley bench`."""
 
 from __future__ import annotations
 
@@ -39,7 +39,30 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         default=0.0,
         metavar="SECONDS",
         help="re-scan the repository this often and load new or changed models "
-        "without a restart (0: never)",
+        "without a restart (0: never); implies --model-control poll",
+    )
+    p.add_argument(
+        "--model-control",
+        choices=["none", "poll", "explicit"],
+        default=None,
+        help="Triton's model control modes. none: load every model at start, refuse load/unload "
+        "requests. poll: the same, and re-scan the repository (every --poll-repository "
+        "seconds, 5 by default). explicit: load only the --load-model models at start, then "
+        "whatever load/unload requests say. Default: explicit with --load-model '*' (every "
+        "model at start, load/unload allowed), or poll when --poll-repository is set",
+    )
+    p.add_argument(
+        "--load-model",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="with --model-control explicit: a model to load at start (repeatable; '*': all)",
+    )
+    p.add_argument(
+        "--strict-readiness",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="server ready only while every model it should serve is ready (else: once live)",
     )
     p.add_argument(
         "--max-request-bytes",
@@ -157,6 +180,84 @@ def _camera_parser(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _client_options(p: argparse.ArgumentParser) -> None:
+    """--server and --protocol of the admin tools (HTTP by default)."""
+    p.add_argument(
+        "--server",
+        metavar="HOST:PORT",
+        help="server address (default: localhost:8000 for http, localhost:8001 for grpc)",
+    )
+    p.add_argument(
+        "--protocol", choices=["http", "grpc"], default="http", help="wire protocol (default: http)"
+    )
+
+
+def _models_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "models",
+        help="list, load, unload a running server's models, or show their statistics",
+        description="list: every model of the repository with version, state and reason. "
+        "load/unload NAME: load or unload a model. stats [NAME]: per model version, inference "
+        "and execution counts, mean batch size, average queue and compute time, successes and "
+        "failures (the v2 statistics).",
+    )
+    p.add_argument(
+        "action",
+        nargs="?",
+        default="list",
+        choices=["list", "load", "unload", "stats"],
+        help="what to do (default: list)",
+    )
+    p.add_argument("name", nargs="?", metavar="NAME", help="model name (list/stats: only this one)")
+    _client_options(p)
+    p.add_argument("--json", action="store_true", help="list/stats: print JSON instead of a table")
+
+
+def _infer_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "infer",
+        help="send one KServe v2 JSON inference request and print the outputs as JSON",
+        description='Read a KServe v2 JSON infer request body ({"inputs": [{"name", '
+        '"datatype", "shape", "data"}], optional "parameters" and "outputs"}) from '
+        "FILE or stdin (-), send it with tritonclient and print the response as JSON: "
+        '{"model_name", "model_version", "outputs": [{"name", "datatype", "shape", '
+        '"data"}]}.',
+    )
+    p.add_argument("model", metavar="MODEL", help="model name")
+    p.add_argument(
+        "--json", required=True, metavar="FILE", help="request body file, or - for stdin"
+    )
+    p.add_argument("--model-version", default="", metavar="V", help="version (default: newest)")
+    _client_options(p)
+
+
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="a short load test of one model: req/s and latency percentiles",
+        description="Load-test MODEL on a running server at a fixed concurrency and print "
+        "req/s and latency percentiles. Runs Triton's perf_analyzer when it is found (--perf-"
+        "analyzer, PATH, or ../shared/tools/perf_analyzer next to the repository); otherwise "
+        "(or with --builtin) worker threads send requests made from the model's metadata "
+        "(random data; an encoded image for detection pipelines).",
+    )
+    p.add_argument("model", metavar="MODEL", help="model name")
+    p.add_argument(
+        "--concurrency", type=int, default=4, metavar="N", help="requests in flight (default: 4)"
+    )
+    p.add_argument(
+        "--seconds", type=float, default=5.0, metavar="S", help="how long to run (default: 5)"
+    )
+    p.add_argument("--model-version", default="", metavar="V", help="version (default: newest)")
+    _client_options(p)
+    p.add_argument("--perf-analyzer", metavar="PATH", help="perf_analyzer executable to run")
+    p.add_argument(
+        "--builtin",
+        action="store_true",
+        help="use the built-in load test even if perf_analyzer is installed",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `volley` command."""
     parser = argparse.ArgumentParser(prog="volley", description="Volley inference server")
@@ -166,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     _train_parser(sub)
     _detect_parser(sub)
     _camera_parser(sub)
+    _models_parser(sub)
+    _infer_parser(sub)
+    _bench_parser(sub)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "serve":
         return _serve(args)
@@ -173,30 +277,58 @@ def main(argv: list[str] | None = None) -> int:
         return _detect(args)
     if args.command == "camera":
         return _camera(args)
+    if args.command in ("models", "infer", "bench"):
+        return _admin(args)
     return _train(args.model, args.args)
 
 
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        return _usage_error(
+            "ONNX Runtime is not installed: pip install 'volley[cpu]' (or 'volley[gpu]' for CUDA)"
+        )
 
     import uvloop
 
     from server import logs
-    from server.app import ServeSettings, serve
+    from server.app import ServeSettings, StartupError, check_startup, serve
 
     logs.configure(args.log_level)
+    control = args.model_control or ("poll" if args.poll_repository > 0 else "explicit")
+    if args.load_model and control != "explicit":
+        return _usage_error("--load-model needs --model-control explicit")
+    if args.poll_repository > 0 and control != "poll":
+        return _usage_error(f"--poll-repository needs --model-control poll, not {control}")
+    default_all = args.model_control is None and not args.load_model
+    load_models = ("*",) if default_all else tuple(args.load_model or ())
     settings = ServeSettings(
         model_repository=args.model_repository,
         host=args.host,
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
-        poll_seconds=args.poll_repository,
+        model_control=control,
+        load_models=load_models,
+        strict_readiness=args.strict_readiness,
+        poll_seconds=args.poll_repository or (5.0 if control == "poll" else 0.0),
         max_request_bytes=args.max_request_bytes,
         shutdown_timeout=args.shutdown_timeout,
     )
+    try:
+        check_startup(settings)
+    except StartupError as exc:
+        print(f"volley serve: error: {exc}", file=sys.stderr)
+        return 1
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return asyncio.run(serve(settings))
+
+
+def _usage_error(message: str) -> int:
+    print(f"volley serve: error: {message}", file=sys.stderr)
+    return 2
 
 
 def _train(model: str, args: list[str]) -> int:
@@ -217,3 +349,13 @@ def _camera(args: argparse.Namespace) -> int:
     from clients.camera import run
 
     return run(args)
+
+
+def _admin(args: argparse.Namespace) -> int:
+    if args.command == "bench":
+        from clients.bench_cli import run_bench
+
+        return run_bench(args)
+    from clients.admin_cli import run_infer, run_models
+
+    return run_models(args) if args.command == "models" else run_infer(args)

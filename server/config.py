@@ -62,12 +62,19 @@ class DynamicBatchingConfig(_Strict):
     default_timeout_us: int = Field(0, ge=0, description="queue timeout; 0 = none")
 
 
+class WarmupInput(_Strict):
+    """Sample data for one input: every element is `value` (e.g. "7" for a parsed string)."""
+
+    value: bool | int | float | str
+
+
 class WarmupConfig(_Strict):
     """Requests run on every instance at load; the model is not ready until they succeed."""
 
     batch_sizes: tuple[int, ...] = (1,)
     count: int = Field(1, ge=0)
     data: Literal["zero", "random"] = "zero"
+    inputs: dict[str, WarmupInput] = {}
 
 
 class VersionPolicy(_Strict):
@@ -99,7 +106,7 @@ class ModelConfig(_Strict):
     instance_count: int = Field(1, ge=1, le=64)
     execution_providers: tuple[Literal["cuda", "tensorrt", "cpu"], ...] = ("cuda", "cpu")
     intra_op_threads: int = Field(0, ge=0, description="0 = cores / instance_count")
-    warmup: WarmupConfig = WarmupConfig()
+    warmup: WarmupConfig | None = None  # None: a best-effort zero warmup (failure only warns)
     version_policy: VersionPolicy = VersionPolicy(all=True)
     parameters: dict[str, str] = {}
 
@@ -125,10 +132,11 @@ def read_config_file(model_dir: Path) -> dict:
     return raw
 
 
-def build_config(model_dir: Path, model_file: Path) -> ModelConfig:
-    """Read, auto-complete from the ONNX graph and validate the config of one model."""
-    raw = read_config_file(model_dir)
-    config_path = model_dir / CONFIG_FILE
+def build_config(model_dir: Path, model_file: Path, override: dict | None = None) -> ModelConfig:
+    """Read `config.yaml` (or take a load request's `override`), auto-complete it from the ONNX
+    graph and validate it."""
+    raw = dict(read_config_file(model_dir) if override is None else override)
+    config_path = model_dir / CONFIG_FILE if override is None else Path("config override")
     raw.setdefault("name", model_dir.name)
     graph = describe_graph(model_file)
     raw = _autocomplete(raw, graph)
@@ -232,6 +240,11 @@ def _check_against_graph(
                     + (" (batch dimension excluded)" if config.batching else "")
                 )
         if kind == "inputs":
+            unknown = set(config.warmup.inputs if config.warmup else ()) - set(declared)
+            if unknown:
+                raise ConfigError(
+                    f"{config_path}: field 'warmup.inputs': {sorted(unknown)} are not inputs"
+                )
             missing = set(declared) - {t.name for t in configured}
             if missing:
                 raise ConfigError(

@@ -41,14 +41,17 @@ def _inflight_gauge(protocol: str):
 class DataPlane:
     """Server-wide state the front ends share: the repository and the draining flag."""
 
-    def __init__(self, repository: ModelRepository) -> None:
+    def __init__(self, repository: ModelRepository, strict_readiness: bool = True) -> None:
         self.repository = repository
+        self.strict_readiness = strict_readiness
         self.draining = False
 
     @property
     def ready(self) -> bool:
-        """Ready for traffic: not draining, and every model that should serve is serving."""
-        return not self.draining and self.repository.all_ready()
+        """Ready for traffic: not draining, and (strict) every model it should serve is serving."""
+        if self.draining:
+            return False
+        return self.repository.all_ready() if self.strict_readiness else True
 
     async def infer(
         self, request: InferenceRequest, protocol: str, deadline_ns: int | None = None

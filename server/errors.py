@@ -50,3 +50,12 @@ def not_found(message: str) -> VolleyError:
 def unavailable(message: str) -> VolleyError:
     """A model or server that exists but cannot take work now."""
     return VolleyError(ErrorKind.UNAVAILABLE, message)
+
+
+def shared_memory_unsupported() -> VolleyError:
+    """Triton's shared-memory extensions are not implemented: say so plainly."""
+    return VolleyError(
+        ErrorKind.UNSUPPORTED,
+        "shared memory is not supported by Volley: send tensor data in the request body "
+        "(binary tensor data on HTTP, raw_input_contents on gRPC)",
+    )

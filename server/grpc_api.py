@@ -17,9 +17,14 @@ from tritonclient.grpc import service_pb2 as pb
 
 from server import __version__
 from server.dataplane import DataPlane
-from server.errors import ErrorKind, VolleyError
+from server.errors import VolleyError, shared_memory_unsupported
 from server.protocol import grpc_codec
-from server.protocol.model_info import model_metadata, server_metadata, triton_config
+from server.protocol.model_info import (
+    load_override,
+    model_metadata,
+    server_metadata,
+    triton_config,
+)
 from server.streams import FrameAnswer, FrameStream
 from server.types import InferenceRequest
 
@@ -180,26 +185,45 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         )
 
     async def RepositoryModelLoad(self, request, context):
-        if any(k == "config" or k.startswith("file:") for k in request.parameters):
-            await _abort(
-                context,
-                VolleyError(
-                    ErrorKind.INVALID_ARGUMENT,
-                    "config and file overrides are not supported: edit the repository",
-                ),
-            )
+        params = {k: _repository_parameter(v) for k, v in request.parameters.items()}
         try:
-            await self.repo.load(request.model_name)
+            override = load_override(request.model_name, params)
+            await self.repo.request_load(request.model_name, override)
         except VolleyError as exc:
             await _abort(context, exc)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):
         try:
-            await self.repo.unload(request.model_name)
+            await self.repo.request_unload(request.model_name)
         except VolleyError as exc:
             await _abort(context, exc)
         return pb.RepositoryModelUnloadResponse()
+
+    # Shared memory is not supported: status lists no region, unregister has nothing to do,
+    # register says so plainly (clients such as perf_analyzer unregister everything at start).
+    async def SystemSharedMemoryStatus(self, request, context):
+        return pb.SystemSharedMemoryStatusResponse()
+
+    async def SystemSharedMemoryUnregister(self, request, context):
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    async def SystemSharedMemoryRegister(self, request, context):
+        await _abort(context, shared_memory_unsupported())
+
+    async def CudaSharedMemoryStatus(self, request, context):
+        return pb.CudaSharedMemoryStatusResponse()
+
+    async def CudaSharedMemoryUnregister(self, request, context):
+        return pb.CudaSharedMemoryUnregisterResponse()
+
+    async def CudaSharedMemoryRegister(self, request, context):
+        await _abort(context, shared_memory_unsupported())
+
+
+def _repository_parameter(param: pb.ModelRepositoryParameter) -> object:
+    which = param.WhichOneof("parameter_choice")
+    return getattr(param, which) if which else None
 
 
 def _frame_message(answer: FrameAnswer) -> pb.ModelStreamInferResponse:

@@ -22,9 +22,14 @@ from starlette.exceptions import HTTPException
 
 from server import __version__, metrics
 from server.dataplane import DataPlane
-from server.errors import ErrorKind, VolleyError, invalid
+from server.errors import ErrorKind, VolleyError, invalid, shared_memory_unsupported
 from server.protocol import http_codec
-from server.protocol.model_info import model_metadata, server_metadata, triton_config
+from server.protocol.model_info import (
+    load_override,
+    model_metadata,
+    server_metadata,
+    triton_config,
+)
 from server.websocket import serve_frames
 
 log = logging.getLogger(__name__)
@@ -248,15 +253,32 @@ def control_app(dataplane: DataPlane) -> FastAPI:
         params = (await _json_body(request)).get("parameters", {})
         if not isinstance(params, dict):
             raise invalid("'parameters' must be a JSON object")
-        if any(key == "config" or key.startswith("file:") for key in params):
-            raise invalid("config and file overrides are not supported: edit the repository")
-        await repo.load(model)
+        await repo.request_load(model, load_override(model, params))
         return json_response({})
 
     @app.post("/v2/repository/models/{model}/unload")
     async def unload(model: str) -> Response:
-        await repo.unload(model)
+        await repo.request_unload(model)
         return json_response({})
+
+    @app.get("/v2/systemsharedmemory/status")
+    @app.get("/v2/systemsharedmemory/region/{region}/status")
+    @app.get("/v2/cudasharedmemory/status")
+    @app.get("/v2/cudasharedmemory/region/{region}/status")
+    async def shared_memory_status(region: str = "") -> Response:
+        return json_response([])  # no region is ever registered
+
+    @app.post("/v2/systemsharedmemory/unregister")
+    @app.post("/v2/systemsharedmemory/region/{region}/unregister")
+    @app.post("/v2/cudasharedmemory/unregister")
+    @app.post("/v2/cudasharedmemory/region/{region}/unregister")
+    async def shared_memory_unregister(region: str = "") -> Response:
+        return json_response({})  # nothing to unregister
+
+    @app.post("/v2/systemsharedmemory/region/{region}/register")
+    @app.post("/v2/cudasharedmemory/region/{region}/register")
+    async def shared_memory_register(region: str) -> Response:
+        raise shared_memory_unsupported()
 
     @app.websocket("/v2/models/{model}/stream")
     async def frame_stream(websocket: WebSocket, model: str) -> None:

@@ -100,12 +100,22 @@ def model_fingerprint(model_dir: Path) -> tuple:
     return (stamp(model_dir / CONFIG_FILE), versions)
 
 
-class ModelRepository:
-    """Loads, serves and unloads the models found under one folder."""
+CONTROL_REFUSED = "explicit model load / unload is not allowed if polling is enabled"  # Triton's
 
-    def __init__(self, root: Path) -> None:
+
+class ModelRepository:
+    """Loads, serves and unloads the models found under one folder.
+
+    `control` is Triton's model control mode: `none` and `poll` serve every model on disk and
+    refuse load/unload requests; `explicit` serves what was asked for at start and by requests.
+    """
+
+    def __init__(self, root: Path, control: str = "explicit") -> None:
         self.root = root
+        self.control = control
         self.models: dict[str, ModelEntry] = {}
+        # Models the server should serve (readiness): None = every model on disk.
+        self.wanted: set[str] | None = set() if control == "explicit" else None
 
     def names_on_disk(self) -> list[str]:
         """Model folders present in the repository."""
@@ -124,23 +134,49 @@ class ModelRepository:
         """Plain models first, then the pipelines that wrap them."""
         return sorted(names, key=lambda name: (self.is_pipeline(name), name))
 
-    async def load_all(self) -> None:
-        """Load every model on disk; a broken model is marked unavailable, the rest serve."""
-        for name in self.in_load_order(self.names_on_disk()):
+    async def load_at_start(self, names: tuple[str, ...] = ("*",)) -> None:
+        """Load the models to serve from the start (explicit mode: `names`, '*' for all).
+
+        A broken model is marked unavailable; the rest serve.
+        """
+        on_disk = self.names_on_disk()
+        if not on_disk:
+            log.warning("empty model repository", extra={"event": "empty_repository",
+                                                         "path": str(self.root)})  # fmt: skip
+        if self.control == "explicit" and "*" not in names:
+            on_disk = [n for n in on_disk if n in names]
+            for missing in sorted(set(names) - set(on_disk)):
+                log.error("no such model to load", extra={"event": "load_failed",
+                                                          "model": missing})  # fmt: skip
+        for name in self.in_load_order(on_disk):
             with contextlib.suppress(VolleyError):  # logged and recorded in the index
                 await self.load(name)
+
+    async def request_load(self, name: str, override: dict | None = None) -> None:
+        """A client's load request (explicit mode only), optionally with a config override."""
+        if self.control != "explicit":
+            raise unavailable(CONTROL_REFUSED)
+        await self.load(name, override)
+
+    async def request_unload(self, name: str) -> None:
+        """A client's unload request (explicit mode only)."""
+        if self.control != "explicit":
+            raise unavailable(CONTROL_REFUSED)
+        await self.unload(name)
 
     def get(self, name: str, version: str = "") -> ModelVersion:
         """The version a request names, or the latest ready one; 404/503 otherwise."""
         entry = self.models.get(name)
         if entry is None:
-            raise not_found(f"unknown model '{name}'")
+            raise not_found(f"Request for unknown model: '{name}' is not found")
         if version:
             if not version.isdigit():
                 raise VolleyError(ErrorKind.INVALID_ARGUMENT, f"invalid version '{version}'")
             served = entry.versions.get(int(version))
             if served is None:
-                raise not_found(f"unknown version '{version}' of model '{name}'")
+                raise not_found(
+                    f"Request for unknown model: '{name}' version {version} is not found"
+                )
             return served
         served = entry.latest
         if served is None:
@@ -152,9 +188,12 @@ class ModelRepository:
         """The versions a statistics request covers: one, every one of a model, or all."""
         if not name:
             return [v for e in self.models.values() for v in e.versions.values()]
+        if name not in self.models:
+            raise VolleyError(
+                ErrorKind.INVALID_ARGUMENT, f"requested model '{name}' is not available"
+            )
         if version:
             return [self.get(name, version)]
-        self.get(name)
         versions = self.models[name].versions
         return [versions[v] for v in sorted(versions)]
 
@@ -173,8 +212,12 @@ class ModelRepository:
             return False
 
     def all_ready(self) -> bool:
-        """Every model on disk is serving, except those unloaded on purpose (as in Triton)."""
-        for name in self.names_on_disk():
+        """Every model it should serve is serving, except those unloaded on purpose (as Triton).
+
+        In explicit mode that is what was loaded at start or by request; else every model on disk.
+        """
+        names = self.names_on_disk() if self.wanted is None else sorted(self.wanted)
+        for name in names:
             entry = self.models.get(name)
             if entry is None or not (entry.versions or entry.unloaded):
                 return False
@@ -198,23 +241,28 @@ class ModelRepository:
                 rows.append({"name": name, "state": entry.state, "reason": entry.reason})
         return rows
 
-    async def load(self, name: str) -> None:
-        """Load (or reload) a model from disk; the versions already serving keep serving."""
+    async def load(self, name: str, override: dict | None = None) -> None:
+        """Load (or reload) a model from disk; the versions already serving keep serving.
+
+        `override` is a raw config mapping used instead of the folder's `config.yaml`.
+        """
         model_dir = self.root / name
         if not model_dir.is_dir():
-            raise not_found(f"no model folder '{name}' in repository {self.root}")
+            raise not_found(f"failed to load '{name}', no model folder '{name}' in {self.root}")
         entry = self.models.setdefault(name, ModelEntry(name))
+        if self.wanted is not None:
+            self.wanted.add(name)
         async with entry.lock:
             entry.unloaded = False
             fingerprint = model_fingerprint(model_dir)
             if not entry.versions:
                 entry.state = ModelState.LOADING
             try:
-                raw = read_config_file(model_dir)
+                raw = read_config_file(model_dir) if override is None else dict(override)
                 if "pipeline" in raw:
                     loaded = await self._load_pipeline(entry, model_dir, raw, fingerprint)
                 else:
-                    loaded = await self._load_versions(entry, model_dir)
+                    loaded = await self._load_versions(entry, model_dir, override)
             except (ConfigError, VolleyError) as exc:
                 message = exc.message if isinstance(exc, VolleyError) else str(exc)
                 entry.reason = message
@@ -225,7 +273,9 @@ class ModelRepository:
                     "model load failed",
                     extra={"event": "load_failed", "model": name, "reason": message},
                 )
-                raise VolleyError(ErrorKind.INVALID_ARGUMENT, message) from None
+                raise VolleyError(
+                    ErrorKind.INVALID_ARGUMENT, f"failed to load '{name}', {message}"
+                ) from None
             retired = [v for k, v in entry.versions.items() if loaded.get(k) is not v]
             entry.versions = loaded
             entry.fingerprint = fingerprint
@@ -251,7 +301,9 @@ class ModelRepository:
         )  # fmt: skip
         return {1: ModelVersion(config.name, 1, pipeline, fingerprint)}
 
-    async def _load_versions(self, entry: ModelEntry, model_dir: Path) -> dict[int, ModelVersion]:
+    async def _load_versions(
+        self, entry: ModelEntry, model_dir: Path, override: dict | None
+    ) -> dict[int, ModelVersion]:
         """Build the versions the policy selects, reusing unchanged ones already serving."""
         numbers = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
         if not numbers:
@@ -259,7 +311,7 @@ class ModelRepository:
         newest_file = model_dir / str(max(numbers)) / MODEL_FILE
         if not newest_file.exists():
             raise ConfigError(f"{newest_file}: missing")
-        config = await asyncio.to_thread(build_config, model_dir, newest_file)
+        config = await asyncio.to_thread(build_config, model_dir, newest_file, override)
         loaded: dict[int, ModelVersion] = {}
         for number in config.version_policy.select(numbers):
             model_file = model_dir / str(number) / MODEL_FILE
@@ -270,18 +322,23 @@ class ModelRepository:
             if current is not None and current.fingerprint == stamp:
                 loaded[number] = current
                 continue
-            loaded[number] = await self._load_version(config, number, model_file, stamp)
+            loaded[number] = await self._load_version(config, override, number, model_file, stamp)
         return loaded
 
     async def _load_version(
-        self, config: ModelConfig, number: int, model_file: Path, stamp: tuple
+        self,
+        config: ModelConfig,
+        override: dict | None,
+        number: int,
+        model_file: Path,
+        stamp: tuple,
     ) -> ModelVersion:
         started = time.perf_counter()
         if number != int(model_file.parent.name):
             raise ConfigError(f"{model_file}: version folder mismatch")
         try:
             # The version's own graph must agree with the config too.
-            await asyncio.to_thread(build_config, model_file.parent.parent, model_file)
+            await asyncio.to_thread(build_config, model_file.parent.parent, model_file, override)
             instances = await asyncio.to_thread(load_instances, model_file, config)
         except ConfigError:
             raise
@@ -310,7 +367,9 @@ class ModelRepository:
     async def unload(self, name: str) -> None:
         """Stop serving every version of a model once its queued requests are answered."""
         if name not in self.models and not (self.root / name).is_dir():
-            raise not_found(f"unknown model '{name}'")
+            raise not_found(f"Request for unknown model: '{name}' is not found")
+        if self.wanted is not None:
+            self.wanted.discard(name)
         entry = self.models.setdefault(name, ModelEntry(name))
         async with entry.lock:
             retired = list(entry.versions.values())

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from server.config import ModelConfig, cpu_threads
+from server.config import ModelConfig, WarmupConfig, cpu_threads
 from server.datatypes import numpy_dtype
 
 log = logging.getLogger(__name__)
@@ -65,35 +65,59 @@ def onnx_strings(array: np.ndarray) -> np.ndarray:
 
 
 def load_instances(model_file: Path, config: ModelConfig) -> list[OnnxInstance]:
-    """Create `instance_count` sessions and run the configured warmup on each."""
+    """Create `instance_count` sessions and warm each up.
+
+    A configured warmup must succeed (the model is not served otherwise, as in Triton). Without
+    one, a zero-data warmup runs best-effort: a graph that cannot take zeros or empty strings
+    (say, one that parses its string input) still serves, with a warning in the log.
+    """
     instances = [OnnxInstance(model_file, config, i) for i in range(config.instance_count)]
     for instance in instances:
-        warm_up(instance, config)
+        if config.warmup is not None:
+            warm_up(instance, config, config.warmup)
+            continue
+        try:
+            warm_up(instance, config, WarmupConfig())
+        except Exception as exc:  # ORT raises several types; any means "zeros don't fit"
+            log.warning(
+                "default warmup failed; serving without it (configure warmup to supply data)",
+                extra={"event": "warmup_skipped", "model": config.name, "reason": str(exc)},
+            )
+            break
     return instances
 
 
-def warm_up(instance: OnnxInstance, config: ModelConfig) -> None:
-    """Run the warmup requests of the config; raises if the model fails on them."""
+def warm_up(instance: OnnxInstance, config: ModelConfig, warmup: WarmupConfig) -> None:
+    """Run warmup requests on one instance; raises if the model fails on them."""
     rng = np.random.default_rng(0)
-    sizes = config.warmup.batch_sizes if config.batching else (1,)
+    sizes = warmup.batch_sizes if config.batching else (1,)
     for batch in sizes:
         batch = min(batch, config.max_batch_size) if config.batching else batch
         inputs = {}
         for tensor in config.inputs:
             dims = tuple(1 if d == -1 else d for d in tensor.dims)
             shape = ((batch,) + dims) if config.batching else dims
-            inputs[tensor.name] = sample_tensor(tensor.datatype, shape, config.warmup.data, rng)
-        for _ in range(config.warmup.count):
+            given = warmup.inputs.get(tensor.name)
+            inputs[tensor.name] = sample_tensor(
+                tensor.datatype, shape, warmup.data, rng, None if given is None else given.value
+            )
+        for _ in range(warmup.count):
             instance.run(inputs)
 
 
 def sample_tensor(
-    datatype: str, shape: tuple[int, ...], kind: str, rng: np.random.Generator
+    datatype: str,
+    shape: tuple[int, ...],
+    kind: str,
+    rng: np.random.Generator,
+    value: bool | int | float | str | None = None,
 ) -> np.ndarray:
-    """A zero or random tensor of a v2 datatype, for warmup."""
+    """A warmup tensor of a v2 datatype: every element `value`, else zero or random."""
     dtype = numpy_dtype(datatype)
     if datatype == "BYTES":
-        return np.full(shape, b"", dtype=np.object_)
+        return np.full(shape, "" if value is None else str(value), dtype=np.object_)
+    if value is not None:
+        return np.full(shape, value, dtype=dtype)
     if kind == "zero":
         return np.zeros(shape, dtype=dtype)
     if dtype.kind == "f":

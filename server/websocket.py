@@ -141,7 +141,7 @@ def answer_document(answer: FrameAnswer) -> dict:
 
 def _refusal(dataplane: DataPlane, model: str) -> str:
     if model not in dataplane.repository.models:
-        return f"unknown model '{model}'"
+        return f"Request for unknown model: '{model}' is not found"
     if not dataplane.repository.is_ready(model):
         return f"model '{model}' is not ready"
     return f"model '{model}' is not a pipeline model; camera streams need one (e.g. 'detect')"

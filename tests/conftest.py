@@ -31,7 +31,7 @@ def free_port() -> int:
 class VolleyProcess:
     """`python -m server serve` on free loopback ports, stopped with SIGTERM."""
 
-    def __init__(self, repository: Path, *extra: str) -> None:
+    def __init__(self, repository: Path, *extra: str, python: str = sys.executable) -> None:
         self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
         self.http = f"127.0.0.1:{self.http_port}"
         self.grpc = f"127.0.0.1:{self.grpc_port}"
@@ -40,7 +40,7 @@ class VolleyProcess:
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [
-                sys.executable,
+                python,
                 "-m",
                 "server",
                 "serve",

@@ -90,6 +90,27 @@ def strings(path: Path) -> Path:
     return _save(graph, path)
 
 
+def parsed_strings(path: Path) -> Path:
+    """Triton's `simple_string` in ONNX: two BYTES [B, 16] inputs holding numbers, parsed with
+    a string-to-int Cast; outputs their sum and difference as INT32 [B, 16]. Empty strings (a
+    naive warmup's sample data) make it fail."""
+    nodes = [
+        helper.make_node("Cast", ["INPUT0"], ["a"], to=TensorProto.INT32),
+        helper.make_node("Cast", ["INPUT1"], ["b"], to=TensorProto.INT32),
+        helper.make_node("Add", ["a", "b"], ["OUTPUT0"]),
+        helper.make_node("Sub", ["a", "b"], ["OUTPUT1"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "parsed_strings",
+        [helper.make_tensor_value_info(n, TensorProto.STRING, ["batch", 16])
+         for n in ("INPUT0", "INPUT1")],
+        [helper.make_tensor_value_info(n, TensorProto.INT32, ["batch", 16])
+         for n in ("OUTPUT0", "OUTPUT1")],
+    )  # fmt: skip
+    return _save(graph, path)
+
+
 def variable_length(path: Path) -> Path:
     """FP32 [B, N] -> row sums FP32 [B, 1], N variable: batches only join equal N."""
     axes = numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")

@@ -268,7 +268,10 @@ def test_websocket_to_a_model_that_is_not_a_pipeline_is_closed(shipped: VolleyPr
                               "(e.g. 'detect')"},
         1008,
     )  # fmt: skip
-    assert asyncio.run(session("nope")) == ({"id": None, "error": "unknown model 'nope'"}, 1008)
+    assert asyncio.run(session("nope")) == (
+        {"id": None, "error": "Request for unknown model: 'nope' is not found"},
+        1008,
+    )
 
 
 def test_sigterm_ends_open_camera_streams_after_their_last_answer(

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+from pathlib import Path
+
+from conftest import serving
 
 
 def test_serve_help_explains_every_flag():
@@ -14,7 +18,8 @@ def test_serve_help_explains_every_flag():
     ).stdout  # fmt: skip
     for flag in ("--model-repository", "--http-port", "--grpc-port", "--metrics-port",
                  "--poll-repository", "--max-request-bytes", "--shutdown-timeout",
-                 "--log-level", "--host"):  # fmt: skip
+                 "--log-level", "--host", "--model-control", "--load-model",
+                 "--strict-readiness"):  # fmt: skip
         assert flag in out
     assert "(default: 8000)" in out and "(default: models)" in out
 
@@ -31,3 +36,36 @@ def test_logs_are_json_lines_naming_the_execution_provider(server):
     assert {(e["model"], e["version"]) for e in loaded} >= {("mlp", 1), ("mlp", 2), ("slow", 1)}
     assert all(e["provider"] == "CPUExecutionProvider" for e in loaded)
     assert all({"ts", "level", "logger", "msg"} <= set(e) for e in events)
+
+
+def serve_error(*flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "server", "serve", *flags],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
+def test_a_port_in_use_is_one_clear_line_naming_the_flag(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for flag in ("--http-port", "--grpc-port", "--metrics-port"):
+            run = serve_error(
+                "--model-repository", str(tmp_path), "--host", "127.0.0.1", flag, port
+            )
+            assert run.returncode == 1
+            lines = run.stderr.strip().splitlines()
+            assert len(lines) == 1, run.stderr
+            assert f"cannot listen on 127.0.0.1:{port}" in lines[0] and flag in lines[0]
+
+
+def test_a_missing_repository_is_an_error_and_an_empty_one_a_warning(tmp_path: Path) -> None:
+    run = serve_error("--model-repository", str(tmp_path / "nowhere"))
+    assert run.returncode == 1
+    assert run.stderr.strip() == (
+        f"volley serve: error: model repository '{tmp_path / 'nowhere'}' does not exist "
+        "(set it with --model-repository)"
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with serving(empty) as proc:
+        assert '"event":"empty_repository"' in proc.log()

@@ -224,12 +224,12 @@ def test_non_integer_data_for_int_input(server: VolleyProcess) -> None:
 
 def test_unknown_model(server: VolleyProcess) -> None:
     response = post(infer_url(server, "nope"), {"inputs": [mlp_input()]})
-    assert_error(response, 404, "unknown model 'nope'")
+    assert_error(response, 404, "Request for unknown model: 'nope' is not found")
 
 
 def test_unknown_version(server: VolleyProcess) -> None:
     response = post(infer_url(server, "mlp", "7"), {"inputs": [mlp_input()]})
-    assert_error(response, 404, "unknown version '7' of model 'mlp'")
+    assert_error(response, 404, "Request for unknown model: 'mlp' version 7 is not found")
 
 
 def test_unknown_output(server: VolleyProcess) -> None:
@@ -556,7 +556,7 @@ def test_grpc_unknown_model(grpc_client: grpcclient.InferenceServerClient) -> No
     x = np.zeros((1, 32), np.float32)
     error = grpc_error(lambda: grpc_client.infer("nope", [grpc_input(x)], client_timeout=TIMEOUT))
     assert error.status() == "StatusCode.NOT_FOUND"
-    assert "unknown model 'nope'" in error.message()
+    assert "Request for unknown model: 'nope' is not found" in error.message()
 
 
 def test_grpc_unknown_version(grpc_client: grpcclient.InferenceServerClient) -> None:
@@ -565,7 +565,7 @@ def test_grpc_unknown_version(grpc_client: grpcclient.InferenceServerClient) -> 
         lambda: grpc_client.infer("mlp", [grpc_input(x)], model_version="7", client_timeout=TIMEOUT)
     )
     assert error.status() == "StatusCode.NOT_FOUND"
-    assert "unknown version '7' of model 'mlp'" in error.message()
+    assert "Request for unknown model: 'mlp' version 7 is not found" in error.message()
 
 
 def test_grpc_wrong_shape(grpc_client: grpcclient.InferenceServerClient) -> None:

@@ -5,7 +5,6 @@ Every test builds its own repository under tmp_path and runs its own server on i
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -358,17 +357,21 @@ def test_versions_side_by_side(tmp_path: Path, serve) -> None:
         assert response.json()["model_version"] == str(v)
         assert_close(output(response, (4, 1)), expected[v])
         assert model_ready(proc, "mlp", str(v)) == 200
-    assert_error(infer(proc, "mlp", x, version="4"), 404, "unknown version '4' of model 'mlp'")
+    assert_error(
+        infer(proc, "mlp", x, version="4"),
+        404,
+        "Request for unknown model: 'mlp' version 4 is not found",
+    )
     assert model_ready(proc, "mlp", "4") != 200
 
     # version policies: only the selected folders are served
     assert [r["version"] for r in rows_of(proc, "newest")] == ["3"]
     assert infer(proc, "newest", x).json()["model_version"] == "3"
-    assert_error(infer(proc, "newest", x, version="1"), 404, "unknown version '1'")
+    assert_error(infer(proc, "newest", x, version="1"), 404, "'newest' version 1 is not found")
     assert [r["version"] for r in rows_of(proc, "pinned")] == ["1", "3"]
     assert infer(proc, "pinned", x).json()["model_version"] == "3"
     assert infer(proc, "pinned", x, version="1").json()["model_version"] == "1"
-    assert_error(infer(proc, "pinned", x, version="2"), 404, "unknown version '2'")
+    assert_error(infer(proc, "pinned", x, version="2"), 404, "'pinned' version 2 is not found")
 
     # statistics are kept per version
     stats = requests.get(proc.url + "/v2/models/mlp/stats", timeout=TIMEOUT).json()
@@ -427,12 +430,14 @@ def test_load_unload_reload_over_http(tmp_path: Path, serve) -> None:
     np.testing.assert_array_equal(output(infer(proc, "mlp", x), (2, 1)), after)
     assert model_ready(proc, "mlp") == 200
 
-    assert_error(requests.post(f"{url}/nope/load", timeout=TIMEOUT), 404, "no model folder 'nope'")
-    assert_error(requests.post(f"{url}/nope/unload", timeout=TIMEOUT), 404, "unknown model 'nope'")
+    missing = "failed to load 'nope', no model folder 'nope'"
+    assert_error(requests.post(f"{url}/nope/load", timeout=TIMEOUT), 404, missing)
+    unknown = "Request for unknown model: 'nope' is not found"
+    assert_error(requests.post(f"{url}/nope/unload", timeout=TIMEOUT), 404, unknown)
     response = requests.post(
-        f"{url}/other/load", json={"parameters": {"config": "{}"}}, timeout=TIMEOUT
+        f"{url}/other/load", json={"parameters": {"file:1/model.onnx": "AAAA"}}, timeout=TIMEOUT
     )
-    assert_error(response, 400, "config and file overrides are not supported")
+    assert_error(response, 501, "failed to load 'other', file overrides are not supported")
     response = requests.post(f"{url}/other/load", data=b"{not json", timeout=TIMEOUT)
     assert_error(response, 400, "malformed JSON")
 
@@ -469,14 +474,14 @@ def test_load_unload_over_grpc(tmp_path: Path, serve) -> None:
         with pytest.raises(InferenceServerException) as info:
             client.load_model("nope")
         assert info.value.status() == "StatusCode.NOT_FOUND"
-        assert "no model folder 'nope'" in info.value.message()
+        assert "failed to load 'nope', no model folder 'nope'" in info.value.message()
         with pytest.raises(InferenceServerException) as info:
             client.unload_model("nope")
         assert info.value.status() == "StatusCode.NOT_FOUND"
         with pytest.raises(InferenceServerException) as info:
-            client.load_model("other", config=json.dumps({"max_batch_size": 2}))
-        assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
-        assert "overrides are not supported" in info.value.message()
+            client.load_model("other", files={"file:1/model.onnx": b"onnx bytes"})
+        assert info.value.status() == "StatusCode.UNIMPLEMENTED"
+        assert "file overrides are not supported" in info.value.message()
     finally:
         client.close()
 
@@ -633,7 +638,7 @@ def test_poll_adds_and_removes_models(tmp_path: Path, serve) -> None:
     # a removed model folder is unloaded and forgotten
     os.rename(root / "first", root / ".first-removed")
     wait_for(lambda: "first" not in {r["name"] for r in index(proc)}, "the model to go away")
-    assert_error(infer(proc, "first", x), 404, "unknown model 'first'")
+    assert_error(infer(proc, "first", x), 404, "Request for unknown model: 'first' is not found")
     assert model_ready(proc, "first") != 200
     assert infer(proc, "second", x).status_code == 200
 

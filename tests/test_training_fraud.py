@@ -9,6 +9,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import tritonclient.http as httpclient
@@ -32,6 +33,14 @@ from training.fraud.simulate import (
 )
 
 SMALL = SimConfig(n_customers=300, n_terminals=600, n_days=60)
+
+
+def _without_command(path: Path) -> bytes:
+    model = onnx.load(str(path))
+    kept = [p for p in model.metadata_props if p.key != "command"]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    return model.SerializeToString()
 
 
 def _read(out: Path) -> dict:
@@ -246,9 +255,18 @@ def test_quick_run_onnx_scores_and_decides(quick_run: Path) -> None:
     assert flagged.any() and tx.label[flagged].mean() > 10 * tx.label.mean()
 
 
-def test_quick_run_is_reproducible(quick_run: Path, tmp_path: Path) -> None:
-    assert main(["--quick", "--out", str(tmp_path), "--seed", "0"]) == 0
-    first, second = _read(quick_run), _read(tmp_path)
+def test_quick_run_is_reproducible_and_a_new_run_replaces_nothing(
+    quick_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "runs" / "quick" / "fraud"  # where --quick writes without --out
+    shutil.copytree(quick_run, out)
+    first_model = (quick_run / "1" / "model.onnx").read_bytes()
+    assert main(["--quick", "--seed", "0"]) == 0
+    assert (out / "1" / "model.onnx").read_bytes() == first_model  # not overwritten
+    # Same seed, same bytes, but for the command line recorded in the metadata.
+    assert _without_command(out / "2" / "model.onnx") == _without_command(out / "1" / "model.onnx")
+    first, second = _read(quick_run), _read(out)
     first["run"].pop("command"), second["run"].pop("command")
     assert first == second
 

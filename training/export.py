@@ -105,3 +105,12 @@ def check_parity(
                 )
             worst = max(worst, difference)
     return worst
+
+
+def next_version(model_dir: Path) -> int:
+    """The version folder a new run writes: one past the newest, so no model is overwritten
+    and a server polling the repository picks the new one up without a restart."""
+    if not model_dir.is_dir():
+        return 1
+    numbers = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+    return max(numbers, default=0) + 1

@@ -9,7 +9,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
 from server.datatypes import element_count, numpy_dtype, tensor_from_bytes, tensor_to_bytes
-from server.errors import invalid
+from server.errors import invalid, shared_memory_unsupported
 from server.types import InferenceRequest, InferenceResponse, InferTensor, RequestedOutput
 
 CONTENTS_FIELD = {
@@ -47,6 +47,13 @@ def decode_request(request: pb.ModelInferRequest) -> InferenceRequest:
         if any(d < 0 for d in shape):
             raise invalid(f"shape of input '{item.name}' must be non-negative")
         numpy_dtype(item.datatype)
+        if "shared_memory_region" in item.parameters:
+            raise shared_memory_unsupported()
+        if raw and item.HasField("contents") and item.contents.ByteSize():
+            raise invalid(
+                "contents field must not be specified when using raw_input_contents for "
+                f"'{item.name}' for model '{request.model_name}'"
+            )
         if raw:
             data = tensor_from_bytes(raw[i], item.datatype, shape)
         else:

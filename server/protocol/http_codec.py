@@ -11,7 +11,7 @@ import numpy as np
 import orjson
 
 from server.datatypes import element_count, numpy_dtype, tensor_from_bytes, tensor_to_bytes
-from server.errors import invalid
+from server.errors import invalid, shared_memory_unsupported
 from server.types import InferenceRequest, InferenceResponse, InferTensor, RequestedOutput
 
 MAX_DIMS = 32
@@ -75,6 +75,8 @@ def _decode_input(item: object, binary: memoryview) -> tuple[InferTensor, int]:
     shape = tuple(shape)
     numpy_dtype(datatype)
     parameters = _object(item.get("parameters", {}), f"parameters of input '{name}'")
+    if "shared_memory_region" in parameters:
+        raise shared_memory_unsupported()
     size = parameters.get("binary_data_size")
     if size is not None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 from server.config import ModelConfig
+from server.errors import ErrorKind, VolleyError, invalid
 from server.repository import ModelVersion
 
 TRITON_TYPE = {"BYTES": "TYPE_STRING"}
@@ -102,3 +105,92 @@ def server_metadata(version: str) -> dict:
             "parameters",
         ],
     }
+
+
+def load_override(model: str, parameters: dict) -> dict | None:
+    """The config override of a load request (`parameters.config`, JSON), as a raw config.
+
+    Takes Triton's JSON model config (what `tritonclient`'s `load_model(config=...)` sends) or
+    Volley's own field names; `file:` overrides are not supported.
+    """
+    if any(str(key).startswith("file:") for key in parameters):
+        raise VolleyError(
+            ErrorKind.UNSUPPORTED,
+            f"failed to load '{model}', file overrides are not supported: put the files in the "
+            "model repository",
+        )
+    text = parameters.get("config")
+    if text is None:
+        return None
+    try:
+        doc = json.loads(text) if isinstance(text, str) else None
+    except json.JSONDecodeError as exc:
+        raise invalid(
+            f"failed to load '{model}', config override is not valid JSON: {exc}"
+        ) from None
+    if not isinstance(doc, dict):
+        raise invalid(f"failed to load '{model}', config override must be a JSON object")
+    return config_from_triton(doc)
+
+
+def config_from_triton(doc: dict) -> dict:
+    """Triton's JSON model config -> Volley's raw config (Volley's own field names pass through)."""
+    out = {k: v for k, v in doc.items() if k not in TRITON_ONLY}
+    if "input" in doc:
+        out["inputs"] = [_tensor_from_triton(t) for t in _list(doc["input"], "input")]
+    if "output" in doc:
+        out["outputs"] = [_tensor_from_triton(t) for t in _list(doc["output"], "output")]
+    batching = doc.get("dynamic_batching")
+    if isinstance(batching, dict):
+        policy = batching.get("default_queue_policy") or {}
+        out["dynamic_batching"] = {
+            key: value
+            for key, value in {
+                "preferred_batch_sizes": batching.get("preferred_batch_size"),
+                "max_queue_delay_us": batching.get("max_queue_delay_microseconds"),
+                "max_queue_size": policy.get("max_queue_size"),
+                "default_timeout_us": policy.get("default_timeout_microseconds"),
+            }.items()
+            if value is not None
+        }
+    groups = doc.get("instance_group")
+    if groups:
+        groups = _list(groups, "instance_group")
+        out["instance_count"] = sum(int(g.get("count", 1)) for g in groups)
+        if all(g.get("kind") == "KIND_CPU" for g in groups):
+            out["execution_providers"] = ["cpu"]
+    if isinstance(doc.get("parameters"), dict):
+        out["parameters"] = {
+            k: v.get("string_value", "") if isinstance(v, dict) else v
+            for k, v in doc["parameters"].items()
+        }
+    policy = doc.get("version_policy")
+    if isinstance(policy, dict):
+        if "latest" in policy:
+            out["version_policy"] = {"latest": int(policy["latest"].get("num_versions", 1))}
+        elif "specific" in policy:
+            out["version_policy"] = {"specific": policy["specific"].get("versions", [])}
+        elif "all" in policy:
+            out["version_policy"] = {"all": True}
+    return out
+
+
+# Triton fields translated above, or meaningless to Volley (the backend is always ONNX Runtime).
+TRITON_ONLY = {
+    "input", "output", "dynamic_batching", "instance_group", "parameters", "version_policy",
+    "platform", "backend", "name", "runtime", "default_model_filename", "optimization",
+}  # fmt: skip
+
+
+def _tensor_from_triton(tensor: object) -> dict:
+    if not isinstance(tensor, dict) or "name" not in tensor:
+        raise invalid("config override: every input and output needs a 'name'")
+    datatype = str(tensor.get("data_type", ""))
+    datatype = "BYTES" if datatype == "TYPE_STRING" else datatype.removeprefix("TYPE_")
+    return {"name": tensor["name"], "datatype": datatype, "dims": list(tensor.get("dims", []))}
+
+
+def _list(value: object, field: str) -> list[dict]:
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise invalid(f"config override: '{field}' must be a list of objects")
+    return value

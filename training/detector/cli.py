@@ -33,12 +33,14 @@ from training.detector.model import CenterNet, Detector
 from training.detector.parity import detection_difference
 from training.detector.synth import write_synthetic_coco
 from training.detector.train import TrainConfig, bf16_is_fast, train
-from training.export import OPSET, check_parity, export_onnx
+from training.export import OPSET, check_parity, export_onnx, next_version
 
 INPUT_SIZE = 320
 TOP_K = 100
 PARITY_BATCH_SIZES = (1, 3, 8)
 COCO_VAL_FRACTION = 0.1
+DEFAULT_OUT = Path("models/detector")
+QUICK_OUT = Path("runs/quick/detector")
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(image file_name relative to it or to its images/), or the annotation file; "
         f"a seeded {round(COCO_VAL_FRACTION * 100)}%% of the images is held out",
     )
-    parser.add_argument("--out", type=Path, default=Path("models/detector"), help="model folder")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help=f"model folder (default: {DEFAULT_OUT}; with --quick: {QUICK_OUT}); the run writes "
+        "the next version folder in it (1/, 2/, ...), never over an existing one",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, help="override the plan's number of epochs")
     parser.add_argument(
@@ -108,7 +115,7 @@ def load_data(
 
 
 def export_and_check(
-    net: CenterNet, val_set: DetectionSet, out: Path, scratch: Path
+    net: CenterNet, val_set: DetectionSet, model_file: Path, scratch: Path
 ) -> tuple[Path, float]:
     """Export the decoded graph and check ONNX Runtime against PyTorch (path, worst difference)."""
     detector = Detector(net, TOP_K).eval()
@@ -120,9 +127,7 @@ def export_and_check(
     }
     with warnings.catch_warnings():  # the grid size becomes a constant: the input is fixed
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        path = export_onnx(
-            detector, example, out / "1" / "model.onnx", INPUT_NAME, [OUTPUT_NAME], metadata
-        )
+        path = export_onnx(detector, example, model_file, INPUT_NAME, [OUTPUT_NAME], metadata)
     heads = export_onnx(
         net, example, scratch / "heads.onnx", INPUT_NAME, ["heat_logits", "distances"]
     )
@@ -143,9 +148,11 @@ def export_and_check(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the whole pipeline and write config.yaml, 1/model.onnx, metrics.json and README.md."""
+    """Run the whole pipeline; write config.yaml, <version>/model.onnx, metrics.json, README.md."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    args.out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
+    version = next_version(args.out)
     plan = QUICK if args.quick else FULL
     epochs = args.epochs or plan.epochs
     torch.manual_seed(args.seed)
@@ -157,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_is_fast())
         config = TrainConfig(epochs=epochs, seed=args.seed, bf16=bf16)
         training = train(net, train_set, config)
-        path, worst = export_and_check(net, val_set, args.out, Path(tmp))
+        model_file = args.out / str(version) / "model.onnx"
+        path, worst = export_and_check(net, val_set, model_file, Path(tmp))
     detections = predict(onnx_predictor(path, args.threads), val_set.images)
     metrics = {
         "command": shlex.join(["python", "-m", "training.detector", *argv]),
@@ -189,5 +197,5 @@ def main(argv: list[str] | None = None) -> int:
     write_config(args.out, train_set.class_names, INPUT_SIZE, TOP_K)
     write_card(args.out, metrics)
     print(format_table(metrics))
-    print(f"wrote {args.out}/config.yaml, 1/model.onnx, metrics.json, README.md")
+    print(f"wrote {args.out}/config.yaml, {version}/model.onnx, metrics.json, README.md")
     return 0

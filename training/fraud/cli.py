@@ -7,10 +7,12 @@ import shlex
 import sys
 from pathlib import Path
 
+from training.export import next_version
 from training.fraud.card import MODEL_NAMES
 from training.fraud.pipeline import RunOptions, run
 
 DEFAULT_OUT = Path("models/fraud")
+QUICK_OUT = Path("runs/quick/fraud")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -27,7 +29,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--data", type=Path, help="CSV in the public credit-card format (Time,V1..V28,Amount,Class)"
     )
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="model folder to write")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help=f"model folder (default: {DEFAULT_OUT}; with --quick: {QUICK_OUT}); the run writes "
+        "the next version folder in it (1/, 2/, ...), never over an existing one",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for data, model and baselines")
     return parser.parse_args(argv)
 
@@ -55,10 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     words = sys.argv[1:] if argv is None else argv
     command = shlex.join(["python", "-m", "training.fraud", *words])
+    out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
     options = RunOptions(
-        out=args.out, seed=args.seed, quick=args.quick, data=args.data, command=command
-    )
+        out=out, seed=args.seed, quick=args.quick, data=args.data, command=command,
+        version=next_version(out),
+    )  # fmt: skip
     metrics = run(options)
     print(format_table(metrics))
-    print(f"wrote {options.out}/config.yaml, 1/model.onnx, metrics.json, README.md")
+    print(f"wrote {out}/config.yaml, {options.version}/model.onnx, metrics.json, README.md")
     return 0

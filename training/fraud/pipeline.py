@@ -30,6 +30,7 @@ class RunOptions:
     quick: bool = False
     data: Path | None = None
     command: str = "python -m training.fraud"
+    version: int = 1  # the version folder the ONNX file goes to
 
 
 @dataclass(frozen=True)
@@ -120,8 +121,8 @@ def _describe(result: TrainResult, config: TrainConfig) -> dict:
 
 
 def _export(scorer: FraudScorer, split: Split, options: RunOptions) -> float:
-    """Write out/1/model.onnx and check it against PyTorch on fresh inputs; max rel. diff."""
-    path = options.out / "1" / "model.onnx"
+    """Write out/<version>/model.onnx, check it against PyTorch on fresh inputs; max rel. diff."""
+    path = options.out / str(options.version) / "model.onnx"
     metadata = onnx_metadata(
         float(scorer.threshold),
         TARGET_FPR,
