@@ -58,20 +58,26 @@ def ceiling(model_file: Path, frames: list[bytes], seconds: float) -> tuple[floa
     name = session.get_inputs()[0].name
 
     def one(data: bytes) -> None:
-        boxed = letterbox(decode_image(data, "frame", 40_000_000), 320, 320, 114)
+        decoded = decode_image(data, "frame", 40_000_000, fit=(320, 320))
+        boxed = letterbox(decoded.rgb, 320, 320, 114, (decoded.width, decoded.height))
         tensor = boxed.pixels.transpose(2, 0, 1)[None].astype(np.float32) * np.float32(1 / 255)
         (raw,) = session.run(None, {name: tensor})
         to_original(select(read_candidates("volley", raw[0], 0.3), OPTIONS, True), boxed)
 
     for data in frames[:5]:
         one(data)
-    times = []
-    start_at = time.perf_counter()
-    while time.perf_counter() - start_at < seconds:
-        t0 = time.perf_counter()
-        one(frames[len(times) % len(frames)])
-        times.append((time.perf_counter() - t0) * 1e3)
-    return len(times) / (time.perf_counter() - start_at), np.array(times)
+    best, times = 0.0, []
+    for _ in range(3):  # the best of three windows: a ceiling is what the loop can do
+        window = []
+        start_at = time.perf_counter()
+        while time.perf_counter() - start_at < seconds / 3:
+            t0 = time.perf_counter()
+            one(frames[len(window) % len(frames)])
+            window.append((time.perf_counter() - t0) * 1e3)
+        rate = len(window) / (time.perf_counter() - start_at)
+        if rate > best:
+            best, times = rate, window
+    return best, np.array(times)
 
 
 @dataclass
@@ -181,6 +187,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=Path, default=ROOT / "models")
     parser.add_argument("--seconds", type=float, default=10.0, help="per camera step")
+    parser.add_argument("--min-streams", type=int, default=1)
     parser.add_argument("--max-streams", type=int, default=16)
     parser.add_argument("--requests", type=int, default=200, help="single-image requests")
     args = parser.parse_args()
@@ -198,7 +205,7 @@ def main() -> int:
         grpc_address = f"127.0.0.1:{grpc_port}"
         single = single_image(f"127.0.0.1:{http_port}", grpc_address, frames[0], args.requests)
         rows = []
-        for streams in range(1, args.max_streams + 1):
+        for streams in range(args.min_streams, args.max_streams + 1):
             rows.append(cameras(grpc_address, frames, streams, args.seconds))
             print(f"  {streams} streams: {rows[-1]}", file=sys.stderr)
             if not rows[-1].sustained:
@@ -229,6 +236,8 @@ def report(ceiling_fps: float, ceiling_ms: np.ndarray, rows: list[CameraRow], si
         f"Sustained: {best} cameras = {best * FPS} frames/s = "
         f"{best * FPS / ceiling_fps:.0%} of the ceiling's {ceiling_fps:.1f} frames/s "
         f"(target >= 90 %; p99 <= {LATENCY_BUDGET_MS:.0f} ms and < {SKIP_BUDGET:.0%} skipped)",
+        f"Peak: {max(r.processed_fps for r in rows):.1f} frames/s processed = "
+        f"{max(r.processed_fps for r in rows) / ceiling_fps:.0%} of the ceiling",
         "",
         "| single 640x480 JPEG, c=1 | p50 ms | p99 ms | over the ceiling's p50 |",
         "|---|---:|---:|---:|",

@@ -106,6 +106,9 @@ class ModelConfig(_Strict):
     instance_count: int = Field(1, ge=1, le=64)
     execution_providers: tuple[Literal["cuda", "tensorrt", "cpu"], ...] = ("cuda", "cpu")
     intra_op_threads: int = Field(0, ge=0, description="0 = cores / instance_count")
+    intra_op_spinning: bool = Field(
+        True, description="ORT threads spin between ops (lower latency; burns CPU others need)"
+    )
     warmup: WarmupConfig | None = None  # None: a best-effort zero warmup (failure only warns)
     version_policy: VersionPolicy = VersionPolicy(all=True)
     parameters: dict[str, str] = {}

@@ -41,6 +41,8 @@ class OnnxInstance:
         options.intra_op_num_threads = cpu_threads(config)
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        if not config.intra_op_spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.index = index
         self.session = ort.InferenceSession(
             str(model_file), options, providers=choose_providers(config.execution_providers)

@@ -325,7 +325,8 @@ def _prepare_encoded(
 ) -> Prepared:
     if not isinstance(data, bytes):
         raise invalid(f"{what}: expected encoded image bytes")
-    return _to_tensor(decode_image(data, what, max_pixels), plan, pad, scale)
+    decoded = decode_image(data, what, max_pixels, fit=(plan.height, plan.width))
+    return _to_tensor(decoded.rgb, plan, pad, scale, (decoded.width, decoded.height))
 
 
 def _prepare_pixels(
@@ -335,8 +336,14 @@ def _prepare_pixels(
     return _to_tensor(rgb, plan, pad, scale)
 
 
-def _to_tensor(rgb: np.ndarray, plan: DetectorPlan, pad: int, scale: float) -> Prepared:
-    boxed = letterbox(rgb, plan.height, plan.width, pad)
+def _to_tensor(
+    rgb: np.ndarray,
+    plan: DetectorPlan,
+    pad: int,
+    scale: float,
+    size: tuple[int, int] | None = None,
+) -> Prepared:
+    boxed = letterbox(rgb, plan.height, plan.width, pad, size)
     chw = boxed.pixels.transpose(2, 0, 1).astype(plan.input_dtype)
     chw *= plan.input_dtype.type(scale)
     return Prepared(chw, boxed)

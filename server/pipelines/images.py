@@ -35,8 +35,8 @@ class Letterboxed:
     height: int
 
 
-def image_size(data: bytes, what: str) -> tuple[int, int]:
-    """(width, height) from an encoded image's header, without decoding its pixels."""
+def image_header(data: bytes, what: str) -> tuple[str, int, int]:
+    """(format, width, height) from an encoded image's header, without decoding its pixels."""
     if not data:
         raise invalid(f"{what}: empty (0 bytes)")
     try:
@@ -46,20 +46,54 @@ def image_size(data: bytes, what: str) -> tuple[int, int]:
         raise invalid(f"{what}: not a JPEG, PNG, WebP or BMP image") from None
     if kind not in FORMATS:
         raise invalid(f"{what}: {kind} images are not supported; send JPEG, PNG, WebP or BMP")
-    return size
+    return FORMATS[kind], *size
 
 
-def decode_image(data: bytes, what: str, max_pixels: int) -> np.ndarray:
-    """Encoded bytes -> uint8 RGB [H, W, 3], after checking the declared size."""
-    width, height = image_size(data, what)
+@dataclass
+class Decoded:
+    """Decoded pixels (uint8 RGB [h, w, 3], maybe reduced) and the image's own size."""
+
+    rgb: np.ndarray
+    width: int
+    height: int
+
+
+def decode_image(
+    data: bytes, what: str, max_pixels: int, fit: tuple[int, int] | None = None
+) -> Decoded:
+    """Encoded bytes -> RGB pixels, after checking the declared size.
+
+    With `fit` = (height, width), a JPEG that will be shrunk to fit it anyway is decoded at
+    1/2, 1/4 or 1/8 scale straight from its DCT coefficients (libjpeg's scaled decoding), which
+    costs a fraction of a full decode and a resize.
+    """
+    kind, width, height = image_header(data, what)
     check_size(width, height, what, max_pixels)
+    factor = reduction(width, height, fit) if kind == "JPEG" else 1
     try:
-        bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+        bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), REDUCED_FLAGS[factor])
     except cv2.error:
         bgr = None
-    if bgr is None or bgr.shape[:2] != (height, width):
+    expected = (-(-height // factor), -(-width // factor))
+    if bgr is None or bgr.shape[:2] != expected:
         raise invalid(f"{what}: the image data is truncated or corrupt")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return Decoded(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), width, height)
+
+
+REDUCED_FLAGS = {
+    1: cv2.IMREAD_COLOR,
+    2: cv2.IMREAD_REDUCED_COLOR_2,
+    4: cv2.IMREAD_REDUCED_COLOR_4,
+    8: cv2.IMREAD_REDUCED_COLOR_8,
+}
+
+
+def reduction(width: int, height: int, fit: tuple[int, int] | None) -> int:
+    """The largest decode reduction (1, 2, 4, 8) that still leaves at least the fitted size."""
+    if fit is None:
+        return 1
+    scale = min(fit[0] / height, fit[1] / width)
+    return max((r for r in REDUCED_FLAGS if r * scale <= 1), default=1)
 
 
 def check_size(width: int, height: int, what: str, max_pixels: int) -> None:
@@ -72,13 +106,19 @@ def check_size(width: int, height: int, what: str, max_pixels: int) -> None:
         )
 
 
-def letterbox(rgb: np.ndarray, height: int, width: int, pad_value: int) -> Letterboxed:
-    """Scale to fit (height, width) keeping the aspect ratio, and centre it on padding."""
-    h, w = rgb.shape[:2]
+def letterbox(
+    rgb: np.ndarray, height: int, width: int, pad_value: int, size: tuple[int, int] | None = None
+) -> Letterboxed:
+    """Scale to fit (height, width) keeping the aspect ratio, and centre it on padding.
+
+    `size` = (width, height) of the original image when `rgb` was decoded at a reduced scale.
+    """
+    w, h = size or (rgb.shape[1], rgb.shape[0])
     scale = min(height / h, width / w)
     new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
-    if (new_w, new_h) != (w, h):
-        interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    if (new_w, new_h) != rgb.shape[1::-1]:
+        shrink = new_w < rgb.shape[1]
+        interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
         rgb = cv2.resize(rgb, (new_w, new_h), interpolation=interpolation)
     pad_x, pad_y = (width - new_w) // 2, (height - new_h) // 2
     out = cv2.copyMakeBorder(

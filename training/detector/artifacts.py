@@ -24,6 +24,9 @@ dynamic_batching:
   max_queue_delay_us: 0  # a busy instance batches what queues meanwhile; waiting only adds latency
   max_queue_size: 256
 instance_count: 1
+# The detect pipeline decodes images on other threads at the same time: spinning ONNX Runtime
+# threads would take the CPU they need (bench/RESULTS.md, vision).
+intra_op_spinning: false
 parameters:
   input_size: "{size}"
   classes: "{",".join(class_names)}"
