@@ -88,9 +88,11 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
 def _train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        help="train a shipped model (fraud or detector); pass --help after the name for options",
+        help="train a shipped model (fraud or detector); --help shows each one's options",
+        add_help=False,
     )
-    p.add_argument("model", choices=["fraud", "detector"], help="which model to train")
+    p.add_argument("model", nargs="?", choices=["fraud", "detector"], help="which model to train")
+    p.add_argument("-h", "--help", action="store_true", help="show the options of both models")
     p.add_argument("args", nargs=argparse.REMAINDER, help="options for that training script")
 
 
@@ -279,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         return _camera(args)
     if args.command in ("models", "infer", "bench"):
         return _admin(args)
+    if args.help or args.model is None:
+        return _train_help()
     return _train(args.model, args.args)
 
 
@@ -329,6 +333,22 @@ def _serve(args: argparse.Namespace) -> int:
 def _usage_error(message: str) -> int:
     print(f"volley serve: error: {message}", file=sys.stderr)
     return 2
+
+
+def _train_help() -> int:
+    """`volley train --help`: every training script's options (they need the train extra)."""
+    print("usage: volley train {fraud,detector} [options]\n")
+    try:
+        from training.detector.cli import build_parser as detector_parser
+        from training.fraud.cli import build_parser as fraud_parser
+    except ImportError as exc:
+        print(f"the training options need the train extra ({exc}): pip install -e '.[cpu,train]'")
+        return 0
+    for name, build in (("fraud", fraud_parser), ("detector", detector_parser)):
+        parser = build()
+        parser.prog = f"volley train {name}"
+        print(parser.format_help())
+    return 0
 
 
 def _train(model: str, args: list[str]) -> int:

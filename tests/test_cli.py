@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from conftest import serving
+from reference import ON_GPU
 
 
 def test_serve_help_explains_every_flag():
@@ -34,7 +35,10 @@ def test_logs_are_json_lines_naming_the_execution_provider(server):
     assert events, server.log()
     loaded = [e for e in events if e.get("event") == "model_loaded"]
     assert {(e["model"], e["version"]) for e in loaded} >= {("mlp", 1), ("mlp", 2), ("slow", 1)}
-    assert all(e["provider"] == "CPUExecutionProvider" for e in loaded)
+    # The shared models keep the default preference, [cuda, cpu]: CUDA wherever this
+    # onnxruntime build offers it, else the CPU.
+    expected = "CUDAExecutionProvider" if ON_GPU else "CPUExecutionProvider"
+    assert {e["provider"] for e in loaded} == {expected}, loaded
     assert all({"ts", "level", "logger", "msg"} <= set(e) for e in events)
 
 
@@ -69,3 +73,12 @@ def test_a_missing_repository_is_an_error_and_an_empty_one_a_warning(tmp_path: P
     empty.mkdir()
     with serving(empty) as proc:
         assert '"event":"empty_repository"' in proc.log()
+
+
+def test_train_help_shows_each_models_options() -> None:
+    out = subprocess.run(["volley", "train", "--help"], capture_output=True, text=True,
+                         check=True, timeout=120).stdout  # fmt: skip
+    assert "usage: volley train fraud" in out and "usage: volley train detector" in out
+    for flag in ("--quick", "--data", "--coco", "--out", "--seed", "--epochs", "--precision"):
+        assert flag in out
+    assert "runs/quick/fraud" in out and "never over an existing one" in out

@@ -56,8 +56,8 @@ FULL = Plan(train_images=15000, val_images=500, epochs=5)
 QUICK = Plan(train_images=800, val_images=100, epochs=6)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Command-line options."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's options."""
     parser = argparse.ArgumentParser(prog="python -m training.detector", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small data, short run (tests)")
     parser.add_argument(
@@ -84,7 +84,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="auto",
         help="training forward pass; auto = bf16 autocast where the CPU has AMX (export is fp32)",
     )
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the command line (sys.argv[1:] when argv is None)."""
+    return build_parser().parse_args(argv)
 
 
 def split_coco(full: DetectionSet, seed: int) -> tuple[DetectionSet, DetectionSet]:

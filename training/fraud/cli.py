@@ -15,8 +15,8 @@ DEFAULT_OUT = Path("models/fraud")
 QUICK_OUT = Path("runs/quick/fraud")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Parse the command line (sys.argv[1:] when argv is None)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's options."""
     parser = argparse.ArgumentParser(
         prog="python -m training.fraud",
         description="Train the fraud MLP, compare it with baselines and export it for Volley.",
@@ -36,7 +36,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "the next version folder in it (1/, 2/, ...), never over an existing one",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for data, model and baselines")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the command line (sys.argv[1:] when argv is None)."""
+    return build_parser().parse_args(argv)
 
 
 def format_table(metrics: dict) -> str:
