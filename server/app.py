@@ -86,6 +86,16 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(100_000, 50, 1000)
 
 
+async def _started(listeners: list[_Listener], tasks: list[asyncio.Task]) -> None:
+    """Return once every HTTP listener has bound its port ("listening" must be true)."""
+    while not all(listener.started for listener in listeners):
+        for task in tasks:
+            if task.done():
+                task.result()  # a listener that stopped at start-up: raise what it raised
+                raise StartupError("an HTTP listener stopped while starting")
+        await asyncio.sleep(0.005)
+
+
 class StartupError(Exception):
     """A reason not to start, said in one line (the CLI prints it and exits non-zero)."""
 
@@ -141,6 +151,7 @@ async def serve(settings: ServeSettings) -> int:
 
     await grpc_server.start()
     tasks = [asyncio.create_task(listener.serve()) for listener in listeners]
+    await _started(listeners, tasks)
     log.info(
         "listening",
         extra={

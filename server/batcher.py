@@ -82,6 +82,7 @@ class Batcher:
         self._preferred = set(batching.preferred_batch_sizes) if batching else set()
         self._max_queue = batching.max_queue_size if batching else 0
         self._default_timeout_us = batching.default_timeout_us if batching else 0
+        self._hold_until = 0  # test hook, see `hold_until_queued`
         self._threads = [
             threading.Thread(
                 target=self._serve,
@@ -98,6 +99,17 @@ class Batcher:
     def queued(self) -> int:
         """Requests waiting for a batch."""
         return len(self._queue)
+
+    def hold_until_queued(self, count: int) -> None:
+        """Test hook: form no batch until `count` requests are queued (or a drain starts).
+
+        After that the rule above applies unchanged, so a test can build a known queue without
+        sleeping (Triton's tests do the same with TRITONSERVER_DELAY_SCHEDULER). Unused, it
+        costs one integer test per batch.
+        """
+        with self._cond:
+            self._hold_until = count
+            self._cond.notify_all()
 
     async def infer(self, inputs: Tensors, rows: int, timeout_us: int = 0) -> Tensors:
         """Queue a validated request and wait for its own rows of the batch outputs."""
@@ -233,6 +245,12 @@ class Batcher:
                 if not self._queue:
                     self._cond.wait()
                     continue
+                if self._hold_until:
+                    if len(self._queue) < self._hold_until and not self._draining:
+                        self._cond.wait()
+                        continue
+                    self._hold_until = 0
+                    self._cond.notify_all()  # the other instances may take batches too
                 picked, rows = self._pick()
                 reason = self._release_reason(rows)
                 if reason is None:

@@ -79,6 +79,44 @@ def dtypes(path: Path) -> Path:
     return _save(graph, path)
 
 
+# Every datatype docs/model-config.md lists, as (v2 name, ONNX type, numpy dtype).
+EVERY_DATATYPE: list[tuple[str, int, type]] = [
+    ("BOOL", TensorProto.BOOL, np.bool_),
+    ("UINT8", TensorProto.UINT8, np.uint8),
+    ("UINT16", TensorProto.UINT16, np.uint16),
+    ("UINT32", TensorProto.UINT32, np.uint32),
+    ("UINT64", TensorProto.UINT64, np.uint64),
+    ("INT8", TensorProto.INT8, np.int8),
+    ("INT16", TensorProto.INT16, np.int16),
+    ("INT32", TensorProto.INT32, np.int32),
+    ("INT64", TensorProto.INT64, np.int64),
+    ("FP16", TensorProto.FLOAT16, np.float16),
+    ("FP32", TensorProto.FLOAT, np.float32),
+    ("FP64", TensorProto.DOUBLE, np.float64),
+    ("BYTES", TensorProto.STRING, np.object_),
+]
+
+
+def every_datatype(path: Path, width: int = 3) -> Path:
+    """One input per datatype in EVERY_DATATYPE, named after it in lower case ("uint16"), each
+    [B, width] -> "<name>_out" [B, width] with its columns reversed (a Slice, any type)."""
+    consts = [
+        numpy_helper.from_array(np.array([value], dtype=np.int64), name)
+        for name, value in (("starts", -1), ("ends", np.iinfo(np.int64).min), ("axes", 1),
+                            ("steps", -1))
+    ]  # fmt: skip
+    names = [(v2.lower(), kind) for v2, kind, _ in EVERY_DATATYPE]
+    graph = helper.make_graph(
+        [helper.make_node("Slice", [n, "starts", "ends", "axes", "steps"], [f"{n}_out"])
+         for n, _ in names],
+        "every_datatype",
+        [helper.make_tensor_value_info(n, kind, ["batch", width]) for n, kind in names],
+        [helper.make_tensor_value_info(f"{n}_out", kind, ["batch", width]) for n, kind in names],
+        consts,
+    )  # fmt: skip
+    return _save(graph, path)
+
+
 def strings(path: Path) -> Path:
     """BYTES [B, 2] -> the same strings (ONNX string tensors: UTF-8 text)."""
     graph = helper.make_graph(

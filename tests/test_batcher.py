@@ -1,143 +1,251 @@
-"""The batcher on its own: real ONNX Runtime instances, no server around it."""
+"""The batcher on its own: real ONNX Runtime instances, no server around it.
+
+Events are ordered with the batcher's `hold_until_queued` hook and a `Gate` that holds runs
+inside the instance, never with sleeps; every answer is checked against ONNX Runtime run
+directly on that request's own rows.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx_models
 import pytest
-from reference import assert_close
+from reference import assert_close, ort_outputs
 
+from server import metrics
 from server.batcher import Batcher
 from server.config import build_config
 from server.errors import ErrorKind, VolleyError
-from server.runtime import load_instances
+from server.runtime import OnnxInstance, load_instances
 from server.stats import ModelStats
 
+WAIT = 10.0  # seconds: only a broken batcher ever waits this long
 
-class SpanRecorder:
-    """Wraps a real instance and records when each run starts and ends."""
 
-    def __init__(self, instance, spans: list) -> None:
+class Gate:
+    """Shared by the wrapped instances of one batcher: records the rows of each run as it
+    starts and, while closed, holds every run before it computes."""
+
+    def __init__(self, closed: bool) -> None:
+        self.rows: list[int] = []
+        self._open = not closed
+        self._cond = threading.Condition()
+
+    def enter(self, rows: int) -> None:
+        with self._cond:
+            self.rows.append(rows)
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._open)
+
+    def open(self) -> None:
+        with self._cond:
+            self._open = True
+            self._cond.notify_all()
+
+    async def started(self, count: int) -> None:
+        """Wait, off the event loop, until `count` runs have started."""
+
+        def wait() -> bool:
+            with self._cond:
+                return self._cond.wait_for(lambda: len(self.rows) >= count, WAIT)
+
+        assert await asyncio.to_thread(wait), f"{len(self.rows)} of {count} runs started"
+
+
+class GatedInstance:
+    """A real instance whose runs pass through a `Gate` first."""
+
+    def __init__(self, instance: OnnxInstance, gate: Gate) -> None:
         self.instance = instance
-        self.spans = spans
+        self.gate = gate
         self.provider = instance.provider
         self.index = instance.index
-        self._lock = threading.Lock()
 
-    def run(self, inputs):
-        start = time.perf_counter()
-        out = self.instance.run(inputs)
-        with self._lock:
-            self.spans.append((start, time.perf_counter(), next(iter(inputs.values())).shape[0]))
-        return out
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.gate.enter(next(iter(inputs.values())).shape[0])
+        return self.instance.run(inputs)
 
 
-def _make(tmp_path: Path, builder, config: dict, spans: list | None = None) -> Batcher:
-    model_dir = tmp_path / "m"
-    model_file = builder(model_dir / "1" / "model.onnx")
-    onnx_models.write_config(model_dir, config)
-    cfg = build_config(model_dir, model_file)
-    instances = load_instances(model_file, cfg)
-    if spans is not None:
-        instances = [SpanRecorder(i, spans) for i in instances]
-    return Batcher(cfg, instances, ModelStats("m", "1"))
+Make = Callable[..., tuple[Batcher, Gate, Path]]
 
 
-async def test_instance_count_runs_batches_in_parallel(tmp_path):
-    spans: list = []
+@pytest.fixture
+def make(tmp_path: Path) -> Iterator[Make]:
+    """Build a batcher over a real model; every gate is opened at teardown."""
+    gates: list[Gate] = []
+
+    def build(builder, config: dict, closed: bool = False) -> tuple[Batcher, Gate, Path]:
+        model_dir = tmp_path / "m"
+        model_file = builder(model_dir / "1" / "model.onnx")
+        onnx_models.write_config(model_dir, {"warmup": {"count": 0}, **config})
+        cfg = build_config(model_dir, model_file)
+        gate = Gate(closed)
+        gates.append(gate)
+        instances = [GatedInstance(i, gate) for i in load_instances(model_file, cfg)]
+        stats = ModelStats(f"batcher-{tmp_path.name}", "1")  # own metric labels per test
+        return Batcher(cfg, instances, stats), gate, model_file
+
+    yield build
+    for gate in gates:
+        gate.open()
+
+
+def rows(seed: int, count: int, features: int = 32) -> np.ndarray:
+    """Distinct random rows: any mix-up of rows inside or across requests changes answers."""
+    return np.random.default_rng(seed).standard_normal((count, features)).astype(np.float32)
+
+
+def releases(batcher: Batcher, reason: str) -> float:
+    """Batches this batcher released for `reason` (volley_batch_releases_total)."""
+    labels = {"model": batcher.stats.model, "version": "1", "reason": reason}
+    return metrics.REGISTRY.get_sample_value("volley_batch_releases_total", labels) or 0.0
+
+
+async def until_queued(batcher: Batcher, count: int) -> None:
+    """Yield to the event loop until `count` requests are queued (tasks enqueue on first step)."""
+    for _ in range(1000):
+        if batcher.queued >= count:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"{batcher.queued} of {count} requests queued")
+
+
+async def test_each_request_gets_its_own_rows_back(make: Make) -> None:
+    config = {"max_batch_size": 8, "dynamic_batching": {}}
+    batcher, gate, model = make(onnx_models.mlp, config)
+    xs = [rows(i, n) for i, n in enumerate([3, 1, 2, 3, 2, 1, 4])]
+    batcher.hold_until_queued(len(xs))
+    outs = await asyncio.gather(*(batcher.infer({"input": x}, len(x)) for x in xs))
+    for x, got in zip(xs, outs, strict=True):
+        assert_close(got["score"], ort_outputs(model, {"input": x})["score"])
+    # In arrival order while the rows fit in 8: [3, 1, 2] [3, 2, 1] [4].
+    assert gate.rows == [6, 6, 4]
+    assert releases(batcher, "immediate") == 3
+    await batcher.drain()
+
+
+async def test_instance_count_runs_batches_in_parallel(make: Make) -> None:
     config = {"max_batch_size": 1, "dynamic_batching": {}, "instance_count": 2,
-              "intra_op_threads": 1, "warmup": {"count": 0}}  # fmt: skip
-    batcher = _make(tmp_path, onnx_models.slow, config, spans)
-    x = np.zeros((1, 512), dtype=np.float32)
-    await asyncio.gather(*(batcher.infer({"x": x}, 1) for _ in range(4)))
-    spans.sort()
-    overlaps = sum(1 for a, b in zip(spans, spans[1:], strict=False) if b[0] < a[1])
-    assert overlaps >= 1, spans
+              "intra_op_threads": 1}  # fmt: skip
+    batcher, gate, model = make(onnx_models.mlp, config, closed=True)
+    xs = [rows(i, 1) for i in range(4)]
+    pending = [asyncio.ensure_future(batcher.infer({"input": x}, 1)) for x in xs]
+    await gate.started(2)  # both instances are inside a run at once
+    assert gate.rows == [1, 1]
+    gate.open()
+    for x, got in zip(xs, await asyncio.gather(*pending), strict=True):
+        assert_close(got["score"], ort_outputs(model, {"input": x})["score"])
     await batcher.drain()
 
 
-async def test_batches_respect_max_rows_and_keep_order(tmp_path):
-    spans: list = []
-    config = {"max_batch_size": 8, "dynamic_batching": {"max_queue_delay_us": 50000},
-              "warmup": {"count": 0}}  # fmt: skip
-    batcher = _make(tmp_path, onnx_models.mlp, config, spans)
-    xs = [np.full((3, 32), i, dtype=np.float32) for i in range(6)]
-    outs = await asyncio.gather(*(batcher.infer({"input": x}, 3) for x in xs))
-    assert all(s[2] <= 8 for s in spans)
-    assert sum(s[2] for s in spans) == 18
-    assert len(spans) == 3  # 6 requests of 3 rows: two per batch of at most 8
-    reference = [await batcher.infer({"input": x}, 3) for x in xs]
-    for got, want in zip(outs, reference, strict=True):
-        assert_close(got["score"], want["score"])
-    await batcher.drain()
-
-
-async def test_delay_lets_a_batch_grow(tmp_path):
-    spans: list = []
-    config = {"max_batch_size": 16, "dynamic_batching": {"max_queue_delay_us": 100000},
-              "warmup": {"count": 0}}  # fmt: skip
-    batcher = _make(tmp_path, onnx_models.mlp, config, spans)
-    x = np.zeros((1, 32), dtype=np.float32)
-
-    async def late(delay: float):
-        await asyncio.sleep(delay)
-        return await batcher.infer({"input": x}, 1)
-
-    await asyncio.gather(late(0), late(0.02), late(0.04))
-    assert [s[2] for s in spans] == [3]
+async def test_delay_lets_a_batch_grow(make: Make) -> None:
+    """Three requests arriving together run as one batch, released once the oldest has waited
+    `max_queue_delay_us` (a lower bound is the promise; nothing waits on an upper one)."""
+    delay_s = 0.3
+    config = {"max_batch_size": 16, "dynamic_batching": {"max_queue_delay_us": int(delay_s * 1e6)}}
+    batcher, gate, model = make(onnx_models.mlp, config)
+    xs = [rows(i, 1) for i in range(3)]
+    start = time.perf_counter()
+    outs = await asyncio.gather(*(batcher.infer({"input": x}, 1) for x in xs))
+    assert time.perf_counter() - start >= delay_s
+    assert gate.rows == [3]
+    assert releases(batcher, "delay") == 1
     assert batcher.stats.as_dict()["execution_count"] == 1
+    for x, got in zip(xs, outs, strict=True):
+        assert_close(got["score"], ort_outputs(model, {"input": x})["score"])
     await batcher.drain()
 
 
-async def test_queue_full_and_timeout(tmp_path):
-    config = {"max_batch_size": 1, "dynamic_batching": {"max_queue_size": 1},
-              "intra_op_threads": 1, "warmup": {"count": 0}}  # fmt: skip
-    batcher = _make(tmp_path, onnx_models.slow, config)
-    x = np.zeros((1, 512), dtype=np.float32)
-    running = asyncio.ensure_future(batcher.infer({"x": x}, 1))
-    await asyncio.sleep(0.01)  # the first request is now executing, the queue is empty
-    queued = asyncio.ensure_future(batcher.infer({"x": x}, 1, timeout_us=1000))
-    await asyncio.sleep(0)
+async def test_preferred_batch_size_is_released_at_once(make: Make) -> None:
+    """With a delay far longer than the test, a batch reaching a preferred size runs at once."""
+    batching = {"max_queue_delay_us": 60_000_000, "preferred_batch_sizes": [4]}
+    config = {"max_batch_size": 8, "dynamic_batching": batching}
+    batcher, gate, model = make(onnx_models.mlp, config)
+    xs = [rows(i, 2) for i in range(2)]
+    batcher.hold_until_queued(2)
+    outs = await asyncio.wait_for(
+        asyncio.gather(*(batcher.infer({"input": x}, 2) for x in xs)), WAIT
+    )
+    assert gate.rows == [4]
+    assert releases(batcher, "preferred") == 1
+    for x, got in zip(xs, outs, strict=True):
+        assert_close(got["score"], ort_outputs(model, {"input": x})["score"])
+    await batcher.drain()
+
+
+async def test_queue_full_and_timeout(make: Make) -> None:
+    config = {"max_batch_size": 1, "dynamic_batching": {"max_queue_size": 1}}
+    batcher, gate, model = make(onnx_models.mlp, config, closed=True)
+    x = rows(0, 1)
+    running = asyncio.ensure_future(batcher.infer({"input": x}, 1))
+    await gate.started(1)  # the first request is executing, the queue is empty
+    queued = asyncio.ensure_future(batcher.infer({"input": rows(1, 1)}, 1, timeout_us=1000))
+    await until_queued(batcher, 1)
     with pytest.raises(VolleyError) as err:
-        await batcher.infer({"x": x}, 1)
+        await asyncio.wait_for(batcher.infer({"input": rows(2, 1)}, 1), WAIT)
     assert err.value.kind is ErrorKind.QUEUE_FULL
     with pytest.raises(VolleyError) as err:
-        await queued
+        await asyncio.wait_for(queued, WAIT)
     assert err.value.kind is ErrorKind.TIMEOUT
-    assert (await running)["y"].shape == (1, 512)
     assert batcher.queued == 0
+    gate.open()
+    assert_close((await running)["score"], ort_outputs(model, {"input": x})["score"])
+    assert gate.rows == [1]
     await batcher.drain()
 
 
-async def test_a_failing_batch_fails_each_request_with_the_reason(tmp_path):
-    config = {"max_batch_size": 4, "dynamic_batching": {"max_queue_delay_us": 20000},
-              "warmup": {"count": 0}}  # fmt: skip
-    batcher = _make(tmp_path, onnx_models.mlp, config)
+async def test_default_timeout_applies_when_the_request_gives_none(make: Make) -> None:
+    """`default_timeout_us` fails a request that gives no timeout while it queues."""
+    config = {"max_batch_size": 1, "dynamic_batching": {"default_timeout_us": 1000}}
+    batcher, gate, model = make(onnx_models.mlp, config, closed=True)
+    x = rows(0, 1)
+    # Its own timeout, long enough that it surely starts; it then holds the only instance.
+    running = asyncio.ensure_future(batcher.infer({"input": x}, 1, timeout_us=60_000_000))
+    await gate.started(1)
+    queued = asyncio.ensure_future(batcher.infer({"input": rows(1, 1)}, 1))
+    with pytest.raises(VolleyError) as err:
+        await asyncio.wait_for(queued, WAIT)
+    assert err.value.kind is ErrorKind.TIMEOUT
+    assert "timed out after 1000 us" in err.value.message
+    gate.open()
+    assert_close((await running)["score"], ort_outputs(model, {"input": x})["score"])
+    await batcher.drain()
+
+
+async def test_a_failing_batch_fails_each_request_with_the_reason(make: Make) -> None:
+    config = {"max_batch_size": 4, "dynamic_batching": {}}
+    batcher, gate, model = make(onnx_models.mlp, config)
     bad = np.zeros((1, 7), dtype=np.float32)  # passes the batcher, fails inside ORT
-    results = await asyncio.gather(
-        batcher.infer({"input": bad}, 1), batcher.infer({"input": bad}, 1), return_exceptions=True
-    )
+    batcher.hold_until_queued(2)
+    both = [batcher.infer({"input": bad}, 1) for _ in range(2)]
+    results = await asyncio.wait_for(asyncio.gather(*both, return_exceptions=True), WAIT)
+    assert gate.rows == [2]  # one batch, both of its requests failed
     assert all(isinstance(r, VolleyError) and r.kind is ErrorKind.INTERNAL for r in results)
     assert all("inference failed" in r.message for r in results)
-    good = await batcher.infer({"input": np.zeros((1, 32), np.float32)}, 1)
-    assert good["score"].shape == (1, 1)
+    x = rows(0, 1)
+    good = await batcher.infer({"input": x}, 1)
+    assert_close(good["score"], ort_outputs(model, {"input": x})["score"])
     await batcher.drain()
 
 
-async def test_drain_answers_queued_requests_then_refuses(tmp_path):
-    config = {"max_batch_size": 1, "dynamic_batching": {}, "intra_op_threads": 1,
-              "warmup": {"count": 0}}  # fmt: skip
-    batcher = _make(tmp_path, onnx_models.slow, config)
-    x = np.zeros((1, 512), dtype=np.float32)
-    pending = [asyncio.ensure_future(batcher.infer({"x": x}, 1)) for _ in range(3)]
-    await asyncio.sleep(0)
-    await batcher.drain()
-    assert all(p.done() and p.result()["y"].shape == (1, 512) for p in pending)
+async def test_drain_answers_queued_requests_at_once_then_refuses(make: Make) -> None:
+    """Requests waiting for a batch that would wait a minute are run by the drain at once."""
+    config = {"max_batch_size": 8, "dynamic_batching": {"max_queue_delay_us": 60_000_000}}
+    batcher, gate, model = make(onnx_models.mlp, config)
+    xs = [rows(i, 1 + i) for i in range(3)]
+    pending = [asyncio.ensure_future(batcher.infer({"input": x}, len(x))) for x in xs]
+    await until_queued(batcher, 3)
+    await asyncio.wait_for(batcher.drain(), WAIT)
+    assert gate.rows == [6]
+    assert releases(batcher, "drain") == 1
+    for x, task in zip(xs, pending, strict=True):
+        assert_close(task.result()["score"], ort_outputs(model, {"input": x})["score"])
     with pytest.raises(VolleyError) as err:
-        await batcher.infer({"x": x}, 1)
+        await batcher.infer({"input": xs[0]}, 1)
     assert err.value.kind is ErrorKind.UNAVAILABLE

@@ -21,7 +21,7 @@ import requests
 import tritonclient.grpc as grpcclient
 from conftest import VolleyProcess, serving
 from reference import assert_close, ort_outputs
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 TIMEOUT = 30  # seconds, per HTTP call: the machine is shared with training jobs
 SLOW_WIDTH = 512
@@ -246,6 +246,33 @@ def test_batch_larger_than_max_batch_size(server: VolleyProcess) -> None:
 def test_zero_batch(server: VolleyProcess) -> None:
     response = post(infer_url(server, "mlp"), {"inputs": [mlp_input(rows=0)]})
     assert_error(response, 400, "batch size 0", "accepts 1 to 64")
+
+
+DTYPES_INPUTS = {"f16": "FP16", "i64": "INT64", "i32": "INT32", "u8": "UINT8", "flag": "BOOL"}
+
+
+def dtypes_tensors(rows: dict[str, int]) -> list[tuple[str, str, np.ndarray]]:
+    """The shared `dtypes` model's inputs as (name, datatype, ones [n, 4]), n = 2 unless `rows`
+    says otherwise."""
+    return [
+        (name, datatype, np.ones((rows.get(name, 2), 4), triton_to_np_dtype(datatype)))
+        for name, datatype in DTYPES_INPUTS.items()
+    ]
+
+
+def test_duplicate_input_name(server: VolleyProcess) -> None:
+    body = {"inputs": [mlp_input(), mlp_input(data=[0.5] * 32)]}
+    response = post(infer_url(server, "mlp"), body)
+    assert_error(response, 400, "input 'input' is given twice")
+
+
+def test_inputs_disagree_on_the_batch_size(server: VolleyProcess) -> None:
+    inputs = [
+        {"name": name, "datatype": datatype, "shape": list(a.shape), "data": a.ravel().tolist()}
+        for name, datatype, a in dtypes_tensors({"i64": 3})
+    ]
+    response = post(infer_url(server, "dtypes"), {"inputs": inputs})
+    assert_error(response, 400, "inputs of model 'dtypes' disagree on the batch size")
 
 
 @pytest.mark.parametrize(
@@ -573,6 +600,45 @@ def test_grpc_wrong_shape(grpc_client: grpcclient.InferenceServerClient) -> None
     error = grpc_error(lambda: grpc_client.infer("mlp", [grpc_input(x)], client_timeout=TIMEOUT))
     assert error.status() == "StatusCode.INVALID_ARGUMENT"
     assert "shape [1, 31]" in error.message() and "expects [-1, 32]" in error.message()
+
+
+def test_grpc_duplicate_input_name(grpc_client: grpcclient.InferenceServerClient) -> None:
+    x = np.zeros((1, 32), np.float32)
+    error = grpc_error(
+        lambda: grpc_client.infer("mlp", [grpc_input(x), grpc_input(x)], client_timeout=TIMEOUT)
+    )
+    assert error.status() == "StatusCode.INVALID_ARGUMENT"
+    assert error.message() == "input 'input' is given twice"
+
+
+def test_grpc_inputs_disagree_on_the_batch_size(
+    grpc_client: grpcclient.InferenceServerClient,
+) -> None:
+    inputs = []
+    for name, datatype, array in dtypes_tensors({"flag": 1}):
+        inputs.append(grpcclient.InferInput(name, list(array.shape), datatype))
+        inputs[-1].set_data_from_numpy(array)
+    error = grpc_error(lambda: grpc_client.infer("dtypes", inputs, client_timeout=TIMEOUT))
+    assert error.status() == "StatusCode.INVALID_ARGUMENT"
+    assert error.message() == "inputs of model 'dtypes' disagree on the batch size"
+
+
+def test_grpc_message_over_the_limit(small_server: VolleyProcess) -> None:
+    """A gRPC request over --max-request-bytes fails alone with RESOURCE_EXHAUSTED; the server
+    goes on serving, the same connection included."""
+    client = grpcclient.InferenceServerClient(small_server.grpc)
+    try:
+        big = np.full((16, 2000), 0.5, np.float32)  # 128 000 bytes of tensor data
+        error = grpc_error(
+            lambda: client.infer("rowsum", [grpc_input(big, "x")], client_timeout=TIMEOUT)
+        )
+        assert error.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        assert "larger than max" in error.message() and "100000" in error.message()
+        small = np.full((2, 2000), 0.5, np.float32)
+        result = client.infer("rowsum", [grpc_input(small, "x")], client_timeout=TIMEOUT)
+        np.testing.assert_allclose(result.as_numpy("total"), [[1000.0], [1000.0]])
+    finally:
+        client.close()
 
 
 def test_grpc_queue_full(server: VolleyProcess) -> None:

@@ -12,11 +12,15 @@ TOOL = Path(__file__).resolve().parents[2] / "shared" / "tools" / "perf_analyzer
 
 @pytest.fixture(scope="module")
 def perf_analyzer() -> Path:
+    """The launcher. Its absence is a missing prerequisite (skip); a launcher that is there
+    but cannot fetch or start the tool is a failure, never a skip."""
     if not TOOL.exists():
-        pytest.skip(f"{TOOL} is not on this machine")
+        pytest.skip(f"{TOOL} (the perf_analyzer launcher) is not on this machine")
     fetch = subprocess.run([str(TOOL), "--version"], capture_output=True, text=True, timeout=600)
-    if fetch.returncode != 0:
-        pytest.skip(f"perf_analyzer could not be fetched: {fetch.stderr[-500:]}")
+    assert fetch.returncode == 0, (
+        f"{TOOL} is present but `--version` exited {fetch.returncode}:\n"
+        f"{fetch.stdout[-2000:]}{fetch.stderr[-2000:]}"
+    )
     return TOOL
 
 

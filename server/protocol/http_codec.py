@@ -110,6 +110,8 @@ def _from_json(data: object, datatype: str, shape: tuple[int, ...], name: str) -
             out[:] = [x.encode() if isinstance(x, str) else _bytes_item(x) for x in flat]
             return out.reshape(shape)
         array = np.asarray(data)
+        if datatype == "UINT64" and array.dtype.kind == "f":
+            array = _exact_uint64(data, array)
         if array.dtype.kind not in "biuf" or (datatype == "BOOL") != (array.dtype.kind == "b"):
             raise ValueError(f"values are not of datatype {datatype}")
         if array.size != count:
@@ -126,6 +128,15 @@ def _from_json(data: object, datatype: str, shape: tuple[int, ...], name: str) -
         raise invalid(
             f"data of input '{name}' does not match its shape or datatype: {exc}"
         ) from None
+
+
+def _exact_uint64(data: list, array: np.ndarray) -> np.ndarray:
+    """numpy reads integers below and above 2**63 together as float64, losing digits: UINT64
+    data of plain integers is read exactly instead (anything else is left to the checks)."""
+    items = np.asarray(data, dtype=np.object_).reshape(-1).tolist()
+    if not all(type(x) is int for x in items):
+        return array
+    return np.array(items, dtype=np.uint64).reshape(array.shape)
 
 
 def _bytes_item(value: object) -> bytes:
