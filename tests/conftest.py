@@ -91,8 +91,9 @@ class VolleyProcess:
             time.sleep(0.05)
 
     def log(self) -> str:
-        """Everything the server has logged so far."""
-        self._log.flush()
+        """Everything the server has logged so far (also after `stop`)."""
+        # The server writes through its own file descriptor; ours only needs closing, never
+        # flushing, so reading the file works before and after `stop` alike.
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 30.0) -> int:
@@ -109,14 +110,22 @@ class VolleyProcess:
 
 
 @contextmanager
-def serving(repository: Path, *extra: str) -> Iterator[VolleyProcess]:
-    """A server on `repository` that has tried to load every model; stopped on exit."""
+def serving(repository: Path, *extra: str, exit_code: int | None = 0) -> Iterator[VolleyProcess]:
+    """A server on `repository` that has tried to load every model; stopped on exit.
+
+    When the block ends without an error, the server must exit with `exit_code` (None: any),
+    else the test fails with the server's log.
+    """
     proc = VolleyProcess(repository, *extra)
     try:
         proc.wait_models()
         yield proc
-    finally:
+    except BaseException:
         proc.stop()
+        raise
+    code = proc.stop()
+    if exit_code is not None and code != exit_code:
+        pytest.fail(f"server exited with {code}, expected {exit_code}:\n{proc.log()}")
 
 
 def build_repository(root: Path) -> Path:

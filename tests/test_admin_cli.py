@@ -13,12 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
+import yaml
 from conftest import ROOT, VolleyProcess, serving
 from reference import assert_close, ort_outputs
 
 SHIPPED = ROOT / "models"
 PERF_ANALYZER = ROOT.parent / "shared" / "tools" / "perf_analyzer"
-FEATURES = np.random.default_rng(7).standard_normal((3, 20)).astype(np.float32) * 10
+FRAUD_CONFIG = yaml.safe_load((SHIPPED / "fraud" / "config.yaml").read_text())
+WIDTH = len(FRAUD_CONFIG["parameters"]["feature_names"].split(","))  # the raw columns
+FEATURES = np.random.default_rng(7).standard_normal((3, WIDTH)).astype(np.float32) * 10
 
 
 def volley(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -44,7 +47,7 @@ def number(cell: str) -> float:
 
 def fraud_request() -> dict:
     rows = [[float(v) for v in row] for row in FEATURES]  # nested rows, as a person writes them
-    return {"inputs": [{"name": "features", "datatype": "FP32", "shape": [3, 20], "data": rows}]}
+    return {"inputs": [{"name": "features", "datatype": "FP32", "shape": [3, WIDTH], "data": rows}]}
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +105,7 @@ def test_stats_counts_inferences(shipped: VolleyProcess) -> None:
 
     before = fraud_stats()
     client = httpclient.InferenceServerClient(shipped.http)
-    features = httpclient.InferInput("features", [1, 20], "FP32")
+    features = httpclient.InferInput("features", [1, WIDTH], "FP32")
     features.set_data_from_numpy(FEATURES[:1])
     for _ in range(5):
         client.infer("fraud", [features])

@@ -51,8 +51,8 @@ def test_the_readme_install_serves_the_shipped_models_without_torch(tmp_path: Pa
         client = httpclient.InferenceServerClient(proc.http)
         assert {m["name"]: m["state"] for m in client.get_model_repository_index()} == {
             "detect": "READY", "detector": "READY", "fraud": "READY"}  # fmt: skip
-        features = httpclient.InferInput("features", [2, 20], "FP32")
-        features.set_data_from_numpy(np.ones((2, 20), np.float32))
+        features = httpclient.InferInput("features", [2, 17], "FP32")  # the 17 raw columns
+        features.set_data_from_numpy(np.ones((2, 17), np.float32))
         assert client.infer("fraud", [features]).as_numpy("score").shape == (2, 1)
         image = httpclient.InferInput("images", [1], "BYTES")
         sample = (ROOT / "docs" / "samples" / "street-1.jpg").read_bytes()

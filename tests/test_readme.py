@@ -63,7 +63,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return work
 
 
-def run(command: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+def run(command: str, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)  # fmt: skip

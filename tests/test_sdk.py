@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from conftest import ROOT, VolleyProcess, free_port, serving
@@ -34,18 +35,8 @@ from clients.errors import DeadlineExceeded, error
 
 FRAUD_ONNX = ROOT / "models" / "fraud" / "1" / "model.onnx"
 FRAUD_PARAMS = yaml.safe_load((ROOT / "models" / "fraud" / "config.yaml").read_text())["parameters"]
-FEATURES = FRAUD_PARAMS["feature_names"].split(",")
+FEATURES = FRAUD_PARAMS["feature_names"].split(",")  # the raw columns, in graph order
 MATCHED_FLOOR = 0.7
-
-
-class Frame:
-    """A stand-in for a pandas DataFrame (pandas is not installed): named columns, to_numpy()."""
-
-    def __init__(self, columns: list[str], values: np.ndarray) -> None:
-        self.columns, self._values = columns, values
-
-    def to_numpy(self) -> np.ndarray:
-        return self._values
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +59,9 @@ def client(url: str) -> Iterator[VolleyClient]:
 
 
 def transactions(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).gamma(2.0, 2.0, size=(n, 20)).astype(np.float32)
+    """Random non-negative raw columns, in graph order."""
+    size = (n, len(FEATURES))
+    return np.random.default_rng(seed).gamma(2.0, 2.0, size=size).astype(np.float32)
 
 
 def reference(rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -105,13 +98,16 @@ def test_infer_matches_onnxruntime(client: VolleyClient) -> None:
 
 def test_score_dicts_frame_and_array_agree(client: VolleyClient) -> None:
     rows = transactions(6, seed=1)
+    counts = [j for j, name in enumerate(FEATURES) if "count" in name]
+    rows[:, counts] = np.round(rows[:, counts])
     want = reference(rows)
     rng = np.random.default_rng(2)
     shuffled = [  # every dict with its own key order: the SDK puts them in the graph's order
         {FEATURES[j]: float(row[j]) for j in rng.permutation(len(FEATURES))} for row in rows
     ]
     order = rng.permutation(len(FEATURES))
-    frame = Frame([FEATURES[j] for j in order], rows[:, order])
+    frame = pd.DataFrame(rows[:, order], columns=[FEATURES[j] for j in order])
+    frame = frame.astype({FEATURES[j]: "int64" for j in counts})  # counts as integer columns
     for given in (rows, shuffled, frame):
         result = client.score(given)
         assert_close(result.scores, want["score"].reshape(-1))
@@ -130,9 +126,9 @@ def test_score_rejects_missing_and_unknown_columns(client: VolleyClient) -> None
     with pytest.raises(ValueError, match="unknown column.*colour"):
         client.score(row)
     with pytest.raises(ValueError, match="DataFrame: missing column.*amount"):
-        client.score(Frame(FEATURES[1:], transactions(2)[:, 1:]))
-    with pytest.raises(ValueError, match=r"not \[N, 20\]"):
-        client.score(transactions(2)[:, :19])
+        client.score(pd.DataFrame(transactions(2)[:, 1:], columns=FEATURES[1:]))
+    with pytest.raises(ValueError, match=rf"not \[N, {len(FEATURES)}\]"):
+        client.score(transactions(2)[:, :-1])
 
 
 def test_detect_path_bytes_and_array_in_original_pixels(
@@ -157,7 +153,7 @@ def test_errors_carry_the_servers_message_and_status(
     with pytest.raises(ModelNotFound, match="unknown model.*'nope'") as missing:
         client.infer("nope", {"features": transactions(1)})
     assert missing.value.status == ("NOT_FOUND" if grpc else "404")
-    with pytest.raises(InvalidInput, match=r"expects \[-1, 20\]") as bad:
+    with pytest.raises(InvalidInput, match=rf"expects \[-1, {len(FEATURES)}\]") as bad:
         client.infer("fraud", {"features": transactions(2)[:, :3]})
     assert bad.value.status == ("INVALID_ARGUMENT" if grpc else "400")
     with pytest.raises(InvalidInput, match="not a JPEG, PNG, WebP or BMP"):

@@ -17,7 +17,7 @@ from training.detector.coco import load_coco
 from training.detector.evaluate import coco_map, images_to_input
 from training.detector.parity import detection_difference
 from training.detector.synth import write_synthetic_coco
-from training.fraud.features import build_features
+from training.fraud.features import RAW_NAMES, raw_columns
 from training.fraud.simulate import SimConfig, simulate
 
 SHIPPED = ROOT / "models"
@@ -55,9 +55,10 @@ def test_both_shipped_models_load_ready(shipped: VolleyProcess) -> None:
 
 def test_shipped_fraud_model_over_grpc(shipped: VolleyProcess) -> None:
     tx = simulate(FRAUD_WINDOW, seed=21)  # transactions no training run has seen
-    features = build_features(tx)
+    features = raw_columns(tx)  # raw columns: the graph derives its other features itself
     client = grpcclient.InferenceServerClient(shipped.grpc)
     config = client.get_model_config("fraud", as_json=True)["config"]
+    assert config["parameters"]["feature_names"]["string_value"].split(",") == list(RAW_NAMES)
     threshold = np.float32(config["parameters"]["threshold"]["string_value"])
     scores, decisions = [], []
     for start in range(0, len(features), 512):

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx_models
+import onnxruntime as ort
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
 from conftest import VolleyProcess
+from reference import assert_close
 from tritonclient.utils import InferenceServerException
 
 TIMEOUT = 60  # seconds: the machine is shared with training jobs
@@ -72,26 +74,39 @@ def slow_grpc(proc: VolleyProcess, value: float) -> np.ndarray:
         client.close()
 
 
+def slow_reference(model_file: Path, values: list[float]) -> dict[float, np.ndarray]:
+    """ONNX Runtime's own answer for a row of each value, computed as the server computes it
+    (one row at a time on one thread), two rows at once (the machine has two cores)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+
+    def run(value: float) -> np.ndarray:
+        return session.run(["y"], {"x": np.full((1, WIDTH), value, np.float32)})[0]
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip(values, pool.map(run, values), strict=True))
+
+
 def mlp_body() -> dict:
     return {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 32], "data": [0] * 32}]}
 
 
-def test_sigterm_drains_queued_requests(volley: VolleyProcess) -> None:
+def test_sigterm_drains_queued_requests(volley: VolleyProcess, repository_with_queue: Path) -> None:
     proc = volley
     http_count, grpc_count = 6, 2
-    # the answer for input 0.0, taken before the queue builds up (the first queued request
-    # sends the same input)
-    reference = slow_http(proc, 0.0)
-    assert reference.status_code == 200
+    # every request sends its own value, so each answer can be told from the others
+    http_values = [(i + 1) / 10 for i in range(http_count)]
+    grpc_values = [-(i + 1) / 10 for i in range(grpc_count)]
 
     with ThreadPoolExecutor(http_count + grpc_count) as pool:
         http: list[Future] = []
         grpc: list[Future] = []
         for i in range(max(http_count, grpc_count)):
             if i < http_count:
-                http.append(pool.submit(slow_http, proc, i / 10))
+                http.append(pool.submit(slow_http, proc, http_values[i]))
             if i < grpc_count:
-                grpc.append(pool.submit(slow_grpc, proc, -i / 10))
+                grpc.append(pool.submit(slow_grpc, proc, grpc_values[i]))
         # every request has reached the server (one running, the rest queued) before the signal
         deadline = time.monotonic() + TIMEOUT
         while True:
@@ -143,16 +158,16 @@ def test_sigterm_drains_queued_requests(volley: VolleyProcess) -> None:
         # all of that happened during the drain: requests sent before the signal were still open
         assert not all(f.done() for f in http + grpc), "drain ended before the checks"
 
-        # every request sent before the signal is answered, and answered right
-        for i, future in enumerate(http):
+        # every request sent before the signal is answered
+        answers: dict[float, np.ndarray] = {}
+        for value, future in zip(http_values, http, strict=True):
             response = future.result(TIMEOUT)
             assert response.status_code == 200, response.text
             (out,) = response.json()["outputs"]
             assert out["shape"] == [1, WIDTH]
-            if i == 0:
-                assert out["data"] == reference.json()["outputs"][0]["data"]
-        for future in grpc:
-            assert future.result(TIMEOUT).shape == (1, WIDTH)
+            answers[value] = np.array(out["data"], np.float32).reshape(1, WIDTH)
+        for value, future in zip(grpc_values, grpc, strict=True):
+            answers[value] = future.result(TIMEOUT)
 
     code = proc.proc.wait(TIMEOUT)
     elapsed = time.monotonic() - signalled
@@ -161,6 +176,16 @@ def test_sigterm_drains_queued_requests(volley: VolleyProcess) -> None:
     log = proc.log()
     assert log.index('"event":"draining"') < log.index('"event":"stopped"')
     assert "Traceback" not in log
+
+    # ... and answered right: each equals ONNX Runtime's own answer for its value, and no two
+    # answers are alike (a drain that answered with another request's rows would show)
+    expected = slow_reference(repository_with_queue / "slow" / "1" / "model.onnx", list(answers))
+    for value, answer in answers.items():
+        assert answer.shape == (1, WIDTH)
+        assert_close(answer, expected[value])
+    rows = np.concatenate(list(expected.values()))
+    gaps = np.abs(rows[:, None, :] - rows[None, :, :]).max(axis=-1)
+    assert gaps[~np.eye(len(rows), dtype=bool)].min() > 1e-3
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

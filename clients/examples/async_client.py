@@ -19,8 +19,8 @@ SAMPLE = Path(__file__).resolve().parents[2] / "docs" / "samples" / "street-1.jp
 async def run(url: str, image: Path) -> None:
     async with AsyncVolleyClient(url) as client:
         print("models:", ", ".join(f"{m.name} ({m.state})" for m in await client.models()))
-        # Four transactions as an array already in the model's column order.
-        rows = np.random.default_rng(0).gamma(2.0, 2.0, size=(4, 20)).astype(np.float32)
+        # Four transactions as an array of the 17 raw columns, already in the model's order.
+        rows = np.random.default_rng(0).gamma(2.0, 2.0, size=(4, 17)).astype(np.float32)
         scores, detections = await asyncio.gather(client.score(rows), client.detect(image))
     print("fraud scores:", " ".join(f"{s:.4f}" for s in scores.scores))
     print("flagged:", int(scores.decisions.sum()), "of", len(scores))

@@ -1,4 +1,4 @@
-"""Score two card transactions with the `fraud` model, features given by name.
+"""Score two card transactions with the `fraud` model, raw columns given by name.
 
 python clients/examples/score_transactions.py --url localhost:8001
 """
@@ -6,7 +6,6 @@ python clients/examples/score_transactions.py --url localhost:8001
 from __future__ import annotations
 
 import argparse
-import math
 
 from clients import VolleyClient
 
@@ -14,12 +13,11 @@ from clients import VolleyClient
 def transaction(
     amount: float, hour: float, mean_30d: float, count_1h: int, gap_s: float, risk: float
 ) -> dict[str, float]:
-    """The model's 20 raw features for one transaction (any key order: the SDK reorders)."""
+    """One transaction's raw columns, as a payment system knows them (any key order: the SDK
+    reorders). No log or ratio here: the model computes its derived features itself."""
     return {
         "amount": amount,
-        "log_amount": math.log1p(amount),
         "hour_of_day": hour,
-        "is_night": float(hour >= 22 or hour < 6),
         "is_weekend": 0.0,
         "customer_count_1d": 2 + count_1h,
         "customer_count_7d": 9 + count_1h,
@@ -27,9 +25,8 @@ def transaction(
         "customer_mean_amount_1d": mean_30d,
         "customer_mean_amount_7d": mean_30d,
         "customer_mean_amount_30d": mean_30d,
-        "amount_to_customer_mean_30d": amount / mean_30d,
         "customer_count_1h": count_1h,
-        "log_seconds_since_previous": math.log1p(gap_s),
+        "seconds_since_previous": gap_s,
         "terminal_count_1d": 25,
         "terminal_count_7d": 170,
         "terminal_count_30d": 720,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from training.export import PARITY_RULE
 from training.fraud import simulate
 from training.fraud.data import Dataset
-from training.fraud.features import LABEL_DELAY_DAYS
+from training.fraud.features import LABEL_DELAY_DAYS, Derived
 from training.fraud.simulate import DAY
 
 MODEL_NAMES = {
@@ -27,22 +27,40 @@ def render_card(metrics: dict, data: Dataset) -> str:
     lines = [
         "# `fraud` - card-transaction fraud scoring",
         "",
-        "A small PyTorch MLP exported to ONNX that turns one row of transaction features into a",
+        "A small PyTorch MLP exported to ONNX that turns one row of raw transaction columns into a",
         "calibrated fraud probability and a block/allow decision. Served by Volley from",
         "`models/fraud` (`config.yaml`, `1/model.onnx`); numbers below come from `metrics.json`.",
         "",
         "## Inputs",
         "",
-        f"`features`: FP32 `[batch, {len(data.feature_names)}]`, raw values in the order below",
-        "(no client-side scaling: the graph log-compresses the marked heavy-tailed columns with",
-        "log(1 + max(x, 0)) and standardises every column with the training mean and std).",
+        f"`features`: FP32 `[batch, {len(data.raw_names)}]`, one row of raw columns per",
+        "transaction in the order below (`feature_names` in `config.yaml` and in the ONNX",
+        "`metadata_props`). Send the values as they are: no logs, ratios or scaling on the client.",
         "",
-        "| # | name | meaning | log-compressed |",
-        "|---|------|---------|----------------|",
+        "| # | name | meaning and unit |",
+        "|---|------|------------------|",
+        *(f"| {i} | `{name}` | {doc} |" for i, (name, doc) in enumerate(data.raw_docs.items())),
+        "",
+        "### Computed in the graph",
+        "",
+        f"The graph computes the network's {len(data.feature_names)} features from the raw columns "
+        "(in float32),",
+        "log-compresses the marked heavy-tailed ones with log(1 + max(x, 0)) and standardises each",
+        "with the training mean and std:",
+        "",
+        "| # | network feature | computed as | log-compressed |",
+        "|---|-----------------|-------------|----------------|",
         *(
-            f"| {i} | `{name}` | {doc} | {'yes' if name in data.log_scaled else ''} |"
-            for i, (name, doc) in enumerate(data.feature_docs.items())
+            f"| {i} | `{name}` | {_computed(data.recipe[name])} | "
+            f"{'yes' if name in data.log_scaled else ''} |"
+            for i, name in enumerate(data.feature_names)
         ),
+        "",
+        "Interface change: models exported before the derived features moved into the graph took",
+        "the network's features directly, the client computing",
+        f"{_derived_names(data)}.",
+        "The input changed shape and meaning, so the shipped `models/fraud/1` was retrained in",
+        "place rather than joined by a version 2.",
         "",
         "## Outputs",
         "",
@@ -140,6 +158,19 @@ def render_card(metrics: dict, data: Dataset) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _computed(how: str | Derived) -> str:
+    """A recipe entry for the card: the raw column passed through, or the derivation."""
+    return f"raw `{how}`" if isinstance(how, str) else how.formula()
+
+
+def _derived_names(data: Dataset) -> str:
+    """The derived network features, as `a`, `b` and `c`."""
+    names = [f"`{n}`" for n, how in data.recipe.items() if isinstance(how, Derived)]
+    if len(names) <= 1:
+        return "".join(names) or "nothing"
+    return f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def _story(data: Dataset) -> list[str]:

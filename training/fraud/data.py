@@ -8,30 +8,62 @@ from pathlib import Path
 
 import numpy as np
 
-from training.fraud.features import FEATURES, LOG_SCALED, build_features
+from training.fraud.features import (
+    FEATURES,
+    LOG_SCALED,
+    RAW_FEATURES,
+    RECIPE,
+    Derived,
+    Recipe,
+    build_features,
+    raw_columns,
+)
 from training.fraud.simulate import DAY, SimConfig, simulate
 
 PCA_COLUMNS = tuple(f"V{i}" for i in range(1, 29))
-CSV_FEATURES: dict[str, str] = {
+CSV_RAW: dict[str, str] = {
     **{
         name: f"PCA component {name} of the original (confidential) features"
         for name in PCA_COLUMNS
     },
+    "Amount": "transaction amount in currency units, not negative",
+}
+CSV_FEATURES: dict[str, str] = {
+    **{name: CSV_RAW[name] for name in PCA_COLUMNS},
     "amount": "transaction amount",
     "log_amount": "log(1 + amount)",
+}
+CSV_RECIPE: Recipe = {
+    **{name: name for name in PCA_COLUMNS},
+    "amount": "Amount",
+    "log_amount": Derived("log1p", ("Amount",)),
 }
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """Feature matrix, labels and timestamps (seconds), rows in time order."""
+    """Raw columns (the graph's input), the network's features, labels and timestamps (seconds),
+    rows in time order.
 
+    `features` holds the derived columns as the numpy reference computes them (in float64, then
+    rounded); the network trains on them, and the exported graph computes the same columns from
+    `raw` in float32 (equal up to float32 rounding), so its quality is measured on `raw`.
+    """
+
+    raw: np.ndarray  # float32 [n, R]
     features: np.ndarray  # float32 [n, F]
     labels: np.ndarray  # int8 [n]
     time: np.ndarray  # [n]
-    feature_docs: dict[str, str]  # feature name -> meaning, in column order
+    raw_docs: dict[str, str]  # raw column name -> meaning and units, in graph input order
+    feature_docs: dict[str, str]  # network feature name -> meaning, in network order
+    recipe: Recipe  # network feature name -> raw column or its in-graph derivation
     log_scaled: frozenset[str]  # heavy-tailed, non-negative features the model log-compresses
     source: str
+
+    @property
+    def raw_names(self) -> tuple[str, ...]:
+        """Column names of `raw`: the model's `feature_names`."""
+        return tuple(self.raw_docs)
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -41,7 +73,11 @@ class Dataset:
     def rows(self, mask: np.ndarray) -> Dataset:
         """The subset of rows selected by a boolean mask."""
         return replace(
-            self, features=self.features[mask], labels=self.labels[mask], time=self.time[mask]
+            self,
+            raw=self.raw[mask],
+            features=self.features[mask],
+            labels=self.labels[mask],
+            time=self.time[mask],
         )
 
 
@@ -81,7 +117,15 @@ def simulated_split(config: SimConfig, seed: int, burn_in_days: int) -> Split:
     remaining days go 60 / 20 / 20 % (whole days) to train / val / test."""
     tx = simulate(config, seed)
     data = Dataset(
-        build_features(tx), tx.label, tx.time, FEATURES, LOG_SCALED, f"simulator(seed={seed})"
+        raw=raw_columns(tx),
+        features=build_features(tx),
+        labels=tx.label,
+        time=tx.time,
+        raw_docs=RAW_FEATURES,
+        feature_docs=FEATURES,
+        recipe=RECIPE,
+        log_scaled=LOG_SCALED,
+        source=f"simulator(seed={seed})",
     )
     usable = config.n_days - burn_in_days
     val_day = burn_in_days + round(0.6 * usable)
@@ -100,15 +144,19 @@ def load_creditcard_csv(path: Path) -> Dataset:
     table = np.loadtxt(path, delimiter=",", skiprows=1, quotechar='"', ndmin=2)
     order = np.argsort(table[:, column["Time"]], kind="stable")
     table = table[order]
+    raw = table[:, [column[c] for c in CSV_RAW]]
     amount = table[:, column["Amount"]]
     features = np.column_stack(
         [table[:, [column[c] for c in PCA_COLUMNS]], amount, np.log1p(amount)]
     )
     return Dataset(
+        raw=raw.astype(np.float32),
         features=features.astype(np.float32),
         labels=table[:, column["Class"]].astype(np.int8),
         time=table[:, column["Time"]],
+        raw_docs=CSV_RAW,
         feature_docs=CSV_FEATURES,
+        recipe=CSV_RECIPE,
         log_scaled=frozenset({"amount"}),
         source=f"csv({path.name})",
     )

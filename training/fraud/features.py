@@ -5,9 +5,15 @@ Every rolling aggregate looks strictly into the past: a window for a transaction
 labels are only known `LABEL_DELAY_DAYS` after the fact, so the terminal risk features use the
 delayed window [t - delay - w, t - delay). Amounts are summed in integer cents, which keeps every
 aggregate exact: changing a later transaction cannot perturb an earlier feature even by rounding.
+
+`raw_columns` gives what a client sends the model (RAW_FEATURES, in graph order); the exported
+graph derives the network's FEATURES from them as RECIPE says (log(1 + x), the night test, the
+amount ratio, the 30-day cap), and `build_features` is the numpy reference of that derivation.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -55,6 +61,72 @@ LOG_SCALED = frozenset(
 )
 
 
+@dataclass(frozen=True)
+class Derived:
+    """How the exported graph computes one network feature from raw columns (float32).
+
+    `op` is "log1p" (log(1 + x), negative x counted as 0), "is_night" (1 if x >= 22 or x < 6,
+    else 0) or "ratio" (x / y, 1 where y <= 0: no history); `cap` first replaces x by min(x, cap).
+    """
+
+    op: str
+    inputs: tuple[str, ...]
+    cap: float | None = None
+
+    def formula(self) -> str:
+        """The computation in words, for model cards."""
+        x = f"min({self.inputs[0]}, {self.cap:.10g})" if self.cap is not None else self.inputs[0]
+        if self.op == "log1p":
+            return f"log(1 + {x})"
+        if self.op == "is_night":
+            return f"1 if {x} >= 22 or {x} < 6, else 0"
+        if self.op == "ratio":
+            return f"{x} / {self.inputs[1]}, 1 when {self.inputs[1]} is 0 (no history)"
+        raise ValueError(f"unknown derivation {self.op!r}")
+
+
+# A network feature is a raw column (by name) or computed from raw columns in the graph.
+Recipe = dict[str, str | Derived]
+
+RAW_FEATURES: dict[str, str] = {
+    "amount": "transaction amount in currency units (e.g. 42.5), not negative",
+    "hour_of_day": "local time of day in hours, 0 <= h < 24 (14:30 is 14.5)",
+    "is_weekend": "1 on Saturday or Sunday, else 0",
+    **{
+        f"customer_count_{w}d": f"number of the card's transactions in the {w} day(s) before this "
+        "one (count)"
+        for w in WINDOWS_DAYS
+    },
+    **{
+        f"customer_mean_amount_{w}d": f"mean amount (currency units) of the card's transactions in "
+        f"the {w} day(s) before this one; 0 when there are none"
+        for w in WINDOWS_DAYS
+    },
+    "customer_count_1h": "number of the card's transactions in the hour before this one (count)",
+    "seconds_since_previous": "seconds since the card's previous transaction; "
+    f"{NO_HISTORY_GAP} (30 days) or more when there is none (capped at 30 days in the graph)",
+    **{
+        f"terminal_count_{w}d": f"number of transactions at the terminal in the {w} day(s) before "
+        "this one (count)"
+        for w in WINDOWS_DAYS
+    },
+    **{
+        f"terminal_risk_{w}d": f"fraction (0-1) of fraudulent transactions at the terminal over "
+        f"the {w} day(s) ending {LABEL_DELAY_DAYS} days ago (labels are known only after that "
+        "delay); 0 when there were none"
+        for w in WINDOWS_DAYS
+    },
+}
+RAW_NAMES: tuple[str, ...] = tuple(RAW_FEATURES)
+_DERIVED: dict[str, Derived] = {
+    "log_amount": Derived("log1p", ("amount",)),
+    "is_night": Derived("is_night", ("hour_of_day",)),
+    "amount_to_customer_mean_30d": Derived("ratio", ("amount", "customer_mean_amount_30d")),
+    "log_seconds_since_previous": Derived("log1p", ("seconds_since_previous",), NO_HISTORY_GAP),
+}
+RECIPE: Recipe = {name: _DERIVED.get(name, name) for name in FEATURE_NAMES}
+
+
 class PastWindows:
     """Rolling aggregates over earlier transactions of the same group (customer or terminal)."""
 
@@ -97,8 +169,24 @@ class PastWindows:
         return self._restore(np.minimum(gap, cap))
 
 
+def raw_columns(tx: Transactions) -> np.ndarray:
+    """The RAW_NAMES matrix the exported graph takes (float32, one row per transaction)."""
+    columns = _columns(tx)
+    return np.column_stack([columns[name] for name in RAW_NAMES]).astype(np.float32)
+
+
 def build_features(tx: Transactions) -> np.ndarray:
-    """The FEATURE_NAMES matrix (float32, one row per transaction, input order)."""
+    """The FEATURE_NAMES matrix, the network's input (float32, one row per transaction).
+
+    The numpy reference of what the graph computes from `raw_columns(tx)` (RECIPE), equal to it
+    up to float32 rounding of the derived columns.
+    """
+    columns = _columns(tx)
+    return np.column_stack([columns[name] for name in FEATURE_NAMES]).astype(np.float32)
+
+
+def _columns(tx: Transactions) -> dict[str, np.ndarray]:
+    """Every raw and derived column by name (input order)."""
     cents = np.round(tx.amount * 100).astype(np.int64)
     label = tx.label.astype(np.int64)
     hour = (tx.time % DAY) / HOUR
@@ -117,9 +205,8 @@ def build_features(tx: Transactions) -> np.ndarray:
     mean_30d = columns["customer_mean_amount_30d"]
     columns["amount_to_customer_mean_30d"] = tx.amount / np.where(mean_30d > 0, mean_30d, tx.amount)
     columns["customer_count_1h"] = customer.count(HOUR)
-    columns["log_seconds_since_previous"] = np.log1p(
-        customer.seconds_since_previous(NO_HISTORY_GAP)
-    )
+    columns["seconds_since_previous"] = customer.seconds_since_previous(NO_HISTORY_GAP)
+    columns["log_seconds_since_previous"] = np.log1p(columns["seconds_since_previous"])
 
     terminal = PastWindows(tx.terminal, tx.time)
     delay = LABEL_DELAY_DAYS * DAY
@@ -129,7 +216,7 @@ def build_features(tx: Transactions) -> np.ndarray:
         known = terminal.count(delay + w * DAY, delay)
         frauds = terminal.total(label, delay + w * DAY, delay)
         columns[f"terminal_risk_{w}d"] = _mean(frauds, known)
-    return np.column_stack([columns[name] for name in FEATURE_NAMES]).astype(np.float32)
+    return columns
 
 
 def _mean(total: np.ndarray, count: np.ndarray) -> np.ndarray:

@@ -1,10 +1,70 @@
-"""The MLP, its Platt calibration, and the exported graph that wraps both with normalisation."""
+"""The MLP, its Platt calibration, and the exported graph that wraps both with the derived
+features and the normalisation."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
+
+from training.fraud.features import Derived, Recipe
+
+
+def log1p(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + max(x, 0)) in float32, accurate for small x too (ONNX has no Log1p).
+
+    Kahan's trick: with u = 1 + x rounded, log(u) * x / (u - 1) cancels the rounding of u.
+    """
+    x = torch.clamp(x, min=0.0)
+    u = x + 1.0
+    return torch.where(u == 1.0, x, torch.log(u) * (x / (u - 1.0)))
+
+
+def derived_column(how: Derived, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One derived column from its input columns (each [N, 1]), as the numpy reference does."""
+    x = inputs[0] if how.cap is None else torch.clamp(inputs[0], max=how.cap)
+    if how.op == "log1p":
+        return log1p(x)
+    if how.op == "is_night":
+        return ((x >= 22.0) | (x < 6.0)).to(torch.float32)
+    if how.op == "ratio":
+        y = inputs[1]
+        return torch.where(y > 0.0, x / y, 1.0)
+    raise ValueError(f"unknown derivation {how.op!r}")
+
+
+class DerivedFeatures(nn.Module):
+    """Raw columns [N, R] -> the network's features [N, F], computed as `recipe` says.
+
+    Passed-through columns are picked with one gather, each derived one is computed from its
+    inputs, and a last gather puts all of them in the recipe's (the network's) order.
+    """
+
+    def __init__(self, raw_names: Sequence[str], recipe: Recipe) -> None:
+        super().__init__()
+        column = {name: i for i, name in enumerate(raw_names)}
+        passed = [name for name, how in recipe.items() if isinstance(how, str)]
+        derived = [name for name, how in recipe.items() if isinstance(how, Derived)]
+        self.derivations = [recipe[name] for name in derived]
+        self.inputs = [[column[c] for c in how.inputs] for how in self.derivations]
+        picked = [column[recipe[name]] for name in passed]
+        order = [(passed + derived).index(name) for name in recipe]
+        self.register_buffer("picked", torch.tensor(picked, dtype=torch.int64))
+        self.register_buffer("order", torch.tensor(order, dtype=torch.int64))
+
+    def forward(self, raw: torch.Tensor) -> torch.Tensor:
+        columns = [raw.index_select(1, self.picked)]
+        for how, inputs in zip(self.derivations, self.inputs, strict=True):
+            columns.append(derived_column(how, [raw[:, i : i + 1] for i in inputs]))
+        return torch.cat(columns, dim=1).index_select(1, self.order)
+
+
+def derive_features(raw: np.ndarray, raw_names: Sequence[str], recipe: Recipe) -> np.ndarray:
+    """The network's features (float32 [N, F]) from raw columns, exactly as the graph does."""
+    with torch.no_grad():
+        return DerivedFeatures(raw_names, recipe)(torch.as_tensor(raw, dtype=torch.float32)).numpy()
 
 
 class MLP(nn.Module):
@@ -25,15 +85,16 @@ class MLP(nn.Module):
 
 
 class FraudScorer(nn.Module):
-    """Raw features -> (calibrated probability `score`, decision `is_fraud = score >= threshold`).
+    """Raw columns -> (calibrated probability `score`, decision `is_fraud = score >= threshold`).
 
-    Everything a client would otherwise have to reproduce (log(1 + x) of the heavy-tailed
-    features flagged in `log_mask`, standardisation with the training mean/std, the network,
-    Platt scaling) lives in this one graph.
+    Everything a client would otherwise have to reproduce (the derived features of `derive`,
+    log(1 + x) of the heavy-tailed features flagged in `log_mask`, standardisation with the
+    training mean/std, the network, Platt scaling) lives in this one graph.
     """
 
     def __init__(
         self,
+        derive: DerivedFeatures,
         net: MLP,
         log_mask: np.ndarray,
         mean: np.ndarray,
@@ -42,6 +103,7 @@ class FraudScorer(nn.Module):
         threshold: float = 0.5,
     ):
         super().__init__()
+        self.derive = derive
         self.net = net
         self.register_buffer("log_mask", torch.as_tensor(log_mask, dtype=torch.bool))
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
@@ -50,15 +112,15 @@ class FraudScorer(nn.Module):
         self.register_buffer("platt_b", torch.tensor(platt[1], dtype=torch.float32))
         self.register_buffer("threshold", torch.tensor(threshold, dtype=torch.float32))
 
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logit = self.net(self.normalise(features))
+    def forward(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logit = self.net(self.normalise(self.derive(raw)))
         # 1 / (1 + exp(-z)) rather than sigmoid: ONNX Runtime's Sigmoid kernel is an approximation
         # that is off by ~5e-4 relative for small probabilities, its Exp is accurate.
         score = 1.0 / (1.0 + torch.exp(-(logit * self.platt_a + self.platt_b)))
         return score, score >= self.threshold
 
     def normalise(self, features: torch.Tensor) -> torch.Tensor:
-        """Log-compress the flagged features, then standardise: the network's actual input."""
+        """Log-compress the flagged (derived) features, then standardise: the network's input."""
         compressed = torch.log(torch.clamp(features, min=0.0) + 1.0)
         return (torch.where(self.log_mask, compressed, features) - self.mean) * self.inv_std
 

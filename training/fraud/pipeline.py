@@ -13,6 +13,7 @@ from training.fraud.artifacts import onnx_metadata, threshold_text, write_model_
 from training.fraud.baselines import lightgbm, logistic_regression
 from training.fraud.card import render_card
 from training.fraud.data import Split, csv_split, load_creditcard_csv, simulated_split
+from training.fraud.features import Derived
 from training.fraud.metrics import TARGET_FPR, calibration, operating_point, ranking_metrics
 from training.fraud.model import FraudScorer
 from training.fraud.simulate import SimConfig
@@ -69,7 +70,7 @@ def _run(options: RunOptions) -> dict:
     result = train_mlp(split, recipe.train, options.seed)
     threshold = float(result.scorer.threshold)
     test = split.test
-    mlp_scores, mlp_decisions = score(result.scorer, test.features)
+    mlp_scores, mlp_decisions = score(result.scorer, test.raw)
     gbm_scores, trees = lightgbm(split, options.seed)
     models = {
         "mlp": ranking_metrics(test.labels, mlp_scores),
@@ -79,12 +80,16 @@ def _run(options: RunOptions) -> dict:
         "lightgbm": ranking_metrics(test.labels, gbm_scores),
     }
     parity = _export(result.scorer, split, options)
-    val_decisions = score(result.scorer, split.val.features)[1]
+    val_decisions = score(result.scorer, split.val.raw)[1]
     metrics = {
         "data": {
             "source": test.source,
-            "n_features": len(test.feature_names),
-            "feature_names": list(test.feature_names),
+            "n_features": len(test.raw_names),
+            "feature_names": list(test.raw_names),
+            "network_features": list(test.feature_names),
+            "derived_features": {
+                name: how.formula() for name, how in test.recipe.items() if isinstance(how, Derived)
+            },
             "split": split.summary(),
         },
         "models": models,
@@ -104,7 +109,7 @@ def _run(options: RunOptions) -> dict:
         },
         "run": {"seed": options.seed, "quick": options.quick, "command": options.command},
     }
-    write_model_folder(options.out, threshold, TARGET_FPR, test.feature_names, metrics)
+    write_model_folder(options.out, threshold, TARGET_FPR, test.raw_names, metrics)
     (options.out / "README.md").write_text(render_card(metrics, test))
     return metrics
 
@@ -126,7 +131,7 @@ def _export(scorer: FraudScorer, split: Split, options: RunOptions) -> float:
     metadata = onnx_metadata(
         float(scorer.threshold),
         TARGET_FPR,
-        split.train.feature_names,
+        split.train.raw_names,
         {
             "calibration": "platt",
             "training_data": split.train.source,
@@ -134,13 +139,13 @@ def _export(scorer: FraudScorer, split: Split, options: RunOptions) -> float:
             "command": options.command,
         },
     )
-    example = torch.as_tensor(split.val.features[:2])
+    example = torch.as_tensor(split.val.raw[:2])
     export_onnx(scorer, example, path, "features", ("score", "is_fraud"), metadata)
-    rows = split.val.features
+    rows = split.val.raw
     rng = np.random.default_rng(options.seed + 1)
 
     def fresh_input(batch: int) -> torch.Tensor:
-        """Random validation rows, each value jittered by about 5 %."""
+        """Random validation rows (raw columns), each value jittered by about 5 %."""
         picked = rows[rng.integers(0, len(rows), size=batch)]
         return torch.as_tensor(picked * rng.normal(1.0, 0.05, size=picked.shape).astype(np.float32))
 

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from training.fraud.data import Split
 from training.fraud.metrics import TARGET_FPR
-from training.fraud.model import MLP, FraudScorer, fit_platt, threshold_for_fpr
+from training.fraud.model import MLP, DerivedFeatures, FraudScorer, fit_platt, threshold_for_fpr
 
 TORCH_THREADS = 1
 
@@ -76,10 +76,12 @@ def train_mlp(split: Split, config: TrainConfig, seed: int) -> TrainResult:
 def _train(split: Split, config: TrainConfig, seed: int) -> TrainResult:
     n_features = split.train.features.shape[1]
     log_mask = np.array([name in split.train.log_scaled for name in split.train.feature_names])
+    derive = DerivedFeatures(split.train.raw_names, split.train.recipe)
     net = MLP(n_features, config.hidden, config.dropout)
-    unscaled = FraudScorer(net, log_mask, np.zeros(n_features), np.ones(n_features), (1.0, 0.0))
+    zeros, ones = np.zeros(n_features), np.ones(n_features)
+    unscaled = FraudScorer(derive, net, log_mask, zeros, ones, (1.0, 0.0))
     mean, std = standardisation(_normalise(unscaled, split.train.features).numpy())
-    scorer = FraudScorer(net, log_mask, mean, std, platt=(1.0, 0.0))
+    scorer = FraudScorer(derive, net, log_mask, mean, std, platt=(1.0, 0.0))
     x_train = _normalise(scorer, split.train.features)
     y_train = torch.as_tensor(split.train.labels, dtype=torch.float32).unsqueeze(1)
     x_val = _normalise(scorer, split.val.features)
@@ -115,23 +117,23 @@ def _train(split: Split, config: TrainConfig, seed: int) -> TrainResult:
 
     net.load_state_dict(best_state)
     platt = fit_platt(_logits(net, x_val), split.val.labels)
-    scorer = FraudScorer(net, log_mask, mean, std, platt)
-    val_scores = score(scorer, split.val.features)[0]
+    scorer = FraudScorer(derive, net, log_mask, mean, std, platt)
+    val_scores = score(scorer, split.val.raw)[0]
     threshold = threshold_for_fpr(val_scores, split.val.labels, TARGET_FPR)
-    scorer = FraudScorer(net, log_mask, mean, std, platt, threshold).eval()
+    scorer = FraudScorer(derive, net, log_mask, mean, std, platt, threshold).eval()
     return TrainResult(scorer, best_epoch, pos_weight, history)
 
 
-def score(scorer: FraudScorer, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities, decisions) of the exportable scorer on raw features, as 1-D arrays."""
+def score(scorer: FraudScorer, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, decisions) of the exportable scorer on raw columns, as 1-D arrays."""
     scorer.eval()
     with torch.no_grad():
-        probability, decision = scorer(torch.as_tensor(features))
+        probability, decision = scorer(torch.as_tensor(raw))
     return probability.numpy().ravel(), decision.numpy().ravel()
 
 
 def _normalise(scorer: FraudScorer, features: np.ndarray) -> torch.Tensor:
-    """Raw features -> network input, exactly as the exported graph computes it."""
+    """Derived features -> network input, exactly as the exported graph computes it."""
     with torch.no_grad():
         return scorer.normalise(torch.as_tensor(features))
 
