@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -170,4 +171,18 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(repository: Path) -> Iterator[VolleyProcess]:
     """One server shared by the protocol tests (they do not change the repository)."""
     with serving(repository) as proc:
+        yield proc
+
+
+def copy_shipped_models(folder: Path) -> Path:
+    """A copy of the shipped model repository (`models/`) inside `folder`, for a test to serve."""
+    repository = folder / "models"
+    shutil.copytree(ROOT / "models", repository)
+    return repository
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VolleyProcess]:
+    """`volley serve` on a copy of the shipped repository, one per test module."""
+    with serving(copy_shipped_models(tmp_path_factory.mktemp("shipped"))) as proc:
         yield proc

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
 import yaml
-from conftest import ROOT, VolleyProcess, serving
+from conftest import ROOT, VolleyProcess
 from reference import assert_close, ort_outputs
 
 SHIPPED = ROOT / "models"
@@ -48,14 +46,6 @@ def number(cell: str) -> float:
 def fraud_request() -> dict:
     rows = [[float(v) for v in row] for row in FEATURES]  # nested rows, as a person writes them
     return {"inputs": [{"name": "features", "datatype": "FP32", "shape": [3, WIDTH], "data": rows}]}
-
-
-@pytest.fixture(scope="module")
-def shipped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VolleyProcess]:
-    repository = tmp_path_factory.mktemp("admin") / "models"
-    shutil.copytree(SHIPPED, repository)
-    with serving(repository) as proc:
-        yield proc
 
 
 @pytest.mark.parametrize(

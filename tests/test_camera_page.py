@@ -7,11 +7,10 @@ the WebSocket to the `detect` pipeline of the shipped repository and draws the b
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, serving
+from conftest import copy_shipped_models, serving
 from fake_camera import write_y4m
 from metrics_scrape import scrape, total
 from playwright.sync_api import sync_playwright
@@ -40,8 +39,7 @@ def test_camera_page_streams_frames_and_draws_boxes(tmp_path: Path) -> None:
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium)")
     video = write_y4m(tmp_path / "camera.y4m", size=(WIDTH, HEIGHT))
-    repository = tmp_path / "models"
-    shutil.copytree(ROOT / "models", repository)
+    repository = copy_shipped_models(tmp_path)
     with serving(repository) as server, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=chromium_args(video))
         try:

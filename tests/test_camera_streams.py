@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,19 +19,11 @@ import pytest
 import tritonclient.grpc as grpcclient
 import websockets
 import yaml
-from conftest import ROOT, VolleyProcess, serving
+from conftest import VolleyProcess, copy_shipped_models, serving
 from metrics_scrape import scrape, total
 from vision_scenes import encode, scene_image
 
 LATENCY_BOUND_MS = 250  # a few frame intervals plus one inference, with room for a busy CI box
-
-
-@pytest.fixture(scope="module")
-def shipped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VolleyProcess]:
-    repository = tmp_path_factory.mktemp("streams") / "models"
-    shutil.copytree(ROOT / "models", repository)
-    with serving(repository) as proc:
-        yield proc
 
 
 @pytest.fixture(scope="module")
@@ -205,8 +195,7 @@ def wait_for_active_streams(proc: VolleyProcess, count: int) -> None:
 
 
 def test_frames_too_old_at_batch_time_are_skipped(tmp_path: Path, frames: list[bytes]) -> None:
-    repository = tmp_path / "models"
-    shutil.copytree(ROOT / "models", repository)
+    repository = copy_shipped_models(tmp_path)
     config_path = repository / "detect" / "config.yaml"
     config = yaml.safe_load(config_path.read_text())
     config_path.write_text(yaml.safe_dump({**config, "max_frame_age_ms": 1}))
@@ -277,9 +266,7 @@ def test_websocket_to_a_model_that_is_not_a_pipeline_is_closed(shipped: VolleyPr
 def test_sigterm_ends_open_camera_streams_after_their_last_answer(
     tmp_path: Path, frames: list[bytes]
 ) -> None:
-    repository = tmp_path / "models"
-    shutil.copytree(ROOT / "models", repository)
-    with serving(repository) as proc:
+    with serving(copy_shipped_models(tmp_path)) as proc:
         stream = CameraStream(proc.grpc, "t")
         send_at(stream, frames, fps=15, seconds=1)
         before_stop = dict(stream.answers.sent_at)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
 import struct
 import zlib
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
@@ -14,7 +12,7 @@ import pytest
 import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from conftest import ROOT, VolleyProcess, serving
+from conftest import VolleyProcess
 from metrics_scrape import scrape, total
 from tritonclient.utils import InferenceServerException
 from vision_scenes import SceneImage, encode, matched_fraction, scene_image
@@ -23,14 +21,6 @@ from vision_scenes import SceneImage, encode, matched_fraction, scene_image
 SHAPES = [((320, 240), 2.0), ((240, 320), 1.5), ((320, 320), 1.0), ((200, 300), 3.1),
           ((320, 180), 4.0)]  # fmt: skip
 MATCHED_FLOOR = 0.85  # share of objects found at IoU >= 0.5; about 0.93 measured
-
-
-@pytest.fixture(scope="module")
-def shipped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VolleyProcess]:
-    repository = tmp_path_factory.mktemp("vision") / "models"
-    shutil.copytree(ROOT / "models", repository)
-    with serving(repository) as proc:
-        yield proc
 
 
 @pytest.fixture(scope="module")

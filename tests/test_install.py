@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import tritonclient.http as httpclient
-from conftest import ROOT, VolleyProcess
+from conftest import ROOT, VolleyProcess, copy_shipped_models
 
 SERVE = " && volley serve"
 
@@ -43,8 +43,7 @@ def test_the_readme_install_serves_the_shipped_models_without_torch(tmp_path: Pa
     assert no_torch.returncode != 0 and b"No module named 'torch'" in no_torch.stderr
     assert shutil.which("volley", path=env["PATH"]) == str(env_dir / "bin" / "volley")
 
-    repository = tmp_path / "models"
-    shutil.copytree(ROOT / "models", repository)
+    repository = copy_shipped_models(tmp_path)
     proc = VolleyProcess(repository, python=str(python))
     try:
         proc.wait_models()

@@ -4,7 +4,6 @@ copy of the shipped repository, over gRPC and HTTP; and its example scripts, run
 from __future__ import annotations
 
 import logging
-import shutil
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import ROOT, VolleyProcess, free_port, serving
+from conftest import ROOT, VolleyProcess, free_port
 from reference import assert_close, ort_outputs
 from vision_scenes import SceneImage, encode, matched_fraction, scene_image
 
@@ -37,14 +36,6 @@ FRAUD_ONNX = ROOT / "models" / "fraud" / "1" / "model.onnx"
 FRAUD_PARAMS = yaml.safe_load((ROOT / "models" / "fraud" / "config.yaml").read_text())["parameters"]
 FEATURES = FRAUD_PARAMS["feature_names"].split(",")  # the raw columns, in graph order
 MATCHED_FLOOR = 0.7
-
-
-@pytest.fixture(scope="module")
-def shipped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VolleyProcess]:
-    repository = tmp_path_factory.mktemp("sdk") / "models"
-    shutil.copytree(ROOT / "models", repository)
-    with serving(repository) as proc:
-        yield proc
 
 
 @pytest.fixture(params=["grpc", "http"])

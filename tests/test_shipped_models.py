@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from conftest import ROOT, VolleyProcess, serving
+from conftest import ROOT, VolleyProcess
 from reference import ON_GPU, assert_close, ort_outputs
 
 from training.detector.coco import load_coco
@@ -25,15 +22,6 @@ FRAUD_WINDOW = SimConfig(n_customers=300, n_terminals=600, n_days=60)
 DETECTOR_IMAGES = 24
 DETECTOR_BATCH = 8
 SERVED_MAP50_FLOOR = 0.8  # chance is ~0; the full held-out figure is in the model card
-
-
-@pytest.fixture(scope="module")
-def shipped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VolleyProcess]:
-    """`volley serve` on a copy of the shipped repository."""
-    repository = tmp_path_factory.mktemp("shipped") / "models"
-    shutil.copytree(SHIPPED, repository)
-    with serving(repository) as proc:
-        yield proc
 
 
 def test_both_shipped_models_load_ready(shipped: VolleyProcess) -> None:

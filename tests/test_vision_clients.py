@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import conftest
 import cv2
 import numpy as np
 import pytest
-from conftest import ROOT, VolleyProcess, free_port, serving
+from conftest import ROOT, VolleyProcess, copy_shipped_models, free_port, serving
 from vision_scenes import SceneImage, encode, matched_fraction, scene_image
 
 MATCHED_FLOOR = 0.7  # share of ground-truth objects found (same class, IoU >= 0.5)
@@ -39,9 +38,7 @@ IMAGES = [
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the shipped repository (the server may not write into the source tree)."""
-    repository = tmp_path_factory.mktemp("vision") / "models"
-    shutil.copytree(ROOT / "models", repository)
-    return repository
+    return copy_shipped_models(tmp_path_factory.mktemp("vision"))
 
 
 @pytest.fixture(scope="module")
