@@ -121,9 +121,10 @@ def fragile(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def busy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VolleyProcess]:
     """A server whose models can be made to refuse or fail: slow (one at a time, a queue of 2,
-    ~100 ms a request), fragile (fails at run time), spare (to unload) and mlp."""
+    ~0.5 s a request, so the queue fills even on a busy machine), fragile (fails at run time),
+    spare (to unload) and mlp."""
     root = tmp_path_factory.mktemp("outcomes") / "models"
-    onnx_models.slow(root / "slow" / "1" / "model.onnx", iterations=20000)
+    onnx_models.slow(root / "slow" / "1" / "model.onnx", iterations=100000)
     onnx_models.write_config(
         root / "slow",
         {"max_batch_size": 1, "dynamic_batching": {"max_queue_size": 2}, "intra_op_threads": 1},
