@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import onnxruntime as ort
 import yaml
@@ -119,6 +119,19 @@ class ModelConfig(_Strict):
         return self.max_batch_size > 0
 
 
+Schema = TypeVar("Schema", bound=BaseModel)
+
+
+def validate(schema: type[Schema], raw: dict, config_path: Path) -> Schema:
+    """Validate a raw config mapping against `schema`; the error names the file and field."""
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{config_path}: field '{field}': {first['msg']}") from None
+
+
 def read_config_file(model_dir: Path) -> dict:
     """The raw mapping from `config.yaml`, or an empty one where the folder has none."""
     path = model_dir / CONFIG_FILE
@@ -143,12 +156,7 @@ def build_config(model_dir: Path, model_file: Path, override: dict | None = None
     raw.setdefault("name", model_dir.name)
     graph = describe_graph(model_file)
     raw = _autocomplete(raw, graph)
-    try:
-        config = ModelConfig.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"{config_path}: field '{field}': {first['msg']}") from None
+    config = validate(ModelConfig, raw, config_path)
     _check_against_graph(config, graph, config_path, model_file)
     return config
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from server.config import ConfigError, ModelConfig, TensorConfig, _Strict
+from server.config import ModelConfig, TensorConfig, _Strict, validate
 
 LAYOUTS = ("auto", "volley", "yolov8", "yolov5", "end2end")
 
@@ -40,12 +40,7 @@ class DetectionConfig(_Strict):
 
 def parse_detection_config(raw: dict, config_path: Path) -> DetectionConfig:
     """Validate a pipeline's raw config mapping; errors name the file and the field."""
-    try:
-        return DetectionConfig.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"{config_path}: field '{field}': {first['msg']}") from None
+    return validate(DetectionConfig, raw, config_path)
 
 
 def pipeline_model_config(config: DetectionConfig) -> ModelConfig:

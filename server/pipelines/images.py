@@ -126,11 +126,3 @@ def letterbox(
         cv2.BORDER_CONSTANT, value=(pad_value, pad_value, pad_value),
     )  # fmt: skip
     return Letterboxed(out, scale, pad_x, pad_y, w, h)
-
-
-def to_chw_float(images: list[Letterboxed], pixel_scale: float) -> np.ndarray:
-    """Stack letterboxed images into the detector's float32 [N, 3, H, W] input."""
-    batch = np.stack([item.pixels for item in images])
-    return np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32) * np.float32(
-        pixel_scale
-    )
