@@ -1,8 +1,9 @@
 """The server process: repository, HTTP, gRPC and metrics listeners, and graceful shutdown.
 
 SIGTERM (or SIGINT): readiness turns false and new inference requests are refused with 503 /
-UNAVAILABLE; every queued and running request is answered; then the listeners close and the
-process exits 0.
+UNAVAILABLE (HTTP responses then close their connection); once clients have gone quiet, every
+queued and running request is answered, then the listeners close and the process exits 0, all
+within `--shutdown-timeout`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import gc
 import logging
 import signal
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +22,14 @@ import uvicorn
 
 from server import metrics
 from server.dataplane import DataPlane
-from server.grpc_api import create_grpc_server
+from server.grpc_api import InferenceServicer, create_grpc_server
 from server.http_api import HttpFrontEnd, metrics_app
 from server.repository import ModelRepository
 
 log = logging.getLogger(__name__)
+
+# Draining waits until no request has arrived for this long (and nothing is in flight).
+DRAIN_QUIET_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -169,15 +174,35 @@ async def serve(settings: ServeSettings) -> int:
     log.info("ready", extra={"event": "ready", "models": repository.index()})
 
     await stop.wait()
-    log.info("draining", extra={"event": "draining"})
-    dataplane.draining = True
-    servicer.end_streams()
-    if poller is not None:
-        poller.cancel()
-    await repository.drain(settings.shutdown_timeout)
-    await grpc_server.stop(settings.shutdown_timeout)
+    deadline = time.monotonic() + settings.shutdown_timeout
+    await _drain(deadline, dataplane, servicer, repository, poller)
+    await grpc_server.stop(max(deadline - time.monotonic(), 0.0))
     for listener in listeners:
         listener.should_exit = True
     await asyncio.gather(*tasks)
     log.info("stopped", extra={"event": "stopped"})
     return 0
+
+
+async def _drain(
+    deadline: float,
+    dataplane: DataPlane,
+    servicer: InferenceServicer,
+    repository: ModelRepository,
+    poller: asyncio.Task | None,
+) -> None:
+    """Refuse new work, wait for clients to go quiet, answer what was accepted.
+
+    The listeners stay open meanwhile: closing them while clients still send would turn
+    requests already on the wire into resets and CANCELLED calls that nobody can tell from
+    lost work. Everything is bounded by `deadline` (time.monotonic).
+    """
+    log.info("draining", extra={"event": "draining"})
+    dataplane.draining = True
+    if poller is not None:
+        poller.cancel()
+    quiet = await dataplane.quiesce(DRAIN_QUIET_SECONDS, deadline - time.monotonic())
+    if not quiet:
+        log.warning("clients kept sending while draining", extra={"event": "drain_busy"})
+    servicer.end_streams()
+    await repository.drain(max(deadline - time.monotonic(), 0.0))

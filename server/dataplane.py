@@ -7,6 +7,8 @@ protobuf, nor whether the model is a plain ONNX model or a pipeline: each served
 
 from __future__ import annotations
 
+import asyncio
+import time
 from functools import lru_cache
 
 from server import metrics
@@ -45,6 +47,8 @@ class DataPlane:
         self.repository = repository
         self.strict_readiness = strict_readiness
         self.draining = False
+        self.arrivals = 0  # requests seen, refused ones included: what `quiesce` watches
+        self.inflight = 0
 
     @property
     def ready(self) -> bool:
@@ -62,6 +66,8 @@ class DataPlane:
         """
         gauge = _inflight_gauge(protocol)
         gauge.inc()
+        self.arrivals += 1
+        self.inflight += 1
         served = None
         try:
             if self.draining:
@@ -78,8 +84,25 @@ class DataPlane:
             raise
         finally:
             gauge.dec()
+            self.inflight -= 1
         _outcome_counter(request.model, str(served.version), protocol, "success").inc()
         return response
+
+    async def quiesce(self, quiet_seconds: float, timeout: float) -> bool:
+        """Wait, while draining, until nothing is in flight and no request has arrived for
+        `quiet_seconds` (clients have seen the refusals and stopped), or `timeout` passes.
+
+        Until then the listeners stay open and refuse new work with 503 / UNAVAILABLE, so a
+        request a client sent during the drain is refused, never cut off with its connection.
+        Returns whether the server went quiet in time.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            seen = self.arrivals
+            await asyncio.sleep(min(quiet_seconds, max(deadline - time.monotonic(), 0)))
+            if self.arrivals == seen and self.inflight == 0:
+                return True
+        return False
 
     def frame_policy(self, model: str, version: str) -> FramePolicy | None:
         """How a stream's frames to this model are served (None: as plain requests)."""

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 # Requests one stream may have in flight; past it, further requests fail alone (stream stays open).
 MAX_STREAM_INFLIGHT = 256
+# Calls waiting for the service to pick them up, server-wide (grpc core's backlog).
+MAX_PENDING_CALLS = 10_000
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
@@ -254,6 +256,12 @@ def create_grpc_server(
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),
+            # grpc core keeps calls the service has not picked up yet in a backlog and, past
+            # 1,000 by default, cancels them at random: a burst of a few thousand calls came
+            # back CANCELLED, which a client cannot tell from lost work. The backlog is bounded
+            # here instead, deterministically; the model queues bound what is accepted.
+            ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+            ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS + 1),
         ]
     )
     servicer = InferenceServicer(dataplane)

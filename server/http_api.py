@@ -65,6 +65,8 @@ class HttpFrontEnd:
         self.control = control_app(dataplane)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.dataplane.draining and scope["type"] == "http":
+            send = _closing(send)
         if scope["type"] == "http":
             match = INFER_ROUTE.match(scope["path"])
             if match and scope["method"] == "POST":
@@ -166,6 +168,19 @@ async def _send(
     ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def _closing(send: Send) -> Send:
+    """`send` that asks the client to close the connection after this response (draining:
+    the next request should go to a server that is staying up)."""
+
+    async def send_and_close(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            headers = [h for h in message.get("headers", []) if h[0].lower() != b"connection"]
+            message = {**message, "headers": [*headers, (b"connection", b"close")]}
+        await send(message)
+
+    return send_and_close
 
 
 def json_response(content: object, status: int = 200) -> Response:
