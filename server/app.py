@@ -46,6 +46,7 @@ class ServeSettings:
     strict_readiness: bool = True
     poll_seconds: float = 0.0
     max_request_bytes: int = 64 * 1024 * 1024
+    max_json_bytes: int = 16 * 1024 * 1024
     shutdown_timeout: float = 30.0
 
 
@@ -133,8 +134,9 @@ async def serve(settings: ServeSettings) -> int:
     dataplane = DataPlane(repository, settings.strict_readiness)
     metrics.enable_gpu_metrics()
 
+    front_end = HttpFrontEnd(dataplane, settings.max_request_bytes, settings.max_json_bytes)
     http = _listener(
-        HttpFrontEnd(dataplane, settings.max_request_bytes),
+        front_end,
         settings.host,
         settings.http_port,
         settings.shutdown_timeout,
@@ -180,6 +182,7 @@ async def serve(settings: ServeSettings) -> int:
     for listener in listeners:
         listener.should_exit = True
     await asyncio.gather(*tasks)
+    front_end.offload.close()
     log.info("stopped", extra={"event": "stopped"})
     return 0
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from server.config import ModelConfig
-from server.errors import ErrorKind, VolleyError
+from server.errors import ErrorKind, VolleyError, internal, new_request_id
 from server.runtime import OnnxInstance
 from server.stats import ModelStats
 
@@ -220,12 +220,18 @@ class Batcher:
                 return
             try:
                 outputs, timings = run_batch(instance, batch, self.config.batching)
-            except Exception as exc:  # ORT raises many types; each fails the batch, not the thread
+            except Exception:  # ORT raises many types; each fails the batch, not the thread
+                request_id = new_request_id()
                 log.exception(
                     "batch failed",
-                    extra={"event": "batch_failed", "model": self.config.name, "rows": batch.rows},
+                    extra={
+                        "event": "batch_failed",
+                        "model": self.config.name,
+                        "rows": batch.rows,
+                        "request_id": request_id,
+                    },
                 )
-                error = VolleyError(ErrorKind.INTERNAL, f"inference failed: {exc}")
+                error = internal(f"model '{self.config.name}' failed on this batch", request_id)
                 callback, args = self._fail, (batch, error)
             else:
                 callback, args = self._finish, (batch, outputs, timings)

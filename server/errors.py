@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import secrets
 from enum import Enum
 
 import grpc
+
+log = logging.getLogger(__name__)
 
 
 class ErrorKind(Enum):
@@ -36,6 +40,10 @@ class VolleyError(Exception):
         self.kind = kind
         self.message = message
 
+    def __reduce__(self) -> tuple:
+        # raised in the JSON decoder process, it must unpickle in the server
+        return (VolleyError, (self.kind, self.message))
+
 
 def invalid(message: str) -> VolleyError:
     """A client error: bad shape, dtype, JSON, parameter..."""
@@ -59,3 +67,28 @@ def shared_memory_unsupported() -> VolleyError:
         "shared memory is not supported by Volley: send tensor data in the request body "
         "(binary tensor data on HTTP, raw_input_contents on gRPC)",
     )
+
+
+def new_request_id() -> str:
+    """A short random id that ties a client's error to the server's log entry."""
+    return secrets.token_hex(6)
+
+
+def internal(what: str, request_id: str) -> VolleyError:
+    """A failure inside the server, told without its internals: the log has them under
+    `request_id` (log them there with `extra={"request_id": request_id}`)."""
+    return VolleyError(
+        ErrorKind.INTERNAL, f"{what} (request id {request_id}; the server log has the details)"
+    )
+
+
+def unexpected(exc: Exception, **where: str) -> VolleyError:
+    """Log an exception that no code path expected (a bug) under a new request id, and return
+    the error its client gets: the id, never the exception's text."""
+    request_id = new_request_id()
+    log.error(
+        "request failed",
+        exc_info=exc,
+        extra={"event": "unexpected_error", "request_id": request_id, **where},
+    )
+    return internal("internal error", request_id)

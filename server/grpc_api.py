@@ -17,7 +17,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from server import __version__
 from server.dataplane import DataPlane
-from server.errors import VolleyError, shared_memory_unsupported
+from server.errors import VolleyError, shared_memory_unsupported, unexpected
 from server.protocol import grpc_codec
 from server.protocol.model_info import (
     load_override,
@@ -101,6 +101,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             return grpc_codec.encode_response(response)
         except VolleyError as exc:
             await _abort(context, exc)
+        except Exception as exc:  # a bug: the client gets a request id, the log the details
+            await _abort(context, unexpected(exc, model=request.model_name))
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Requests are handled concurrently (so they batch together); each answer is written
@@ -124,9 +126,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 )
             except VolleyError as exc:
                 message = _stream_error(request, exc.message)
-            except Exception:  # never let one request break the stream
-                log.exception("stream infer failed", extra={"event": "stream_infer_error"})
-                message = _stream_error(request, "internal error; see the server log")
+            except Exception as exc:  # never let one request break the stream
+                message = _stream_error(request, unexpected(exc, model=request.model_name).message)
             await answers.put(message)
 
         async def take(request: pb.ModelInferRequest) -> None:

@@ -22,14 +22,22 @@ from starlette.exceptions import HTTPException
 
 from server import __version__, metrics
 from server.dataplane import DataPlane
-from server.errors import ErrorKind, VolleyError, invalid, shared_memory_unsupported
+from server.errors import (
+    ErrorKind,
+    VolleyError,
+    invalid,
+    shared_memory_unsupported,
+    unexpected,
+)
 from server.protocol import http_codec
+from server.protocol.json_offload import OFFLOAD_BYTES, JsonOffload
 from server.protocol.model_info import (
     load_override,
     model_metadata,
     server_metadata,
     triton_config,
 )
+from server.types import InferenceRequest
 from server.websocket import serve_frames
 
 log = logging.getLogger(__name__)
@@ -59,10 +67,12 @@ def error_headers(error: VolleyError) -> list[tuple[bytes, bytes]]:
 class HttpFrontEnd:
     """The ASGI application: the infer fast path in front of the FastAPI control routes."""
 
-    def __init__(self, dataplane: DataPlane, max_request_bytes: int) -> None:
+    def __init__(self, dataplane: DataPlane, max_request_bytes: int, max_json_bytes: int) -> None:
         self.dataplane = dataplane
         self.max_request_bytes = max_request_bytes
-        self.control = control_app(dataplane)
+        self.max_json_bytes = max_json_bytes
+        self.offload = JsonOffload()
+        self.control = control_app(dataplane, max_json_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.dataplane.draining and scope["type"] == "http":
@@ -81,26 +91,74 @@ class HttpFrontEnd:
     async def _infer(
         self, scope: Scope, receive: Receive, send: Send, model: str, version: str
     ) -> None:
+        headers = dict(scope["headers"])
+        body_read = False
         try:
-            headers = dict(scope["headers"])
-            body = await self._read_body(headers, receive)
-            header_length = headers.get(b"inference-header-content-length")
-            request = http_codec.decode_request(body, _int_header(header_length), model, version)
+            header_length, reserved = self._admit(headers)
+            try:
+                body = await self._read_body(headers, receive)
+            except BaseException:
+                if reserved:
+                    self.offload.release()
+                raise
+            body_read = True
+            request = await self._decode(body, header_length, model, version, reserved)
             response = await self.dataplane.infer(request, "http")
             payload, json_length = http_codec.encode_response(response, request)
-        except VolleyError as exc:
-            await _send(send, exc.kind.http_status, error_body(exc.message), JSON,
-                        error_headers(exc))  # fmt: skip
-            return
         except Exception as exc:  # a bug must still answer the client, never hang it
-            log.exception("infer failed", extra={"event": "http_infer_error", "model": model})
-            await _send(send, 500, error_body(f"internal error: {exc}"), JSON)
+            error = exc if isinstance(exc, VolleyError) else unexpected(exc, model=model)
+            extra = error_headers(error)
+            if not body_read:  # the rest of the body is not worth reading: let it go
+                extra.append((b"connection", b"close"))
+            await _send(send, error.kind.http_status, error_body(error.message), JSON, extra)
             return
         if json_length is None:
             await _send(send, 200, payload, JSON)
         else:
             extra = [(b"inference-header-content-length", str(json_length).encode())]
             await _send(send, 200, payload, "application/octet-stream", extra)
+
+    def _admit(self, headers: dict[bytes, bytes]) -> tuple[int | None, bool]:
+        """Check what the headers tell before the body is read: the JSON part's size (413), and
+        for a large one a decoder slot (429). Returns the binary header length and whether a
+        slot was taken."""
+        header_length = _int_header(headers.get(b"inference-header-content-length"))
+        declared = header_length
+        if declared is None and headers.get(b"content-encoding", b"identity") == b"identity":
+            declared = _int_header(headers.get(b"content-length"))
+        if declared is None:
+            return header_length, False
+        self._check_json_size(declared)
+        if declared <= OFFLOAD_BYTES:
+            return header_length, False
+        self.offload.reserve()
+        return header_length, True
+
+    async def _decode(
+        self, body: bytes, header_length: int | None, model: str, version: str, reserved: bool
+    ) -> InferenceRequest:
+        """Decode an infer body: inline, or in the worker process when its JSON part is large
+        (releasing the slot `_admit` reserved)."""
+        try:
+            json_length = len(body) if header_length is None else header_length
+            self._check_json_size(json_length)
+            if json_length <= OFFLOAD_BYTES:
+                return http_codec.decode_request(body, header_length, model, version)
+            if not reserved:
+                self.offload.reserve()
+                reserved = True
+            return await self.offload.decode(body, header_length, model, version)
+        finally:
+            if reserved:
+                self.offload.release()
+
+    def _check_json_size(self, size: int) -> None:
+        if size > self.max_json_bytes:
+            raise VolleyError(
+                ErrorKind.TOO_LARGE,
+                f"JSON part of the request ({size} bytes) exceeds {self.max_json_bytes} bytes "
+                "(--max-json-bytes): send large tensors as binary data",
+            )
 
     async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
         limit = self.max_request_bytes
@@ -188,7 +246,7 @@ def json_response(content: object, status: int = 200) -> Response:
     return Response(orjson.dumps(content), status_code=status, media_type=JSON)
 
 
-def control_app(dataplane: DataPlane) -> FastAPI:
+def control_app(dataplane: DataPlane, max_body_bytes: int) -> FastAPI:
     """Health, metadata, config, statistics, repository and metrics routes."""
     app = FastAPI(title="Volley", version=__version__, openapi_url="/v2/openapi.json")
     repo = dataplane.repository
@@ -207,9 +265,9 @@ def control_app(dataplane: DataPlane) -> FastAPI:
         return response
 
     @app.exception_handler(Exception)
-    async def unexpected_error(_: Request, exc: Exception) -> Response:
-        log.exception("request failed", extra={"event": "http_error"})
-        return json_response({"error": f"internal error: {exc}"}, 500)
+    async def unexpected_error(request: Request, exc: Exception) -> Response:
+        error = unexpected(exc, path=request.url.path)
+        return json_response({"error": error.message}, error.kind.http_status)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> Response:
@@ -260,12 +318,12 @@ def control_app(dataplane: DataPlane) -> FastAPI:
 
     @app.post("/v2/repository/index")
     async def repository_index(request: Request) -> Response:
-        body = await _json_body(request)
+        body = await _json_body(request, max_body_bytes)
         return json_response(repo.index(ready_only=body.get("ready") is True))
 
     @app.post("/v2/repository/models/{model}/load")
     async def load(model: str, request: Request) -> Response:
-        params = (await _json_body(request)).get("parameters", {})
+        params = (await _json_body(request, max_body_bytes)).get("parameters", {})
         if not isinstance(params, dict):
             raise invalid("'parameters' must be a JSON object")
         await repo.request_load(model, load_override(model, params))
@@ -310,8 +368,15 @@ def control_app(dataplane: DataPlane) -> FastAPI:
     return app
 
 
-async def _json_body(request: Request) -> dict:
-    raw = await request.body()
+async def _json_body(request: Request, limit: int) -> dict:
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise VolleyError(ErrorKind.TOO_LARGE, f"request body exceeds {limit} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     if not raw.strip():
         return {}
     try:
