@@ -58,6 +58,8 @@ def error(message: str, status: str) -> VolleyError:
 
 def to_error(exc: BaseException, url: str) -> VolleyError | None:
     """The VolleyError for a tritonclient, gRPC or socket exception; None for anything else."""
+    from http.client import HTTPException
+
     from grpc import RpcError
     from tritonclient.utils import InferenceServerException
 
@@ -71,4 +73,6 @@ def to_error(exc: BaseException, url: str) -> VolleyError | None:
         return DeadlineExceeded(f"no answer from {url} in time", "DEADLINE_EXCEEDED")
     if isinstance(exc, OSError):
         return Unavailable(f"cannot reach {url}: {exc.strerror or exc}", "UNAVAILABLE")
+    if isinstance(exc, HTTPException):  # the HTTP client's parser: the connection broke mid-answer
+        return Unavailable(f"connection to {url} broke during the answer: {exc}", "UNAVAILABLE")
     return None

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.config import ModelConfig
+from server.config import DEFAULT_MAX_QUEUE_SIZE, ModelConfig
 from server.errors import ErrorKind, VolleyError, internal, new_request_id
 from server.runtime import OnnxInstance
 from server.stats import ModelStats
@@ -80,7 +80,7 @@ class Batcher:
         self._max_rows = max(config.max_batch_size, 1) if batching else 1
         self._delay_ns = batching.max_queue_delay_us * 1000 if batching else 0
         self._preferred = set(batching.preferred_batch_sizes) if batching else set()
-        self._max_queue = batching.max_queue_size if batching else 0
+        self._max_queue = batching.max_queue_size if batching else DEFAULT_MAX_QUEUE_SIZE
         self._default_timeout_us = batching.default_timeout_us if batching else 0
         self._hold_until = 0  # test hook, see `hold_until_queued`
         self._threads = [
@@ -134,7 +134,7 @@ class Batcher:
         with self._cond:
             if self._draining:
                 raise VolleyError(ErrorKind.UNAVAILABLE, f"model '{self.config.name}' is unloading")
-            if self._max_queue and len(self._queue) >= self._max_queue:
+            if len(self._queue) >= self._max_queue:
                 raise VolleyError(
                     ErrorKind.QUEUE_FULL,
                     f"model '{self.config.name}' queue is full ({self._max_queue} requests queued)",

@@ -53,12 +53,18 @@ class TensorConfig(_Strict):
         return value
 
 
+# Every model's queue is bounded, batching or not: past it, 429 / RESOURCE_EXHAUSTED.
+DEFAULT_MAX_QUEUE_SIZE = 1024
+
+
 class DynamicBatchingConfig(_Strict):
     """Triton's dynamic batcher settings."""
 
     max_queue_delay_us: int = Field(0, ge=0)
     preferred_batch_sizes: tuple[int, ...] = ()
-    max_queue_size: int = Field(1024, ge=0, description="queued requests; 0 = unbounded")
+    max_queue_size: int = Field(
+        DEFAULT_MAX_QUEUE_SIZE, ge=1, description="queued requests before 429 (no unbounded queue)"
+    )
     default_timeout_us: int = Field(0, ge=0, description="queue timeout; 0 = none")
 
 

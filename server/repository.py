@@ -26,7 +26,7 @@ from server.config import (
     build_config,
     read_config_file,
 )
-from server.errors import ErrorKind, VolleyError, not_found, unavailable
+from server.errors import ErrorKind, VolleyError, invalid, not_found, unavailable
 from server.pipelines.config import parse_detection_config
 from server.pipelines.detection import DetectionPipeline
 from server.runtime import load_instances
@@ -118,10 +118,20 @@ class ModelRepository:
         self.wanted: set[str] | None = set() if control == "explicit" else None
 
     def names_on_disk(self) -> list[str]:
-        """Model folders present in the repository."""
+        """Model folders present in the repository (a symlink leading out of it is skipped)."""
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and p.name[0] not in "._")
+        names = []
+        for path in sorted(self.root.iterdir()):
+            if not path.is_dir() or path.name[0] in "._":
+                continue
+            try:
+                self.model_folder(path.name)
+            except VolleyError as exc:
+                log.warning(exc.message, extra={"event": "model_skipped", "model": path.name})
+                continue
+            names.append(path.name)
+        return names
 
     def is_pipeline(self, name: str) -> bool:
         """Whether the model folder holds a pipeline (which wraps other models)."""
@@ -241,12 +251,28 @@ class ModelRepository:
                 rows.append({"name": name, "state": entry.state, "reason": entry.reason})
         return rows
 
+    def model_folder(self, name: str) -> Path:
+        """The folder of model `name`, never outside the repository: a name that is a path
+        (`..`, `/`, absolute) or a folder whose symlinks lead elsewhere is refused (400)."""
+        if (
+            not name
+            or name in (".", "..")
+            or any(c in name for c in "/\\\0")
+            or name.startswith(".")
+        ):
+            raise invalid(f"invalid model name {name!r}: a model name is a folder name, not a path")
+        folder = self.root / name
+        root = self.root.resolve()
+        if folder.exists() and not folder.resolve().is_relative_to(root):
+            raise invalid(f"model folder '{name}' leads outside the model repository")
+        return folder
+
     async def load(self, name: str, override: dict | None = None) -> None:
         """Load (or reload) a model from disk; the versions already serving keep serving.
 
         `override` is a raw config mapping used instead of the folder's `config.yaml`.
         """
-        model_dir = self.root / name
+        model_dir = self.model_folder(name)
         if not model_dir.is_dir():
             raise not_found(f"failed to load '{name}', no model folder '{name}' in {self.root}")
         entry = self.models.setdefault(name, ModelEntry(name))
@@ -366,7 +392,7 @@ class ModelRepository:
 
     async def unload(self, name: str) -> None:
         """Stop serving every version of a model once its queued requests are answered."""
-        if name not in self.models and not (self.root / name).is_dir():
+        if name not in self.models and not self.model_folder(name).is_dir():
             raise not_found(f"Request for unknown model: '{name}' is not found")
         if self.wanted is not None:
             self.wanted.discard(name)

@@ -32,8 +32,19 @@ def free_port() -> int:
 class VolleyProcess:
     """`python -m server serve` on free loopback ports, stopped with SIGTERM."""
 
-    def __init__(self, repository: Path, *extra: str, python: str = sys.executable) -> None:
-        self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
+    def __init__(
+        self,
+        repository: Path,
+        *extra: str,
+        python: str = sys.executable,
+        ports: tuple[int, int, int] | None = None,
+    ) -> None:
+        """`ports`: (http, grpc, metrics) to listen on (a restart on the same ports)."""
+        self.http_port, self.grpc_port, self.metrics_port = ports or (
+            free_port(),
+            free_port(),
+            free_port(),
+        )
         self.http = f"127.0.0.1:{self.http_port}"
         self.grpc = f"127.0.0.1:{self.grpc_port}"
         self.url = f"http://{self.http}"

@@ -148,7 +148,8 @@ def config_from_triton(doc: dict) -> dict:
             for key, value in {
                 "preferred_batch_sizes": batching.get("preferred_batch_size"),
                 "max_queue_delay_us": batching.get("max_queue_delay_microseconds"),
-                "max_queue_size": policy.get("max_queue_size"),
+                # Triton's 0 means unbounded; Volley bounds every queue (its default then)
+                "max_queue_size": policy.get("max_queue_size") or None,
                 "default_timeout_us": policy.get("default_timeout_microseconds"),
             }.items()
             if value is not None
