@@ -21,10 +21,12 @@ from pathlib import Path
 import uvicorn
 
 from server import metrics
+from server.auth import ApiKeys, KeyFileError
 from server.dataplane import DataPlane
 from server.grpc_api import InferenceServicer, create_grpc_server
 from server.http_api import HttpFrontEnd, metrics_app
 from server.repository import ModelRepository
+from server.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,9 @@ class ServeSettings:
     poll_seconds: float = 0.0
     max_request_bytes: int = 64 * 1024 * 1024
     max_json_bytes: int = 16 * 1024 * 1024
+    api_keys: Path | None = None  # a key file: every call but liveness then needs a key
+    tls: TlsFiles | None = None
+    metrics_tls: bool = False  # the metrics port behind the same TLS (else plain)
     shutdown_timeout: float = 30.0
 
 
@@ -59,7 +64,12 @@ class _Listener(uvicorn.Server):
 
 
 def _listener(
-    app, host: str, port: int, timeout: float, max_message_bytes: int = 16 * 1024 * 1024
+    app,
+    host: str,
+    port: int,
+    timeout: float,
+    max_message_bytes: int = 16 * 1024 * 1024,
+    tls: TlsFiles | None = None,
 ) -> _Listener:
     config = uvicorn.Config(
         app,
@@ -76,6 +86,7 @@ def _listener(
         proxy_headers=False,
         server_header=False,
         date_header=False,
+        **(tls.uvicorn_options() if tls is not None else {}),
     )
     return _Listener(config)
 
@@ -107,7 +118,20 @@ class StartupError(Exception):
 
 
 def check_startup(settings: ServeSettings) -> None:
-    """Refuse to start on a missing repository or a port another process holds."""
+    """Refuse to start on a missing repository, unusable key or TLS files, or a port another
+    process holds."""
+    if settings.api_keys is not None:
+        try:
+            ApiKeys.load(settings.api_keys)
+        except KeyFileError as exc:
+            raise StartupError(str(exc)) from None
+    if settings.tls is not None:
+        try:
+            settings.tls.check()
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+    elif settings.metrics_tls:
+        raise StartupError("--metrics-tls needs --tls-cert and --tls-key")
     if not settings.model_repository.is_dir():
         raise StartupError(
             f"model repository '{settings.model_repository}' does not exist "
@@ -134,21 +158,40 @@ async def serve(settings: ServeSettings) -> int:
     dataplane = DataPlane(repository, settings.strict_readiness)
     metrics.enable_gpu_metrics()
 
-    front_end = HttpFrontEnd(dataplane, settings.max_request_bytes, settings.max_json_bytes)
+    keys = ApiKeys.load(settings.api_keys) if settings.api_keys is not None else None
+    if keys is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning(
+            "no --api-keys: anyone who reaches these ports may call every API",
+            extra={"event": "no_authentication", "host": settings.host},
+        )
+    tls = settings.tls
+    front_end = HttpFrontEnd(dataplane, settings.max_request_bytes, settings.max_json_bytes, keys)
     http = _listener(
         front_end,
         settings.host,
         settings.http_port,
         settings.shutdown_timeout,
         settings.max_request_bytes,
+        tls,
     )
     grpc_server, servicer = create_grpc_server(
-        dataplane, f"{settings.host}:{settings.grpc_port}", settings.max_request_bytes
+        dataplane,
+        f"{settings.host}:{settings.grpc_port}",
+        settings.max_request_bytes,
+        keys,
+        tls.grpc_credentials() if tls is not None else None,
     )
     listeners = [http]
     if settings.metrics_port:
+        metrics_tls = tls if settings.metrics_tls else None
         listeners.append(
-            _listener(metrics_app, settings.host, settings.metrics_port, settings.shutdown_timeout)
+            _listener(
+                metrics_app,
+                settings.host,
+                settings.metrics_port,
+                settings.shutdown_timeout,
+                tls=metrics_tls,
+            )
         )
 
     stop = asyncio.Event()
@@ -180,6 +223,9 @@ async def serve(settings: ServeSettings) -> int:
     await _drain(deadline, dataplane, servicer, repository, poller)
     await grpc_server.stop(max(deadline - time.monotonic(), 0.0))
     for listener in listeners:
+        # A client that stopped reading (a TLS peer that never answers close_notify) must not
+        # hold the exit past the budget: uvicorn would wait its full graceful timeout again.
+        listener.config.timeout_graceful_shutdown = max(int(deadline - time.monotonic()), 1)
         listener.should_exit = True
     await asyncio.gather(*tasks)
     front_end.offload.close()

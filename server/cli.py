@@ -78,6 +78,26 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "about 15 ms of decoding per MB, binary data nothing",
     )
     p.add_argument(
+        "--api-keys",
+        type=Path,
+        metavar="FILE",
+        help="YAML file of API keys with scopes (infer, admin): every call except liveness "
+        "then needs 'Authorization: Bearer <key>' (docs/security.md)",
+    )
+    p.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve HTTPS and gRPC over TLS")
+    p.add_argument("--tls-key", type=Path, metavar="PEM", help="the key of --tls-cert")
+    p.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        metavar="PEM",
+        help="mutual TLS: clients must present a certificate signed by this CA",
+    )
+    p.add_argument(
+        "--metrics-tls",
+        action="store_true",
+        help="put the metrics port behind the same TLS (default: plain HTTP)",
+    )
+    p.add_argument(
         "--shutdown-timeout",
         type=float,
         default=30.0,
@@ -306,6 +326,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from server import logs
     from server.app import ServeSettings, StartupError, check_startup, serve
+    from server.tls import TlsFiles
 
     logs.configure(args.log_level)
     control = args.model_control or ("poll" if args.poll_repository > 0 else "explicit")
@@ -313,6 +334,13 @@ def _serve(args: argparse.Namespace) -> int:
         return _usage_error("--load-model needs --model-control explicit")
     if args.poll_repository > 0 and control != "poll":
         return _usage_error(f"--poll-repository needs --model-control poll, not {control}")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        return _usage_error("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        return _usage_error("--tls-client-ca needs --tls-cert and --tls-key")
+    tls = None
+    if args.tls_cert is not None:
+        tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
     default_all = args.model_control is None and not args.load_model
     load_models = ("*",) if default_all else tuple(args.load_model or ())
     settings = ServeSettings(
@@ -327,6 +355,9 @@ def _serve(args: argparse.Namespace) -> int:
         poll_seconds=args.poll_repository or (5.0 if control == "poll" else 0.0),
         max_request_bytes=args.max_request_bytes,
         max_json_bytes=args.max_json_bytes,
+        api_keys=args.api_keys,
+        tls=tls,
+        metrics_tls=args.metrics_tls,
         shutdown_timeout=args.shutdown_timeout,
     )
     try:

@@ -15,7 +15,7 @@ from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2_grpc
 from tritonclient.grpc import service_pb2 as pb
 
-from server import __version__
+from server import __version__, auth
 from server.dataplane import DataPlane
 from server.errors import VolleyError, shared_memory_unsupported, unexpected
 from server.protocol import grpc_codec
@@ -248,11 +248,51 @@ async def _abort(context: grpc.aio.ServicerContext, error: VolleyError) -> None:
     await context.abort(error.kind.grpc_code, error.message)
 
 
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls whose `authorization: Bearer <key>` metadata does not reach the method:
+    UNAUTHENTICATED without a known key, PERMISSION_DENIED with too small a scope."""
+
+    def __init__(self, keys: auth.ApiKeys) -> None:
+        self.keys = keys
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        needed = auth.grpc_scope(details.method)
+        if needed is not None:
+            metadata = dict(details.invocation_metadata or ())
+            presented = auth.bearer(metadata.get("authorization"))
+            refused = auth.refusal(self.keys, presented, needed)
+            if refused is not None:
+                log.warning(
+                    "call refused",
+                    extra={"event": "auth_refused", "method": details.method,
+                           "reason": refused[1]},
+                )  # fmt: skip
+                return _denial(details.method, *refused)
+        return await continuation(details)
+
+
+def _denial(method: str, authenticated: bool, message: str) -> grpc.RpcMethodHandler:
+    code = grpc.StatusCode.PERMISSION_DENIED if authenticated else grpc.StatusCode.UNAUTHENTICATED
+
+    async def deny(request: object, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(code, message)
+
+    if method.endswith("/ModelStreamInfer"):
+        return grpc.stream_stream_rpc_method_handler(deny)
+    return grpc.unary_unary_rpc_method_handler(deny)
+
+
 def create_grpc_server(
-    dataplane: DataPlane, address: str, max_message_bytes: int
+    dataplane: DataPlane,
+    address: str,
+    max_message_bytes: int,
+    keys: auth.ApiKeys | None = None,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[grpc.aio.Server, InferenceServicer]:
-    """A grpcio asyncio server with the inference service bound to `address`."""
+    """A grpcio asyncio server with the inference service bound to `address` (TLS when
+    `credentials` are given; API keys checked when `keys` are)."""
     server = grpc.aio.server(
+        interceptors=[ApiKeyInterceptor(keys)] if keys is not None else None,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -263,9 +303,12 @@ def create_grpc_server(
             # here instead, deterministically; the model queues bound what is accepted.
             ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
             ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS + 1),
-        ]
+        ],
     )
     servicer = InferenceServicer(dataplane)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-    server.add_insecure_port(address)
+    if credentials is None:
+        server.add_insecure_port(address)
+    else:
+        server.add_secure_port(address, credentials)
     return server, servicer

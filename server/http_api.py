@@ -13,6 +13,7 @@ import re
 import zlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import orjson
 from fastapi import FastAPI, Request, WebSocket
@@ -20,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, Response
 from starlette.exceptions import HTTPException
 
-from server import __version__, metrics
+from server import __version__, auth, metrics
 from server.dataplane import DataPlane
 from server.errors import (
     ErrorKind,
@@ -67,14 +68,24 @@ def error_headers(error: VolleyError) -> list[tuple[bytes, bytes]]:
 class HttpFrontEnd:
     """The ASGI application: the infer fast path in front of the FastAPI control routes."""
 
-    def __init__(self, dataplane: DataPlane, max_request_bytes: int, max_json_bytes: int) -> None:
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        max_request_bytes: int,
+        max_json_bytes: int,
+        keys: auth.ApiKeys | None = None,
+    ) -> None:
         self.dataplane = dataplane
+        self.keys = keys
         self.max_request_bytes = max_request_bytes
         self.max_json_bytes = max_json_bytes
         self.offload = JsonOffload()
         self.control = control_app(dataplane, max_json_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        guarded = self.keys is not None and scope["type"] in ("http", "websocket")
+        if guarded and not await self._authorized(scope, receive, send):
+            return
         if self.dataplane.draining and scope["type"] == "http":
             send = _closing(send)
         if scope["type"] == "http":
@@ -87,6 +98,35 @@ class HttpFrontEnd:
                 await _send(send, 405, body, JSON, [(b"allow", b"POST")])
                 return
         await self.control(scope, receive, send)
+
+    async def _authorized(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        """Whether the call's API key reaches its route; if not, the refusal is sent."""
+        needed = auth.http_scope(scope["path"])
+        if needed is None:
+            return True
+        header = dict(scope["headers"]).get(b"authorization")
+        presented = auth.bearer(header.decode("latin-1") if header is not None else None)
+        if presented is None and scope["type"] == "websocket":  # browsers cannot set headers
+            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            presented = query.get("api_key", [None])[0]
+        refused = auth.refusal(self.keys, presented, needed)
+        if refused is None:
+            return True
+        authenticated, message = refused
+        client = (scope.get("client") or ("?",))[0]
+        log.warning(
+            "call refused",
+            extra={"event": "auth_refused", "path": scope["path"], "client": client,
+                   "reason": message},
+        )  # fmt: skip
+        if scope["type"] == "websocket":
+            await receive()  # the connect event; then refuse the handshake
+            await send({"type": "websocket.close", "code": 1008, "reason": message[:120]})
+        elif authenticated:
+            await _send(send, 403, error_body(message), JSON)
+        else:
+            await _send(send, 401, error_body(message), JSON, [(b"www-authenticate", b"Bearer")])
+        return False
 
     async def _infer(
         self, scope: Scope, receive: Receive, send: Send, model: str, version: str
