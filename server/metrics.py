@@ -1,7 +1,8 @@
 """Every Prometheus metric Volley exports, in one place, on one registry.
 
 Names follow Prometheus conventions: `volley_` prefix, base units (seconds, bytes), `_total`
-counters. Per-model series carry `model` and `version` labels.
+counters. Per-model series carry `model` and `version` labels. The registry also carries
+prometheus-client's process and runtime metrics (`process_*`, `python_*`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -23,13 +27,18 @@ log = logging.getLogger(__name__)
 disable_created_metrics()
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+# Memory, CPU time, open files and start time of the process (`process_*`, Linux only), and the
+# interpreter's version and garbage collections (`python_*`).
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+GCCollector(registry=REGISTRY)
 MODEL = ("model", "version")
 
-# Latency buckets from 50 µs to 10 s: the fraud model answers in well under a millisecond,
-# the detector in tens of milliseconds, and a queue under overload in seconds.
+# Latency buckets from 50 µs to 10 s in 1-2.5-5 steps: the fraud model answers in well under a
+# millisecond, the detector in milliseconds, and a queue under overload in seconds.
 LATENCY_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
-    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import platform
 import queue
 import time
 from collections import Counter
@@ -74,14 +76,32 @@ def test_metrics_on_http_port_and_exposition_format(server):
     assert unknown.status_code == 404 and "error" in unknown.json()
 
 
+def test_process_and_python_metrics_describe_the_server_process(server):
+    """prometheus-client's process, platform and GC collectors, about the server's process."""
+    samples = scrape(f"http://127.0.0.1:{server.metrics_port}/metrics")
+    with open(f"/proc/{server.proc.pid}/stat") as stat:  # field 24: resident pages
+        rss = int(stat.read().rsplit(")", 1)[1].split()[21]) * os.sysconf("SC_PAGE_SIZE")
+    scraped_rss = total(samples, "process_resident_memory_bytes")
+    assert 0.5 * rss < scraped_rss < 2 * rss, (scraped_rss, rss)  # the server's, not ours
+    started = total(samples, "process_start_time_seconds")
+    assert time.time() - 3600 < started <= time.time()
+    assert total(samples, "process_cpu_seconds_total") > 0
+    assert total(samples, "process_open_fds") > 0
+    (info,) = [dict(labels) for name, labels in samples if name == "python_info"]
+    assert info["version"] == platform.python_version()
+    assert total(samples, "python_gc_collections_total") >= 0
+    assert any(name == "python_gc_objects_collected_total" for name, _ in samples)
+
+
 # --- every outcome, provoked for real; histogram buckets ----------------------------------------
 
 TIMEOUT = 60  # seconds, per request and per wait: the machine is shared
 SLOW_WIDTH = 512
-# The boundaries server/metrics.py documents (50 µs to 10 s; powers of two up to 1024).
+# The boundaries docs/metrics.md documents (50 µs to 10 s in 1-2.5-5 steps; powers of two up
+# to 1024).
 LATENCY_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
-    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, math.inf,
+    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, math.inf,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, math.inf)
 HISTOGRAMS = {
