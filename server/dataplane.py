@@ -27,6 +27,7 @@ OUTCOMES = {
     ErrorKind.INTERNAL: "failed",
     ErrorKind.UNSUPPORTED: "invalid",
 }
+UNAUTHENTICATED, FORBIDDEN = "unauthenticated", "forbidden"  # API key missing / scope too small
 
 
 @lru_cache(maxsize=4096)
@@ -103,6 +104,13 @@ class DataPlane:
             if self.arrivals == seen and self.inflight == 0:
                 return True
         return False
+
+    def count_rejected(self, model: str, protocol: str, outcome: str) -> None:
+        """Count a request refused before it reached a model (undecodable, too large, not
+        authenticated). The model label is kept only for a model that exists: a client must
+        not mint series with made-up names."""
+        label = model if model in self.repository.models else ""
+        _outcome_counter(label, "", protocol, outcome).inc()
 
     def frame_policy(self, model: str, version: str) -> FramePolicy | None:
         """How a stream's frames to this model are served (None: as plain requests)."""

@@ -16,7 +16,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2_grpc
 from tritonclient.grpc import service_pb2 as pb
 
 from server import __version__, auth
-from server.dataplane import DataPlane
+from server.dataplane import FORBIDDEN, OUTCOMES, UNAUTHENTICATED, DataPlane
 from server.errors import VolleyError, shared_memory_unsupported, unexpected
 from server.protocol import grpc_codec
 from server.protocol.model_info import (
@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 # Requests one stream may have in flight; past it, further requests fail alone (stream stays open).
 MAX_STREAM_INFLIGHT = 256
+# The inference methods and the protocol label their requests are counted under.
+INFER_METHODS = {"ModelInfer": "grpc", "ModelStreamInfer": "grpc_stream"}
 # Calls waiting for the service to pick them up, server-wide (grpc core's backlog).
 MAX_PENDING_CALLS = 10_000
 
@@ -91,18 +93,23 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return json_format.ParseDict(doc, pb.ModelStatisticsResponse())
 
     async def ModelInfer(self, request, context):
+        reached = False
         try:
             decoded = grpc_codec.decode_request(request)
             remaining = context.time_remaining()
             if remaining is not None and "timeout" not in decoded.parameters:
                 # A client deadline bounds the queue wait too: no work for a caller who left.
                 decoded.parameters["timeout"] = max(int(remaining * 1e6), 1)
+            reached = True  # from here on the data plane counts the outcome
             response = await self.dataplane.infer(decoded, "grpc")
             return grpc_codec.encode_response(response)
-        except VolleyError as exc:
-            await _abort(context, exc)
         except Exception as exc:  # a bug: the client gets a request id, the log the details
-            await _abort(context, unexpected(exc, model=request.model_name))
+            error = (
+                exc if isinstance(exc, VolleyError) else unexpected(exc, model=request.model_name)
+            )
+            if not reached:
+                self.dataplane.count_rejected(request.model_name, "grpc", OUTCOMES[error.kind])
+            await _abort(context, error)
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Requests are handled concurrently (so they batch together); each answer is written
@@ -134,6 +141,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             try:
                 decoded = grpc_codec.decode_request(request)
             except VolleyError as exc:
+                self.dataplane.count_rejected(request.model_name, "grpc_stream", OUTCOMES[exc.kind])
                 await answers.put(_stream_error(request, exc.message))
                 return
             if frames.takes(decoded):
@@ -252,8 +260,9 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls whose `authorization: Bearer <key>` metadata does not reach the method:
     UNAUTHENTICATED without a known key, PERMISSION_DENIED with too small a scope."""
 
-    def __init__(self, keys: auth.ApiKeys) -> None:
+    def __init__(self, keys: auth.ApiKeys, dataplane: DataPlane) -> None:
         self.keys = keys
+        self.dataplane = dataplane
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         needed = auth.grpc_scope(details.method)
@@ -262,6 +271,10 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
             presented = auth.bearer(metadata.get("authorization"))
             refused = auth.refusal(self.keys, presented, needed)
             if refused is not None:
+                protocol = INFER_METHODS.get(details.method.rsplit("/", 1)[-1])
+                if protocol is not None:  # the model is not known before the request is read
+                    outcome = FORBIDDEN if refused[0] else UNAUTHENTICATED
+                    self.dataplane.count_rejected("", protocol, outcome)
                 log.warning(
                     "call refused",
                     extra={"event": "auth_refused", "method": details.method,
@@ -292,7 +305,7 @@ def create_grpc_server(
     """A grpcio asyncio server with the inference service bound to `address` (TLS when
     `credentials` are given; API keys checked when `keys` are)."""
     server = grpc.aio.server(
-        interceptors=[ApiKeyInterceptor(keys)] if keys is not None else None,
+        interceptors=[ApiKeyInterceptor(keys, dataplane)] if keys is not None else None,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),

@@ -22,7 +22,7 @@ from fastapi.responses import FileResponse, Response
 from starlette.exceptions import HTTPException
 
 from server import __version__, auth, metrics
-from server.dataplane import DataPlane
+from server.dataplane import FORBIDDEN, OUTCOMES, UNAUTHENTICATED, DataPlane
 from server.errors import (
     ErrorKind,
     VolleyError,
@@ -113,6 +113,10 @@ class HttpFrontEnd:
         if refused is None:
             return True
         authenticated, message = refused
+        infer = INFER_ROUTE.match(scope["path"])
+        if infer is not None:
+            outcome = FORBIDDEN if authenticated else UNAUTHENTICATED
+            self.dataplane.count_rejected(infer[1], "http", outcome)
         client = (scope.get("client") or ("?",))[0]
         log.warning(
             "call refused",
@@ -132,7 +136,7 @@ class HttpFrontEnd:
         self, scope: Scope, receive: Receive, send: Send, model: str, version: str
     ) -> None:
         headers = dict(scope["headers"])
-        body_read = False
+        body_read = reached = False
         try:
             header_length, reserved = self._admit(headers)
             try:
@@ -143,10 +147,13 @@ class HttpFrontEnd:
                 raise
             body_read = True
             request = await self._decode(body, header_length, model, version, reserved)
+            reached = True  # from here on the data plane counts the outcome
             response = await self.dataplane.infer(request, "http")
             payload, json_length = http_codec.encode_response(response, request)
         except Exception as exc:  # a bug must still answer the client, never hang it
             error = exc if isinstance(exc, VolleyError) else unexpected(exc, model=model)
+            if not reached:
+                self.dataplane.count_rejected(model, "http", OUTCOMES[error.kind])
             extra = error_headers(error)
             if not body_read:  # the rest of the body is not worth reading: let it go
                 extra.append((b"connection", b"close"))

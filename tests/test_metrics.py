@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import numpy as np
 import onnx
 import onnx_models
@@ -21,6 +22,7 @@ import tritonclient.grpc as grpcclient
 from conftest import VolleyProcess, serving
 from metrics_scrape import scrape, total
 from onnx import TensorProto, helper, numpy_helper
+from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
 
@@ -65,6 +67,37 @@ def test_metrics_follow_the_requests(server):
     assert total(after, "volley_batch_releases_total", **mlp) == total(
         after, "volley_executions_total", **mlp
     )
+
+
+def test_requests_refused_before_a_model_are_counted(server):
+    """Malformed bodies, bodies over the JSON limit and undecodable gRPC requests never reach a
+    model, yet each is counted by protocol and outcome; a made-up model name mints no series."""
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    before = scrape(url)
+    infer = f"{server.url}/v2/models/mlp/infer"
+    assert requests.post(infer, data=b"{not json", timeout=10).status_code == 400
+    too_big = b" " * (16 * 2**20 + 1)  # past the default --max-json-bytes
+    assert requests.post(infer, data=too_big, timeout=30).status_code == 413
+    made_up = f"{server.url}/v2/models/made-up-model-name/infer"
+    assert requests.post(made_up, data=b"{not json", timeout=10).status_code == 400
+    client = grpcclient.InferenceServerClient(server.grpc)
+    request = service_pb2.ModelInferRequest(model_name="mlp")
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 32])
+    request.raw_input_contents.append(b"\0" * 7)  # not 128 bytes
+    with pytest.raises(grpc.RpcError) as info:
+        client._client_stub.ModelInfer(request, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    client.close()
+    after = scrape(url)
+
+    def delta(**labels: str) -> float:
+        name = "volley_requests_total"
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    assert delta(model="mlp", version="", protocol="http", outcome="invalid") == 2
+    assert delta(model="", version="", protocol="http", outcome="invalid") == 1
+    assert delta(model="mlp", version="", protocol="grpc", outcome="invalid") == 1
+    assert not any("made-up" in str(labels) for _, labels in after)
 
 
 def test_metrics_on_http_port_and_exposition_format(server):

@@ -18,6 +18,7 @@ import tritonclient.http as httpclient
 import websockets.sync.client as wsclient
 from certificates import Authority
 from conftest import ROOT, VolleyProcess, copy_shipped_models, serving
+from metrics_scrape import scrape, total
 from tritonclient.utils import InferenceServerException
 from websockets.exceptions import InvalidStatus
 
@@ -166,6 +167,26 @@ def test_admin_key_controls_models(keyed: VolleyProcess) -> None:
         client.close()
     metrics = requests.get(keyed.url + "/metrics", headers=bearer(ADMIN_KEY), timeout=TIMEOUT)
     assert metrics.status_code == 200 and "volley_requests_total" in metrics.text
+
+
+def test_refused_inference_is_counted(keyed: VolleyProcess) -> None:
+    """Inference refused for its key is counted by protocol and outcome, like any other."""
+    metrics_url = f"http://127.0.0.1:{keyed.metrics_port}/metrics"
+    before = scrape(metrics_url)
+    infer = keyed.url + "/v2/models/fraud/infer"
+    assert requests.post(infer, data=b"{}", timeout=TIMEOUT).status_code == 401
+    client = grpcclient.InferenceServerClient(keyed.grpc)
+    with pytest.raises(InferenceServerException):
+        client.infer("fraud", [fraud_input(grpcclient)])
+    client.close()
+    after = scrape(metrics_url)
+
+    def delta(**labels: str) -> float:
+        name = "volley_requests_total"
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    assert delta(model="fraud", protocol="http", outcome="unauthenticated") == 1
+    assert delta(model="", protocol="grpc", outcome="unauthenticated") == 1
 
 
 def test_websocket_takes_the_key_as_a_query_parameter(keyed: VolleyProcess) -> None:
