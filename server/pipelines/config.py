@@ -36,6 +36,9 @@ class DetectionConfig(_Strict):
     max_image_pixels: int = Field(40_000_000, ge=1, description="width x height, from the header")
     max_frame_age_ms: int = Field(1000, ge=1, description="older stream frames are skipped")
     workers: int = Field(0, ge=0, le=256, description="decode/NMS threads; 0 = CPU cores")
+    max_queue_size: int = Field(
+        64, ge=1, description="requests in progress (decode, detector, NMS) before 429"
+    )
 
 
 def parse_detection_config(raw: dict, config_path: Path) -> DetectionConfig:
@@ -69,5 +72,6 @@ def pipeline_model_config(config: DetectionConfig) -> ModelConfig:
             "max_images": str(config.max_images),
             "max_image_pixels": str(config.max_image_pixels),
             "max_frame_age_ms": str(config.max_frame_age_ms),
+            "max_queue_size": str(config.max_queue_size),
         },
     )

@@ -169,6 +169,12 @@ class DetectionPipeline:
         """
         if self._draining:
             raise unavailable(f"model '{self.config.name}' is unloading")
+        if self._active >= self.detection.max_queue_size:
+            raise VolleyError(
+                ErrorKind.QUEUE_FULL,
+                f"model '{self.config.name}' has {self._active} requests in progress "
+                f"(max_queue_size {self.detection.max_queue_size})",
+            )
         started = time.perf_counter_ns()
         self._active += 1
         self._idle.clear()
