@@ -25,6 +25,7 @@ from server.auth import ApiKeys, KeyFileError
 from server.dataplane import DataPlane
 from server.grpc_api import InferenceServicer, create_grpc_server
 from server.http_api import HttpFrontEnd, metrics_app
+from server.ratelimit import RateLimiter
 from server.repository import ModelRepository
 from server.tls import TlsFiles
 
@@ -52,6 +53,8 @@ class ServeSettings:
     api_keys: Path | None = None  # a key file: every call but liveness then needs a key
     tls: TlsFiles | None = None
     metrics_tls: bool = False  # the metrics port behind the same TLS (else plain)
+    rate_limit: float = 0.0  # inference requests a second per client address (0: no limit)
+    rate_burst: float = 0.0  # bucket size (0: one second's worth)
     shutdown_timeout: float = 30.0
 
 
@@ -155,7 +158,10 @@ def check_startup(settings: ServeSettings) -> None:
 async def serve(settings: ServeSettings) -> int:
     """Run until SIGTERM/SIGINT, then drain and return the exit code."""
     repository = ModelRepository(settings.model_repository, settings.model_control)
-    dataplane = DataPlane(repository, settings.strict_readiness)
+    limiter = None
+    if settings.rate_limit > 0:
+        limiter = RateLimiter(settings.rate_limit, settings.rate_burst or None)
+    dataplane = DataPlane(repository, settings.strict_readiness, limiter)
     metrics.enable_gpu_metrics()
 
     keys = ApiKeys.load(settings.api_keys) if settings.api_keys is not None else None

@@ -98,6 +98,21 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         help="put the metrics port behind the same TLS (default: plain HTTP)",
     )
     p.add_argument(
+        "--rate-limit",
+        type=float,
+        default=0.0,
+        metavar="PER_SECOND",
+        help="inference requests a second each client address may send (0: no limit); "
+        "past it 429 / RESOURCE_EXHAUSTED",
+    )
+    p.add_argument(
+        "--rate-burst",
+        type=float,
+        default=0.0,
+        metavar="REQUESTS",
+        help="requests a client may send at once above --rate-limit (0: one second's worth)",
+    )
+    p.add_argument(
         "--shutdown-timeout",
         type=float,
         default=30.0,
@@ -358,6 +373,8 @@ def _serve(args: argparse.Namespace) -> int:
         api_keys=args.api_keys,
         tls=tls,
         metrics_tls=args.metrics_tls,
+        rate_limit=args.rate_limit,
+        rate_burst=args.rate_burst,
         shutdown_timeout=args.shutdown_timeout,
     )
     try:

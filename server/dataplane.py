@@ -13,6 +13,7 @@ from functools import lru_cache
 
 from server import metrics
 from server.errors import ErrorKind, VolleyError, invalid, unavailable
+from server.ratelimit import RateLimiter
 from server.repository import ModelRepository
 from server.servable import FramePolicy
 from server.types import InferenceRequest, InferenceResponse
@@ -22,6 +23,7 @@ OUTCOMES = {
     ErrorKind.NOT_FOUND: "not_found",
     ErrorKind.TOO_LARGE: "invalid",
     ErrorKind.QUEUE_FULL: "queue_full",
+    ErrorKind.RATE_LIMITED: "rate_limited",
     ErrorKind.TIMEOUT: "timeout",
     ErrorKind.UNAVAILABLE: "unavailable",
     ErrorKind.INTERNAL: "failed",
@@ -44,9 +46,15 @@ def _inflight_gauge(protocol: str):
 class DataPlane:
     """Server-wide state the front ends share: the repository and the draining flag."""
 
-    def __init__(self, repository: ModelRepository, strict_readiness: bool = True) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        strict_readiness: bool = True,
+        rate_limiter: RateLimiter | None = None,
+    ) -> None:
         self.repository = repository
         self.strict_readiness = strict_readiness
+        self.rate_limiter = rate_limiter
         self.draining = False
         self.arrivals = 0  # requests seen, refused ones included: what `quiesce` watches
         self.inflight = 0
@@ -104,6 +112,11 @@ class DataPlane:
             if self.arrivals == seen and self.inflight == 0:
                 return True
         return False
+
+    def admit(self, client: str) -> None:
+        """Refuse (429) a client over its rate limit, when `--rate-limit` is set."""
+        if self.rate_limiter is not None:
+            self.rate_limiter.check(client)
 
     def count_rejected(self, model: str, protocol: str, outcome: str) -> None:
         """Count a request refused before it reached a model (undecodable, too large, not

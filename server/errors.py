@@ -18,6 +18,8 @@ class ErrorKind(Enum):
     NOT_FOUND = (404, grpc.StatusCode.NOT_FOUND)
     TOO_LARGE = (413, grpc.StatusCode.RESOURCE_EXHAUSTED)
     QUEUE_FULL = (429, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    # the same codes as QUEUE_FULL; the third element keeps it a distinct member
+    RATE_LIMITED = (429, grpc.StatusCode.RESOURCE_EXHAUSTED, "rate")
     INTERNAL = (500, grpc.StatusCode.INTERNAL)
     UNSUPPORTED = (501, grpc.StatusCode.UNIMPLEMENTED)
     UNAVAILABLE = (503, grpc.StatusCode.UNAVAILABLE)

@@ -25,6 +25,7 @@ from server.protocol.model_info import (
     server_metadata,
     triton_config,
 )
+from server.ratelimit import grpc_peer_address
 from server.streams import FrameAnswer, FrameStream
 from server.types import InferenceRequest
 
@@ -95,6 +96,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         reached = False
         try:
+            self.dataplane.admit(grpc_peer_address(context.peer()))
             decoded = grpc_codec.decode_request(request)
             remaining = context.time_remaining()
             if remaining is not None and "timeout" not in decoded.parameters:
@@ -137,8 +139,11 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 message = _stream_error(request, unexpected(exc, model=request.model_name).message)
             await answers.put(message)
 
+        client = grpc_peer_address(context.peer())
+
         async def take(request: pb.ModelInferRequest) -> None:
             try:
+                self.dataplane.admit(client)
                 decoded = grpc_codec.decode_request(request)
             except VolleyError as exc:
                 self.dataplane.count_rejected(request.model_name, "grpc_stream", OUTCOMES[exc.kind])

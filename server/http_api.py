@@ -60,7 +60,7 @@ def error_body(message: str) -> bytes:
 
 def error_headers(error: VolleyError) -> list[tuple[bytes, bytes]]:
     """Extra headers for an error: overloaded clients are told when to come back."""
-    if error.kind in (ErrorKind.QUEUE_FULL, ErrorKind.UNAVAILABLE):
+    if error.kind in (ErrorKind.QUEUE_FULL, ErrorKind.RATE_LIMITED, ErrorKind.UNAVAILABLE):
         return [(b"retry-after", b"1")]
     return []
 
@@ -138,6 +138,7 @@ class HttpFrontEnd:
         headers = dict(scope["headers"])
         body_read = reached = False
         try:
+            self.dataplane.admit((scope.get("client") or ("?",))[0])
             header_length, reserved = self._admit(headers)
             try:
                 body = await self._read_body(headers, receive)

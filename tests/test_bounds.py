@@ -4,14 +4,19 @@ RESOURCE_EXHAUSTED with a message), never queued without limit."""
 from __future__ import annotations
 
 import struct
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import onnx_models
 import orjson
 import requests
+import tritonclient.grpc as grpcclient
 import yaml
 from conftest import ROOT, copy_shipped_models, serving
+from metrics_scrape import scrape, total
+from tritonclient.utils import InferenceServerException
 
 TIMEOUT = 60
 IMAGE = (ROOT / "docs" / "samples" / "street-1.jpg").read_bytes()
@@ -59,3 +64,35 @@ def test_an_unbounded_queue_cannot_be_configured(tmp_path: Path) -> None:
         (row,) = index
         assert row["state"] == "UNAVAILABLE"
         assert "max_queue_size" in row["reason"] and "greater than or equal to 1" in row["reason"]
+
+
+def test_a_client_over_its_rate_limit_gets_429(tmp_path: Path) -> None:
+    """--rate-limit 4 --rate-burst 4: a burst of 12 from one address gets 4 answers and 8
+    refusals on HTTP and gRPC alike (one bucket per address); a second later it may go on."""
+    root = copy_shipped_models(tmp_path)
+    with serving(root, "--rate-limit", "4", "--rate-burst", "4") as proc:
+        body = {"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 17],
+                            "data": [0.5] * 17}]}  # fmt: skip
+        url = proc.url + "/v2/models/fraud/infer"
+        codes = [requests.post(url, json=body, timeout=TIMEOUT).status_code for _ in range(6)]
+        client = grpcclient.InferenceServerClient(proc.grpc)
+        tensor = grpcclient.InferInput("features", [1, 17], "FP32")
+        tensor.set_data_from_numpy(np.full((1, 17), 0.5, np.float32))
+        for _ in range(6):
+            try:
+                client.infer("fraud", [tensor])
+                codes.append(200)
+            except InferenceServerException as exc:
+                assert exc.status() == "StatusCode.RESOURCE_EXHAUSTED", exc
+                assert "over its rate limit of 4 requests/s" in exc.message()
+                codes.append(429)
+        assert codes.count(200) in (4, 5), codes  # 4, and a token may refill meanwhile
+        reply = requests.post(url, json=body, timeout=TIMEOUT)
+        assert reply.status_code == 429 and "rate limit" in reply.json()["error"]
+        assert reply.headers["retry-after"] == "1"
+        time.sleep(1.1)
+        assert requests.post(url, json=body, timeout=TIMEOUT).status_code == 200
+        client.close()
+        samples = scrape(f"http://127.0.0.1:{proc.metrics_port}/metrics")
+        refused = total(samples, "volley_requests_total", model="fraud", outcome="rate_limited")
+        assert refused == codes.count(429) + 1
