@@ -45,8 +45,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 REQUESTS = Counter(
     "volley_requests",
     "Inference requests answered, by protocol and outcome "
-    "(success, invalid, not_found, queue_full, timeout, unavailable, failed, unauthenticated, "
-    "forbidden), also those refused before reaching a model.",
+    "(success, invalid, not_found, queue_full, rate_limited, timeout, unavailable, failed, "
+    "unauthenticated, forbidden), also those refused before reaching a model.",
     (*MODEL, "protocol", "outcome"),
     registry=REGISTRY,
 )

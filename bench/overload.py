@@ -1,0 +1,226 @@
+"""Overload benchmark: at 3x the sustainable request rate, Volley keeps serving at capacity,
+refuses the excess fast, keeps the p99 of what it accepts near its value at capacity, and its
+memory stays flat.
+
+The load is the `detect` pipeline (one 640x480 JPEG per gRPC request), offered open-loop: each
+request leaves at its scheduled time whatever the answers before it did, as independent cameras
+and apps would send. Steps: the in-process ceiling; the sustainable rate (closed loop, as many
+requests in flight as the pipeline's queue bound); then open-loop at 1x and 3x that rate.
+
+    python bench/overload.py                       # shipped models, max_queue_size 16
+    python bench/overload.py --seconds 20 --queue 32
+
+The pipeline's `max_queue_size` (requests in progress) is what bounds the latency of accepted
+requests under overload: about queue / capacity seconds. The load generator shares the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import struct
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import yaml
+from serving import free_port, machine, rss_mb, start, stop
+from tritonclient.grpc import service_pb2 as pb
+from vision import camera_frames, ceiling
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Step:
+    name: str
+    offered: float  # req/s offered (closed loop: what it reached)
+    seconds: float
+    accepted_ms: list[float]
+    refused_ms: list[float]
+    errors: dict[str, int]
+    rss_start_mb: float
+    rss_peak_mb: float
+
+    def row(self) -> str:
+        ok = np.array(self.accepted_ms or [np.nan])
+        refused = np.array(self.refused_ms or [np.nan])
+        errors = ", ".join(f"{k}: {v}" for k, v in self.errors.items()) or "0"
+        return (
+            f"| {self.name} | {self.offered:.1f} | {len(self.accepted_ms) / self.seconds:.1f} | "
+            f"{len(self.refused_ms) / self.seconds:.1f} | {np.percentile(ok, 50):.1f} | "
+            f"{np.percentile(ok, 99):.1f} | {np.percentile(refused, 99):.1f} | {errors} | "
+            f"{self.rss_start_mb:.0f} -> {self.rss_peak_mb:.0f} |"
+        )
+
+
+METHOD = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def serialized_requests(frames: list[bytes]) -> list[bytes]:
+    """One ModelInferRequest per frame, serialized once: the load generator then costs little
+    more than the bytes it sends, and takes less CPU from the server sharing its machine."""
+    out = []
+    for frame in frames:
+        request = pb.ModelInferRequest(model_name="detect")
+        request.inputs.add(name="images", datatype="BYTES", shape=[1])
+        request.raw_input_contents.append(struct.pack("<I", len(frame)) + frame)
+        out.append(request.SerializeToString())
+    return out
+
+
+async def one(call, request: bytes, step: Step) -> None:
+    started = time.perf_counter()
+    try:
+        await call(request, timeout=60)
+    except grpc.aio.AioRpcError as exc:
+        ms = (time.perf_counter() - started) * 1e3
+        if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            step.refused_ms.append(ms)
+        else:
+            key = f"{exc.code().name}: {(exc.details() or '')[:60]}"
+            step.errors[key] = step.errors.get(key, 0) + 1
+        return
+    step.accepted_ms.append((time.perf_counter() - started) * 1e3)
+
+
+def unary(channel: grpc.aio.Channel):
+    return channel.unary_unary(METHOD)  # bytes in, bytes out: no per-call protobuf work
+
+
+async def watch_memory(pid: int, step: Step, done: asyncio.Event) -> None:
+    while not done.is_set():
+        step.rss_peak_mb = max(step.rss_peak_mb, rss_mb(pid))
+        await asyncio.sleep(0.1)
+
+
+async def closed_loop(address: str, frames: list[bytes], inflight: int, seconds: float, pid: int):
+    """`inflight` clients, each sending its next request when its answer comes."""
+    step = Step("capacity (closed loop)", 0.0, seconds, [], [], {}, rss_mb(pid), rss_mb(pid))
+    channel = grpc.aio.insecure_channel(address)
+    call = unary(channel)
+    end = time.monotonic() + seconds
+    done = asyncio.Event()
+
+    async def worker(k: int) -> None:
+        i = k
+        while time.monotonic() < end:
+            await one(call, frames[i % len(frames)], step)
+            i += inflight
+
+    memory = asyncio.create_task(watch_memory(pid, step, done))
+    await asyncio.gather(*(worker(k) for k in range(inflight)))
+    done.set()
+    await memory
+    await channel.close()
+    step.offered = len(step.accepted_ms) / seconds
+    return step
+
+
+async def open_loop(address: str, frames: list[bytes], rate: float, seconds: float, pid: int,
+                    name: str) -> Step:  # fmt: skip
+    """Requests leave every 1/rate seconds, whatever happened to the ones before."""
+    step = Step(name, rate, seconds, [], [], {}, rss_mb(pid), rss_mb(pid))
+    channel = grpc.aio.insecure_channel(address)
+    call = unary(channel)
+    done = asyncio.Event()
+    memory = asyncio.create_task(watch_memory(pid, step, done))
+    tasks = []
+    start_at = time.perf_counter()
+    for i in range(int(rate * seconds)):
+        delay = start_at + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(call, frames[i % len(frames)], step)))
+    await asyncio.gather(*tasks)
+    done.set()
+    await memory
+    await channel.close()
+    return step
+
+
+def report(ceiling_fps: float, steps: list[Step], queue: int, seconds: float) -> str:
+    capacity, at_1x, at_3x = steps
+    p99_cap = np.percentile(capacity.accepted_ms, 99)
+    p99_3x = np.percentile(at_3x.accepted_ms, 99) if at_3x.accepted_ms else float("inf")
+    served = len(at_3x.accepted_ms) / seconds
+    refused_p99 = np.percentile(at_3x.refused_ms, 99) if at_3x.refused_ms else float("nan")
+    growth = at_3x.rss_peak_mb - capacity.rss_start_mb
+    lines = [
+        f"Machine: {machine()}",
+        f"detect pipeline (640x480 JPEG -> boxes), gRPC, max_queue_size {queue}, "
+        f"{seconds:g} s per step; in-process ceiling (one loop, no server): {ceiling_fps:.1f} "
+        "images/s",
+        "",
+        "| step | offered req/s | accepted req/s | refused req/s | p50 accepted ms | "
+        "p99 accepted ms | p99 refused ms | other errors | RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *(s.row() for s in steps),
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+        f"| serves at capacity under 3x load | {served:.1f} of {capacity.offered:.1f} req/s | "
+        f"{'yes' if served >= 0.9 * capacity.offered else 'NO'} |",
+        f"| excess refused fast (p99 of refusals) | {refused_p99:.1f} ms | "
+        f"{'yes' if refused_p99 < 20 else 'NO'} |",
+        f"| p99 accepted within 2x capacity's | {p99_3x:.0f} vs {p99_cap:.0f} ms | "
+        f"{'yes' if p99_3x <= 2 * p99_cap else 'NO'} |",
+        f"| memory flat | +{growth:.0f} MB | {'yes' if growth < 50 else 'NO'} |",
+        f"| no other error | {sum(at_3x.errors.values()) + sum(at_1x.errors.values())} | "
+        f"{'yes' if not at_3x.errors and not at_1x.errors else 'NO'} |",
+    ]
+    return "\n".join(lines)
+
+
+async def run(args: argparse.Namespace, frames: list[bytes]) -> list[Step]:
+    folder = Path(tempfile.mkdtemp(prefix="volley-overload-"))
+    try:
+        repository = folder / "models"
+        shutil.copytree(args.models, repository)
+        config_file = repository / "detect" / "config.yaml"
+        config = yaml.safe_load(config_file.read_text())
+        config_file.write_text(yaml.safe_dump({**config, "max_queue_size": args.queue}))
+        http_port, grpc_port = free_port(), free_port()
+        cmd = [sys.executable, "-m", "server", "serve", "--model-repository", str(repository),
+               "--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port",
+               str(grpc_port), "--metrics-port", "0"]  # fmt: skip
+        proc = start(cmd, f"http://127.0.0.1:{http_port}/v2/health/ready")
+        try:
+            address = f"127.0.0.1:{grpc_port}"
+            await closed_loop(address, frames, 4, 3, proc.pid)  # warm up
+            capacity = await closed_loop(address, frames, args.queue, args.seconds, proc.pid)
+            print(f"  {capacity.row()}", file=sys.stderr)
+            steps = [capacity]
+            for factor in (1, 3):
+                rate = capacity.offered * factor
+                step = await open_loop(address, frames, rate, args.seconds, proc.pid,
+                                       f"open loop {factor}x")  # fmt: skip
+                print(f"  {step.row()}", file=sys.stderr)
+                steps.append(step)
+        finally:
+            stop(proc)
+        return steps
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=Path, default=ROOT / "models")
+    parser.add_argument("--seconds", type=float, default=15.0, help="per step")
+    parser.add_argument("--queue", type=int, default=16, help="detect's max_queue_size")
+    args = parser.parse_args()
+    frames = camera_frames()
+    ceiling_fps, _ = ceiling(args.models / "detector" / "1" / "model.onnx", frames, 6)
+    steps = asyncio.run(run(args, serialized_requests(frames)))
+    print(report(ceiling_fps, steps, args.queue, args.seconds))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
