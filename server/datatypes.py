@@ -50,6 +50,25 @@ def numpy_dtype(datatype: str) -> np.dtype:
         raise invalid(f"unsupported datatype '{datatype}'") from None
 
 
+MAX_DIMS = 32
+# numpy refuses a shape whose non-zero dimensions span more bytes than it can index, even when
+# another dimension is 0; such shapes are refused as the client's mistake, before numpy sees them.
+MAX_SPAN_BYTES = np.iinfo(np.intp).max
+
+
+def check_shape(shape: tuple[int, ...], datatype: str, name: str) -> None:
+    """A 400 for a shape no tensor can have: too many or negative dimensions, or too large."""
+    if len(shape) > MAX_DIMS:
+        raise invalid(f"input '{name}' has {len(shape)} dimensions, at most {MAX_DIMS} are allowed")
+    if any(dim < 0 for dim in shape):
+        raise invalid(f"shape of input '{name}' must be non-negative, got {list(shape)}")
+    span = numpy_dtype(datatype).itemsize
+    for dim in shape:
+        span *= max(dim, 1)
+    if span > MAX_SPAN_BYTES:
+        raise invalid(f"shape {list(shape)} of input '{name}' is too large for any tensor")
+
+
 def element_count(shape: tuple[int, ...]) -> int:
     """Number of elements of a tensor of this shape."""
     count = 1

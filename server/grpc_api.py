@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import model_config_pb2, service_pb2_grpc
 from tritonclient.grpc import service_pb2 as pb
 
 from server import __version__, auth
 from server.dataplane import FORBIDDEN, OUTCOMES, UNAUTHENTICATED, DataPlane
-from server.errors import VolleyError, shared_memory_unsupported, unexpected
+from server.errors import VolleyError, invalid, shared_memory_unsupported, unexpected
 from server.protocol import grpc_codec
 from server.protocol.model_info import (
     load_override,
@@ -61,7 +63,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self.dataplane.ready)
 
     async def ModelReady(self, request, context):
-        return pb.ModelReadyResponse(ready=self.repo.is_ready(request.name, request.version))
+        try:
+            return pb.ModelReadyResponse(ready=self.repo.is_ready(request.name, request.version))
+        except VolleyError as exc:
+            await _abort(context, exc)
 
     async def ServerMetadata(self, request, context):
         return json_format.ParseDict(server_metadata(__version__), pb.ServerMetadataResponse())
@@ -95,7 +100,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         reached = False
+        model = getattr(request, "model_name", "")  # a Malformed request has none
         try:
+            if isinstance(request, Malformed):
+                raise invalid(request.message)
             self.dataplane.admit(grpc_peer_address(context.peer()))
             decoded = grpc_codec.decode_request(request)
             remaining = context.time_remaining()
@@ -106,11 +114,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             response = await self.dataplane.infer(decoded, "grpc")
             return grpc_codec.encode_response(response)
         except Exception as exc:  # a bug: the client gets a request id, the log the details
-            error = (
-                exc if isinstance(exc, VolleyError) else unexpected(exc, model=request.model_name)
-            )
+            error = exc if isinstance(exc, VolleyError) else unexpected(exc, model=model)
             if not reached:
-                self.dataplane.count_rejected(request.model_name, "grpc", OUTCOMES[error.kind])
+                self.dataplane.count_rejected(model, "grpc", OUTCOMES[error.kind])
             await _abort(context, error)
 
     async def ModelStreamInfer(self, request_iterator, context):
@@ -165,11 +171,21 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
+        malformed: list[Malformed] = []  # a message that did not parse ends the stream
+
         async def read() -> None:
             try:
                 try:
                     async for request in request_iterator:
-                        await take(request)
+                        if isinstance(request, Malformed):
+                            self.dataplane.count_rejected("", "grpc_stream", "invalid")
+                            malformed.append(request)
+                            break
+                        try:
+                            await take(request)
+                        except Exception as exc:  # a bug: this request fails, the stream goes on
+                            error = unexpected(exc, model=request.model_name)
+                            await answers.put(_stream_error(request, error.message))
                 except asyncio.CancelledError:
                     if not self._ending_streams:
                         raise  # the client left: nothing to answer
@@ -188,6 +204,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             while (message := await answers.get()) is not done:
                 yield message
+            if malformed:  # after answering every request taken before it
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, malformed[0].message)
         finally:
             reader.cancel()
             frames.close()
@@ -235,6 +253,63 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def CudaSharedMemoryRegister(self, request, context):
         await _abort(context, shared_memory_unsupported())
+
+
+class Malformed:
+    """What a request that protobuf cannot parse becomes, so the servicer can refuse it with
+    INVALID_ARGUMENT (grpcio would answer UNKNOWN for a deserializer's exception)."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _lenient(message_class: type) -> Callable[[bytes], object]:
+    parse = message_class.FromString
+    what = f"not a valid {message_class.DESCRIPTOR.full_name} message"
+
+    def deserialize(data: bytes) -> object:
+        try:
+            return parse(data)
+        except DecodeError:
+            return Malformed(what)
+
+    return deserialize
+
+
+def _refusing_malformed(method: Callable) -> Callable:
+    async def handler(request: object, context: grpc.aio.ServicerContext) -> object:
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return await method(request, context)
+
+    return handler
+
+
+def _add_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """Register the service as the generated code does, but with deserializers that turn an
+    unparsable message into `Malformed` instead of an exception."""
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers = {}
+    for method in service.methods:
+        options = {
+            "request_deserializer": _lenient(getattr(pb, method.input_type.name)),
+            "response_serializer": getattr(pb, method.output_type.name).SerializeToString,
+        }
+        implementation = getattr(servicer, method.name)
+        if method.client_streaming:  # ModelStreamInfer: Malformed is handled in the stream
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(implementation, **options)
+        elif method.name == "ModelInfer":  # the hot path: it checks (and counts) Malformed itself
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(implementation, **options)
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _refusing_malformed(implementation), **options
+            )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 def _repository_parameter(param: pb.ModelRepositoryParameter) -> object:
@@ -324,7 +399,7 @@ def create_grpc_server(
         ],
     )
     servicer = InferenceServicer(dataplane)
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    _add_service(servicer, server)
     if credentials is None:
         server.add_insecure_port(address)
     else:

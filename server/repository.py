@@ -36,6 +36,11 @@ from server.stats import ModelStats
 log = logging.getLogger(__name__)
 
 
+def is_number(text: str) -> bool:
+    """Whether `text` is a version number: ASCII digits only ('²' is a digit to str.isdigit)."""
+    return text.isascii() and text.isdigit()
+
+
 class ModelState(StrEnum):
     """Triton's repository index states."""
 
@@ -95,7 +100,7 @@ def model_fingerprint(model_dir: Path) -> tuple:
         return (st.st_mtime_ns, st.st_size)
 
     versions = tuple(
-        (p.name, stamp(p / MODEL_FILE)) for p in sorted(model_dir.iterdir()) if p.name.isdigit()
+        (p.name, stamp(p / MODEL_FILE)) for p in sorted(model_dir.iterdir()) if is_number(p.name)
     )
     return (stamp(model_dir / CONFIG_FILE), versions)
 
@@ -180,7 +185,7 @@ class ModelRepository:
         if entry is None:
             raise not_found(f"Request for unknown model: '{name}' is not found")
         if version:
-            if not version.isdigit():
+            if not is_number(version):
                 raise VolleyError(ErrorKind.INVALID_ARGUMENT, f"invalid version '{version}'")
             served = entry.versions.get(int(version))
             if served is None:
@@ -215,7 +220,10 @@ class ModelRepository:
         return model
 
     def is_ready(self, name: str, version: str = "") -> bool:
-        """Whether the model (or that version of it) would take a request now."""
+        """Whether the model (or that version of it) would take a request now; a version that is
+        no number is the client's mistake (400), not an unready model."""
+        if version and not is_number(version):
+            raise invalid(f"invalid version '{version}'")
         try:
             return self.get(name, version).model.ready
         except VolleyError:
@@ -331,7 +339,7 @@ class ModelRepository:
         self, entry: ModelEntry, model_dir: Path, override: dict | None
     ) -> dict[int, ModelVersion]:
         """Build the versions the policy selects, reusing unchanged ones already serving."""
-        numbers = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+        numbers = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and is_number(p.name)]
         if not numbers:
             raise ConfigError(f"{model_dir}: no version folder (e.g. {model_dir}/1/{MODEL_FILE})")
         newest_file = model_dir / str(max(numbers)) / MODEL_FILE

@@ -21,6 +21,7 @@ Image.MAX_IMAGE_PIXELS = None
 
 # Pillow names of the formats the pipeline takes (MPO: the multi-picture JPEG of many cameras).
 FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "WEBP": "WebP", "BMP": "BMP"}
+EXIF_ORIENTATION = 0x0112
 
 
 @dataclass
@@ -36,17 +37,41 @@ class Letterboxed:
 
 
 def image_header(data: bytes, what: str) -> tuple[str, int, int]:
-    """(format, width, height) from an encoded image's header, without decoding its pixels."""
+    """(format, width, height) from an encoded image's header, without decoding its pixels.
+
+    The size is the upright image's: OpenCV applies the EXIF orientation when it decodes, and
+    orientations 5 to 8 (a phone held upright, say) swap width and height.
+    """
     if not data:
         raise invalid(f"{what}: empty (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as header:
-            kind, size = header.format, header.size
+            kind, (width, height) = header.format, header.size
+            if _orientation(header) in (5, 6, 7, 8):
+                width, height = height, width
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise invalid(f"{what}: not a JPEG, PNG, WebP or BMP image") from None
     if kind not in FORMATS:
         raise invalid(f"{what}: {kind} images are not supported; send JPEG, PNG, WebP or BMP")
-    return FORMATS[kind], *size
+    return FORMATS[kind], width, height
+
+
+def _orientation(header: Image.Image) -> int:
+    """The EXIF orientation tag (1: upright); 1 as well when the EXIF block cannot be read.
+
+    Read from the EXIF block found with the header, never with `getexif()`: for a PNG that
+    decodes the whole image first, whatever size its header declares.
+    """
+    raw = header.info.get("exif")
+    if not isinstance(raw, bytes):
+        return 1
+    try:
+        exif = Image.Exif()
+        exif.load(raw)
+        orientation = exif.get(EXIF_ORIENTATION, 1)
+    except Exception:  # a corrupt EXIF block: OpenCV ignores it too
+        return 1
+    return orientation if isinstance(orientation, int) else 1
 
 
 @dataclass

@@ -52,7 +52,7 @@ def _number(
         number = float(value)
         if integer and number != int(number):
             raise ValueError
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         kind = "an integer" if integer else "a number"
         raise invalid(f"parameter '{key}' must be {kind}, got {value!r}") from None
     if not low <= number <= high:
@@ -72,7 +72,7 @@ def _class_filter(value: object, class_names: tuple[str, ...]) -> frozenset[int]
         item = item.strip()
         if item in by_name:
             keep.add(by_name[item])
-        elif item.isdigit() and int(item) < len(class_names):
+        elif item.isascii() and item.isdigit() and int(item) < len(class_names):  # not '²'
             keep.add(int(item))
         else:
             raise invalid(

@@ -8,7 +8,13 @@ from __future__ import annotations
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
-from server.datatypes import element_count, numpy_dtype, tensor_from_bytes, tensor_to_bytes
+from server.datatypes import (
+    check_shape,
+    element_count,
+    numpy_dtype,
+    tensor_from_bytes,
+    tensor_to_bytes,
+)
 from server.errors import invalid, shared_memory_unsupported
 from server.types import InferenceRequest, InferenceResponse, InferTensor, RequestedOutput
 
@@ -44,9 +50,7 @@ def decode_request(request: pb.ModelInferRequest) -> InferenceRequest:
     tensors = []
     for i, item in enumerate(request.inputs):
         shape = tuple(item.shape)
-        if any(d < 0 for d in shape):
-            raise invalid(f"shape of input '{item.name}' must be non-negative")
-        numpy_dtype(item.datatype)
+        check_shape(shape, item.datatype, item.name)
         if "shared_memory_region" in item.parameters:
             raise shared_memory_unsupported()
         if raw and item.HasField("contents") and item.contents.ByteSize():
@@ -69,12 +73,23 @@ def decode_request(request: pb.ModelInferRequest) -> InferenceRequest:
     )
 
 
-def set_parameter(param: pb.InferParameter, value: bool | int | float | str) -> None:
-    """Store a Python value in the matching `InferParameter` oneof."""
+INT64_MIN, INT64_MAX, UINT64_MAX = -(2**63), 2**63 - 1, 2**64 - 1
+
+
+def set_parameter(param: pb.InferParameter, value: bool | int | float | str | None) -> None:
+    """Store a Python value in the matching `InferParameter` oneof (None: left unset).
+
+    Echoed parameters (`capture_ts`) may be any client value: an integer past the int64 range
+    goes in `uint64_param`.
+    """
+    if value is None:
+        return
     if isinstance(value, bool):
         param.bool_param = value
-    elif isinstance(value, int):
+    elif isinstance(value, int) and INT64_MIN <= value <= INT64_MAX:
         param.int64_param = value
+    elif isinstance(value, int) and 0 <= value <= UINT64_MAX:
+        param.uint64_param = value
     elif isinstance(value, float):
         param.double_param = value
     else:

@@ -10,11 +10,16 @@ from __future__ import annotations
 import numpy as np
 import orjson
 
-from server.datatypes import element_count, numpy_dtype, tensor_from_bytes, tensor_to_bytes
+from server.datatypes import (
+    MAX_DIMS,
+    check_shape,
+    element_count,
+    numpy_dtype,
+    tensor_from_bytes,
+    tensor_to_bytes,
+)
 from server.errors import invalid, shared_memory_unsupported
 from server.types import InferenceRequest, InferenceResponse, InferTensor, RequestedOutput
-
-MAX_DIMS = 32
 
 
 def decode_request(
@@ -73,7 +78,7 @@ def _decode_input(item: object, binary: memoryview) -> tuple[InferTensor, int]:
     ):
         raise invalid(f"shape of input '{name}' must be a list of non-negative integers")
     shape = tuple(shape)
-    numpy_dtype(datatype)
+    check_shape(shape, datatype, name)
     parameters = _object(item.get("parameters", {}), f"parameters of input '{name}'")
     if "shared_memory_region" in parameters:
         raise shared_memory_unsupported()
