@@ -11,9 +11,11 @@ import io
 import json
 import struct
 import zlib
+from collections.abc import Callable, Iterator
 
 import grpc
 import numpy as np
+import pytest
 import requests
 from conftest import VolleyProcess
 from hypothesis import HealthCheck, settings
@@ -144,6 +146,28 @@ def assert_still_serving(
 def baseline_answers(proc: VolleyProcess) -> tuple[list, list]:
     """Fraud's answers before any hostile input (HTTP, gRPC)."""
     return fraud_answer_http(proc), fraud_answer_grpc(proc)
+
+
+def watchdog_fixtures(server: str) -> tuple[Callable, Callable]:
+    """A fuzz module's `baseline` fixture (fraud's answers before any hostile input) and an
+    autouse fixture that checks, after each test (a whole batch of examples), that the server
+    named by fixture `server` is alive, ready and still gives those answers.
+
+        baseline, still_serving = watchdog_fixtures("shipped")
+    """
+
+    @pytest.fixture(scope="module")
+    def baseline(request: pytest.FixtureRequest) -> tuple[list, list]:
+        return baseline_answers(request.getfixturevalue(server))
+
+    @pytest.fixture(autouse=True)
+    def still_serving(
+        request: pytest.FixtureRequest, baseline: tuple[list, list]
+    ) -> Iterator[None]:
+        yield
+        assert_still_serving(request.getfixturevalue(server), baseline)
+
+    return baseline, still_serving
 
 
 def assert_http_client_error(response: requests.Response, *extra: int) -> str:

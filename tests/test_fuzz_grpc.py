@@ -26,12 +26,11 @@ from fuzzing import (
     TIMEOUT,
     VALID_IMAGES,
     assert_grpc_client_error,
-    assert_still_serving,
-    baseline_answers,
     fraud_request_pb,
     fuzz_settings,
     hostile_images,
     impossible_shapes,
+    watchdog_fixtures,
 )
 from hypothesis import assume, example, given, note
 from hypothesis import strategies as st
@@ -66,17 +65,7 @@ def volley(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VolleyProcess]:
         yield proc
 
 
-@pytest.fixture(scope="module")
-def baseline(volley: VolleyProcess) -> tuple[list, list]:
-    """Fraud's answers before any hostile input."""
-    return baseline_answers(volley)
-
-
-@pytest.fixture(autouse=True)
-def still_serving(volley: VolleyProcess, baseline: tuple[list, list]) -> Iterator[None]:
-    """After each test (a whole batch of examples): alive, ready, fraud answers unchanged."""
-    yield
-    assert_still_serving(volley, baseline)
+baseline, still_serving = watchdog_fixtures("volley")
 
 
 @pytest.fixture(scope="module")

@@ -28,8 +28,6 @@ from fuzzing import (
     VALID_IMAGES,
     assert_http_answer_or_client_error,
     assert_http_client_error,
-    assert_still_serving,
-    baseline_answers,
     encoded_image,
     fraud_body,
     fuzz_settings,
@@ -39,6 +37,7 @@ from fuzzing import (
     json_scalars,
     json_values,
     png_declaring,
+    watchdog_fixtures,
 )
 from hypothesis import assume, example, given, note
 from hypothesis import strategies as st
@@ -69,17 +68,7 @@ DETECT_PARAMETERS = ("score_threshold", "iou_threshold", "max_detections", "clas
 NUMBER_TEXTS = ("inf", "-inf", "nan", "NaN", "1e999", "-1", "0x10", "", " 5 ", "1_0", "½")
 
 
-@pytest.fixture(scope="module")
-def baseline(shipped: VolleyProcess) -> tuple[list, list]:
-    """Fraud's answers before any hostile input."""
-    return baseline_answers(shipped)
-
-
-@pytest.fixture(autouse=True)
-def still_serving(shipped: VolleyProcess, baseline: tuple[list, list]) -> Iterator[None]:
-    """After each test (a whole batch of examples): alive, ready, fraud answers unchanged."""
-    yield
-    assert_still_serving(shipped, baseline)
+baseline, still_serving = watchdog_fixtures("shipped")
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import http.client
 import json
-from collections.abc import Iterator
 
 import pytest
 import requests
@@ -24,9 +23,8 @@ from fuzzing import (
     MODELS,
     TIMEOUT,
     assert_http_client_error,
-    assert_still_serving,
-    baseline_answers,
     fuzz_settings,
+    watchdog_fixtures,
 )
 from hypothesis import given
 from hypothesis.errors import Unsatisfiable
@@ -104,17 +102,7 @@ def completed_schema(served: dict) -> dict:
     return doc
 
 
-@pytest.fixture(scope="module")
-def baseline(shipped: VolleyProcess) -> tuple[list, list]:
-    """Fraud's answers before any hostile input."""
-    return baseline_answers(shipped)
-
-
-@pytest.fixture(autouse=True)
-def still_serving(shipped: VolleyProcess, baseline: tuple[list, list]) -> Iterator[None]:
-    """After each test (a whole batch of examples): alive, ready, fraud answers unchanged."""
-    yield
-    assert_still_serving(shipped, baseline)
+baseline, still_serving = watchdog_fixtures("shipped")
 
 
 @pytest.fixture(scope="module")
