@@ -1,0 +1,278 @@
+"""Peer comparison in one run: Volley, Triton 2.51 and a naive FastAPI server on the same fraud
+model and batching settings, against the in-process ONNX Runtime ceiling.
+
+Each server is measured alone under `wrk` (single-row v2 JSON, one thread, 64 connections) and
+`perf_analyzer` (HTTP binary tensors and gRPC, concurrency 64 and 1). Each row records the load
+average and the server's CPU time per request (all of its processes), so a figure can be read
+against what the machine was doing.
+
+    python bench/peers.py                    # 10 s per measurement
+    python bench/peers.py --seconds 5 --skip-triton
+
+Triton comes from ../shared/tools/triton/setup (its python backend runs the same ONNX model
+with onnxruntime, under Triton's own dynamic batcher: max_batch_size 1024, 100 us delay, two
+instances); Volley gets the same settings. `wrk` is Debian's package (apt-get install wrk). All
+load generators run on the same machine as the server and take CPU from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import yaml
+from serving import ceiling, free_port, machine, perf_analyzer, wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+TRITON = ROOT.parent / "shared" / "tools" / "triton"
+FEATURES = 17
+BATCHING = {"max_queue_delay_us": 100, "max_queue_size": 4096}
+INSTANCES = 2
+
+
+@dataclass
+class Row:
+    server: str
+    load: str
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    cpu_us: float  # server CPU time per request
+    loadavg: float
+
+    def line(self) -> str:
+        return (
+            f"| {self.server} | {self.load} | {self.rps:,.0f} | {self.p50_ms:.2f} | "
+            f"{self.p99_ms:.2f} | {self.cpu_us:.0f} | {self.loadavg:.2f} |"
+        )
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU time (user + system) of every live process in process group `pgid`."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(url: str, body: bytes, seconds: float) -> tuple[float, float, float]:
+    """req/s, p50 ms and p99 ms of `wrk -t1 -c64` posting `body`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "post.lua"
+        script.write_text(
+            'wrk.method = "POST"\n'
+            'wrk.headers["Content-Type"] = "application/json"\n'
+            f"wrk.body = {orjson.dumps(body.decode()).decode()}\n"
+        )
+        run = subprocess.run(
+            ["wrk", "-t1", "-c64", f"-d{int(seconds)}s", "--latency", "-s", str(script), url],
+            capture_output=True, text=True, timeout=seconds + 60,
+        )  # fmt: skip
+    out = run.stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if non2xx:
+        raise RuntimeError(f"wrk saw {non2xx[1]} errors from {url}:\n{out}")
+
+    def percentile(p: str) -> float:
+        value, unit = re.search(rf"{p}%\s+([\d.]+)(us|ms|s)", out).groups()
+        return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+    return rps, percentile("50"), percentile("99")
+
+
+def measure(server: str, pgid: int, loads: dict, seconds: float) -> list[Row]:
+    rows = []
+    for name, run in loads.items():
+        before, started = group_cpu_seconds(pgid), time.perf_counter()
+        rps, p50, p99 = run()
+        elapsed = time.perf_counter() - started
+        cpu = group_cpu_seconds(pgid) - before
+        # perf_analyzer measures windows inside a longer run: CPU over all it sent
+        cpu_us = cpu / max(rps * elapsed, 1) * 1e6
+        rows.append(Row(server, name, rps, p50, p99, cpu_us, os.getloadavg()[0]))
+        print(f"  {rows[-1].line()}", file=sys.stderr, flush=True)
+    return rows
+
+
+def standard_loads(http: str, grpc: str, body: bytes, seconds: float, model: str) -> dict:
+    binary: list[str] = []
+    return {
+        "HTTP JSON, wrk c=64": lambda: wrk(f"http://{http}/v2/models/{model}/infer", body, seconds),
+        "HTTP binary, perf_analyzer c=64": lambda: perf_analyzer(
+            model, http, "http", 64, binary, seconds / 3
+        ),
+        "gRPC, perf_analyzer c=64": lambda: perf_analyzer(model, grpc, "grpc", 64, [], seconds / 3),
+        "HTTP binary, perf_analyzer c=1": lambda: perf_analyzer(
+            model, http, "http", 1, binary, seconds / 3
+        ),
+        "gRPC, perf_analyzer c=1": lambda: perf_analyzer(model, grpc, "grpc", 1, [], seconds / 3),
+    }
+
+
+def start_group(cmd: list[str], ready_url: str, env: dict | None = None) -> subprocess.Popen:
+    """Start a server in its own process group (Triton starts stub processes)."""
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    wait_for(ready_url, timeout=120)
+    return proc
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def run_volley(model_dir: Path, tmp: Path, body: bytes, seconds: float) -> list[Row]:
+    repo = tmp / "volley"
+    shutil.copytree(model_dir, repo / "fraud")
+    config_file = repo / "fraud" / "config.yaml"
+    config = yaml.safe_load(config_file.read_text())
+    config.update(dynamic_batching=BATCHING, instance_count=INSTANCES, intra_op_threads=1)
+    config_file.write_text(yaml.safe_dump(config))
+    http, grpc = free_port(), free_port()
+    proc = start_group(
+        [sys.executable, "-m", "server", "serve", "--model-repository", str(repo), "--host",
+         "127.0.0.1", "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", "0",
+         "--log-level", "warning"],
+        f"http://127.0.0.1:{http}/v2/health/ready",
+    )  # fmt: skip
+    try:
+        loads = standard_loads(f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", body, seconds, "fraud")
+        return measure("Volley", proc.pid, loads, seconds)
+    finally:
+        stop_group(proc)
+
+
+def run_triton(model_file: Path, tmp: Path, body: bytes, seconds: float) -> list[Row]:
+    wrapper = subprocess.run(
+        [str(TRITON / "setup")], capture_output=True, text=True, check=True
+    ).stdout.split()[-1]
+    repo, models = tmp / "triton_repo", tmp / "triton_models"
+    shutil.copytree(TRITON / "example", repo)
+    config = repo / "fraud" / "config.pbtxt"
+    config.write_text(config.read_text().replace("dims: [ 20 ]", f"dims: [ {FEATURES} ]"))
+    models.mkdir()
+    shutil.copy(model_file, models / "fraud.onnx")
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    proc = start_group(
+        [wrapper, f"--model-repository={repo}", "--http-address=127.0.0.1",
+         f"--http-port={http}", "--grpc-address=127.0.0.1", f"--grpc-port={grpc}",
+         "--metrics-address=127.0.0.1", f"--metrics-port={metrics}",
+         "--allow-gpu-metrics=false"],
+        f"http://127.0.0.1:{http}/v2/health/ready",
+        env={"MODELS": str(models)},
+    )  # fmt: skip
+    try:
+        loads = standard_loads(f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", body, seconds, "fraud")
+        return measure("Triton 2.51", proc.pid, loads, seconds)
+    finally:
+        stop_group(proc)
+
+
+def run_naive(model_dir: Path, body: bytes, seconds: float) -> list[Row]:
+    port = free_port()
+    proc = start_group(
+        [sys.executable, "bench/naive_server.py", str(model_dir), str(port)],
+        f"http://127.0.0.1:{port}/v2",
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/v2/models/fraud/infer"
+        return measure("naive FastAPI", proc.pid, {"HTTP JSON, wrk c=64": lambda: wrk(
+            url, body, seconds)}, seconds)  # fmt: skip
+    finally:
+        stop_group(proc)
+
+
+def report(ceiling_rps: float, ceiling_p50: float, rows: list[Row], seconds: float) -> str:
+    def find(server: str, load: str) -> Row | None:
+        return next((r for r in rows if r.server == server and r.load == load), None)
+
+    lines = [
+        f"Machine: {machine()}",
+        f"fraud (17 raw columns), single-row requests, {seconds:g} s per wrk run; in-process "
+        f"ONNX Runtime ceiling: {ceiling_rps:,.0f} req/s one at a time, p50 {ceiling_p50:.3f} ms",
+        "",
+        "| server | load | req/s | p50 ms | p99 ms | server CPU us/request | load average |",
+        "|---|---|---|---|---|---|---|",
+        *(r.line() for r in rows),
+    ]
+    volley_json = find("Volley", "HTTP JSON, wrk c=64")
+    triton_json = find("Triton 2.51", "HTTP JSON, wrk c=64")
+    checks = []
+    if volley_json and triton_json:
+        ratio = volley_json.rps / triton_json.rps
+        checks.append(("HTTP JSON (wrk) >= 1.2x Triton", f"{ratio:.2f}x", ratio >= 1.2))
+    for load in ("HTTP binary, perf_analyzer c=64", "gRPC, perf_analyzer c=64"):
+        mine, theirs = find("Volley", load), find("Triton 2.51", load)
+        if mine and theirs:
+            ratio = mine.rps / theirs.rps
+            checks.append((f"{load} >= Triton", f"{ratio:.2f}x", ratio >= 1.0))
+    grpc, binary = (
+        find("Volley", "gRPC, perf_analyzer c=64"),
+        find("Volley", "HTTP binary, perf_analyzer c=64"),
+    )
+    if grpc and binary:
+        ratio = grpc.rps / binary.rps
+        checks.append(("Volley gRPC >= 90 % of its HTTP binary", f"{ratio:.0%}", ratio >= 0.9))
+    for load in ("HTTP binary, perf_analyzer c=1", "gRPC, perf_analyzer c=1"):
+        row = find("Volley", load)
+        if row:
+            extra = row.p50_ms - ceiling_p50
+            checks.append((f"{load}: p50 <= ceiling + 0.3 ms", f"+{extra:.3f} ms", extra <= 0.3))
+    for label, row in (("HTTP JSON", volley_json), ("gRPC", grpc)):
+        if row:
+            checks.append((f"Volley {label} p99 <= 10 ms at c=64", f"{row.p99_ms:.1f} ms",
+                           row.p99_ms <= 10))  # fmt: skip
+    lines += ["", "| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {name} | {value} | {'yes' if ok else 'NO'} |" for name, value, ok in checks]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=Path, default=ROOT / "models")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--skip-triton", action="store_true")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk is missing: apt-get install wrk", file=sys.stderr)
+        return 2
+    model_dir = args.models / "fraud"
+    model_file = model_dir / "1" / "model.onnx"
+    row = {"name": "features", "datatype": "FP32", "shape": [1, FEATURES], "data": [0.5] * FEATURES}
+    body = orjson.dumps({"inputs": [row]})
+    (first, *_) = ceiling(model_file, 3)  # one row at a time: the c=1 ceiling
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        rows += run_volley(model_dir, tmp, body, args.seconds)
+        if not args.skip_triton:
+            rows += run_triton(model_file, tmp, body, args.seconds)
+        rows += run_naive(model_dir, body, args.seconds)
+    print(report(first.rps, first.p50_ms, rows, args.seconds))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
