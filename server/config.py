@@ -7,7 +7,6 @@ say is checked against the graph, and every problem names the file and the field
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -15,6 +14,7 @@ import onnxruntime as ort
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from server.cpus import usable_cpus
 from server.datatypes import ONNX_TO_V2, V2_TO_NUMPY
 
 CONFIG_FILE = "config.yaml"
@@ -271,7 +271,8 @@ def _check_against_graph(
 
 
 def cpu_threads(config: ModelConfig) -> int:
-    """Intra-op threads per instance: configured, or the cores split between instances."""
+    """Intra-op threads per instance: configured, or the usable cores (CPU limit and affinity
+    included) split between instances."""
     if config.intra_op_threads:
         return config.intra_op_threads
-    return max(1, (os.cpu_count() or 1) // config.instance_count)
+    return max(1, usable_cpus() // config.instance_count)

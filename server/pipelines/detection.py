@@ -10,7 +10,6 @@ detector is picked up without reloading the pipeline.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from server.config import ConfigError
+from server.cpus import usable_cpus
 from server.datatypes import numpy_dtype
 from server.errors import ErrorKind, VolleyError, invalid, unavailable
 from server.pipelines.config import DetectionConfig, pipeline_model_config
@@ -128,7 +128,7 @@ class DetectionPipeline:
         self.frame_policy = FramePolicy(config.max_frame_age_ms)
         self._lookup = lookup
         self._plan: DetectorPlan | None = None
-        workers = config.workers or os.cpu_count() or 1
+        workers = config.workers or usable_cpus()
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"pipeline-{config.name}")
         self._active = 0
         self._draining = False

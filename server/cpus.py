@@ -1,0 +1,38 @@
+"""How many CPUs this process may really use: what threads are sized from.
+
+`os.cpu_count()` is the machine's count. In a container with a CPU limit (a Kubernetes pod with
+`limits.cpu: 2` on a 64-core node) or a restricted affinity, sizing ONNX Runtime and decode
+threads from it would start dozens of threads that fight over two cores' worth of time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def usable_cpus(cgroup: Path = CGROUP) -> int:
+    """The least of: the CPUs this process may run on, and its cgroup CPU quota (rounded up)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    quota = cgroup_quota(cgroup)
+    if quota is not None:
+        cpus = min(cpus or 1, max(1, math.ceil(quota)))
+    return max(1, cpus or 1)
+
+
+def cgroup_quota(cgroup: Path = CGROUP) -> float | None:
+    """CPUs' worth of time the cgroup allows (`cpu.max` in v2, cfs files in v1); None: no limit."""
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]  # v2: "max 100000"
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())  # v1: -1 for no limit
+        period = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if quota <= 0 or period <= 0 else quota / period

@@ -1,0 +1,51 @@
+"""Threads are sized from the CPUs the process may use: its affinity and its cgroup's quota."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from server.cpus import cgroup_quota, usable_cpus
+
+AFFINITY = len(os.sched_getaffinity(0))
+
+
+def v2(root: Path, text: str) -> Path:
+    root.mkdir(exist_ok=True)
+    (root / "cpu.max").write_text(text)
+    return root
+
+
+def v1(root: Path, quota: int, period: int) -> Path:
+    (root / "cpu").mkdir(parents=True)
+    (root / "cpu" / "cpu.cfs_quota_us").write_text(f"{quota}\n")
+    (root / "cpu" / "cpu.cfs_period_us").write_text(f"{period}\n")
+    return root
+
+
+@pytest.mark.parametrize(
+    "text, quota",
+    [("max 100000\n", None), ("200000 100000\n", 2.0), ("150000 100000\n", 1.5)],
+)
+def test_cgroup_v2_quota(tmp_path: Path, text: str, quota: float | None) -> None:
+    assert cgroup_quota(v2(tmp_path, text)) == quota
+
+
+@pytest.mark.parametrize("quota, period, cpus", [(-1, 100000, None), (50000, 100000, 0.5)])
+def test_cgroup_v1_quota(tmp_path: Path, quota: int, period: int, cpus: float | None) -> None:
+    assert cgroup_quota(v1(tmp_path, quota, period)) == cpus
+
+
+def test_a_quota_caps_the_threads_at_its_cpus_rounded_up(tmp_path: Path) -> None:
+    """A pod limited to 1.5 CPUs on any machine: 2 threads at most, and never more than the
+    CPUs the process may run on; half a CPU still gets one thread."""
+    assert usable_cpus(v2(tmp_path / "a", "150000 100000")) == min(2, AFFINITY)
+    assert usable_cpus(v1(tmp_path / "b", 50000, 100000)) == 1
+    assert usable_cpus(v2(tmp_path / "c", "6400000 100000")) == AFFINITY  # quota above the cores
+
+
+def test_no_cgroup_files_means_the_affinity(tmp_path: Path) -> None:
+    assert cgroup_quota(tmp_path) is None
+    assert usable_cpus(tmp_path) == AFFINITY
