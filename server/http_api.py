@@ -139,7 +139,7 @@ class HttpFrontEnd:
         body_read = reached = False
         try:
             self.dataplane.admit((scope.get("client") or ("?",))[0])
-            header_length, reserved = self._admit(headers)
+            header_length, reserved = self._check_headers(headers)
             try:
                 body = await self._read_body(headers, receive)
             except BaseException:
@@ -166,7 +166,7 @@ class HttpFrontEnd:
             extra = [(b"inference-header-content-length", str(json_length).encode())]
             await _send(send, 200, payload, "application/octet-stream", extra)
 
-    def _admit(self, headers: dict[bytes, bytes]) -> tuple[int | None, bool]:
+    def _check_headers(self, headers: dict[bytes, bytes]) -> tuple[int | None, bool]:
         """Check what the headers tell before the body is read: the JSON part's size (413), and
         for a large one a decoder slot (429). Returns the binary header length and whether a
         slot was taken."""
@@ -186,7 +186,7 @@ class HttpFrontEnd:
         self, body: bytes, header_length: int | None, model: str, version: str, reserved: bool
     ) -> InferenceRequest:
         """Decode an infer body: inline, or in the worker process when its JSON part is large
-        (releasing the slot `_admit` reserved)."""
+        (releasing the slot `_check_headers` reserved)."""
         try:
             json_length = len(body) if header_length is None else header_length
             self._check_json_size(json_length)
