@@ -125,6 +125,17 @@ def standard_loads(http: str, grpc: str, body: bytes, seconds: float, model: str
     }
 
 
+def measure_v2_server(
+    name: str, proc: subprocess.Popen, http: int, grpc: int, body: bytes, seconds: float
+) -> list[Row]:
+    """The standard loads against a v2 server on loopback ports, which is stopped after."""
+    try:
+        loads = standard_loads(f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", body, seconds, "fraud")
+        return measure(name, proc.pid, loads, seconds)
+    finally:
+        stop_group(proc)
+
+
 def start_group(cmd: list[str], ready_url: str, env: dict | None = None) -> subprocess.Popen:
     """Start a server in its own process group (Triton starts stub processes)."""
     proc = subprocess.Popen(
@@ -157,11 +168,7 @@ def run_volley(model_dir: Path, tmp: Path, body: bytes, seconds: float) -> list[
          "--log-level", "warning"],
         f"http://127.0.0.1:{http}/v2/health/ready",
     )  # fmt: skip
-    try:
-        loads = standard_loads(f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", body, seconds, "fraud")
-        return measure("Volley", proc.pid, loads, seconds)
-    finally:
-        stop_group(proc)
+    return measure_v2_server("Volley", proc, http, grpc, body, seconds)
 
 
 def run_triton(model_file: Path, tmp: Path, body: bytes, seconds: float) -> list[Row]:
@@ -183,11 +190,7 @@ def run_triton(model_file: Path, tmp: Path, body: bytes, seconds: float) -> list
         f"http://127.0.0.1:{http}/v2/health/ready",
         env={"MODELS": str(models)},
     )  # fmt: skip
-    try:
-        loads = standard_loads(f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", body, seconds, "fraud")
-        return measure("Triton 2.51", proc.pid, loads, seconds)
-    finally:
-        stop_group(proc)
+    return measure_v2_server("Triton 2.51", proc, http, grpc, body, seconds)
 
 
 def run_naive(model_dir: Path, body: bytes, seconds: float) -> list[Row]:
