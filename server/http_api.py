@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from urllib.parse import parse_qs
 
@@ -139,16 +139,18 @@ class HttpFrontEnd:
         body_read = reached = False
         try:
             self.dataplane.admit((scope.get("client") or ("?",))[0])
-            header_length, reserved = self._check_headers(headers)
-            try:
-                body = await self._read_body(headers, receive)
-            except BaseException:
-                if reserved:
+            header_length, large = self._check_headers(headers)
+            if large:  # streamed to the decoder process as it arrives
+                try:
+                    chunks = self._body_chunks(headers, receive)
+                    request = await self.offload.decode(chunks, header_length, model, version)
+                finally:
                     self.offload.release()
-                raise
-            body_read = True
-            request = await self._decode(body, header_length, model, version, reserved)
-            reached = True  # from here on the data plane counts the outcome
+            else:
+                body = await self._read_body(headers, receive)
+                body_read = True
+                request = await self._decode(body, header_length, model, version)
+            body_read = reached = True  # from here on the data plane counts the outcome
             response = await self.dataplane.infer(request, "http")
             payload, json_length = http_codec.encode_response(response, request)
         except Exception as exc:  # a bug must still answer the client, never hang it
@@ -168,37 +170,35 @@ class HttpFrontEnd:
 
     def _check_headers(self, headers: dict[bytes, bytes]) -> tuple[int | None, bool]:
         """Check what the headers tell before the body is read: the JSON part's size (413), and
-        for a large one a decoder slot (429). Returns the binary header length and whether a
-        slot was taken."""
+        for a large uncompressed one a decoder slot (429). Returns the binary header length and
+        whether a slot was taken (the body then streams to the decoder)."""
         header_length = _int_header(headers.get(b"inference-header-content-length"))
+        identity = headers.get(b"content-encoding", b"identity").lower() == b"identity"
         declared = header_length
-        if declared is None and headers.get(b"content-encoding", b"identity") == b"identity":
+        if declared is None and identity:
             declared = _int_header(headers.get(b"content-length"))
         if declared is None:
             return header_length, False
         self._check_json_size(declared)
-        if declared <= OFFLOAD_BYTES:
+        if declared <= OFFLOAD_BYTES or not identity:
             return header_length, False
         self.offload.reserve()
         return header_length, True
 
     async def _decode(
-        self, body: bytes, header_length: int | None, model: str, version: str, reserved: bool
+        self, body: bytes, header_length: int | None, model: str, version: str
     ) -> InferenceRequest:
-        """Decode an infer body: inline, or in the worker process when its JSON part is large
-        (releasing the slot `_check_headers` reserved)."""
+        """Decode a body read whole: inline, or in the decoder process when its JSON part turns
+        out large (a compressed or chunked body, whose size the headers did not tell)."""
+        json_length = len(body) if header_length is None else header_length
+        self._check_json_size(json_length)
+        if json_length <= OFFLOAD_BYTES:
+            return http_codec.decode_request(body, header_length, model, version)
+        self.offload.reserve()
         try:
-            json_length = len(body) if header_length is None else header_length
-            self._check_json_size(json_length)
-            if json_length <= OFFLOAD_BYTES:
-                return http_codec.decode_request(body, header_length, model, version)
-            if not reserved:
-                self.offload.reserve()
-                reserved = True
-            return await self.offload.decode(body, header_length, model, version)
+            return await self.offload.decode(_one(body), header_length, model, version)
         finally:
-            if reserved:
-                self.offload.release()
+            self.offload.release()
 
     def _check_json_size(self, size: int) -> None:
         if size > self.max_json_bytes:
@@ -209,13 +209,26 @@ class HttpFrontEnd:
             )
 
     async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
+        """The whole body, decompressed (gzip, deflate), within --max-request-bytes."""
+        chunks = [chunk async for chunk in self._body_chunks(headers, receive)]
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        encoding = headers.get(b"content-encoding", b"identity").lower()
+        if encoding in (b"gzip", b"deflate"):
+            body = _decompress(body, encoding, self.max_request_bytes)
+        elif encoding != b"identity":
+            raise invalid(f"unsupported Content-Encoding '{encoding.decode(errors='replace')}'")
+        return body
+
+    async def _body_chunks(
+        self, headers: dict[bytes, bytes], receive: Receive
+    ) -> AsyncIterator[bytes]:
+        """The body as it arrives, refused (413) past --max-request-bytes."""
         limit = self.max_request_bytes
         declared = _int_header(headers.get(b"content-length"))
         if declared is not None and declared > limit:
             raise VolleyError(
                 ErrorKind.TOO_LARGE, f"request body of {declared} bytes exceeds {limit} bytes"
             )
-        chunks = []
         size = 0
         while True:
             message = await receive()
@@ -225,16 +238,13 @@ class HttpFrontEnd:
             size += len(chunk)
             if size > limit:
                 raise VolleyError(ErrorKind.TOO_LARGE, f"request body exceeds {limit} bytes")
-            chunks.append(chunk)
+            yield chunk
             if not message.get("more_body", False):
-                break
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        encoding = headers.get(b"content-encoding", b"identity").lower()
-        if encoding in (b"gzip", b"deflate"):
-            body = _decompress(body, encoding, limit)
-        elif encoding != b"identity":
-            raise invalid(f"unsupported Content-Encoding '{encoding.decode(errors='replace')}'")
-        return body
+                return
+
+
+async def _one(body: bytes) -> AsyncIterator[bytes]:
+    yield body
 
 
 def _decompress(body: bytes, encoding: bytes, limit: int) -> bytes:

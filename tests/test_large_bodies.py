@@ -8,6 +8,8 @@ probe measures is the server, not the load generator competing for the machine's
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -164,3 +166,61 @@ def test_control_bodies_are_bounded(volley: VolleyProcess) -> None:
     reply = requests.post(volley.url + "/v2/repository/index", data=huge, timeout=60)
     assert reply.status_code == 413, reply.text
     assert "exceeds" in reply.json()["error"]
+
+
+def decoders(pid: int) -> set[int]:
+    """The server's child processes that are spawned multiprocessing workers (not the
+    resource tracker multiprocessing starts beside them)."""
+    out = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            if b"spawn_main" in cmdline:
+                out.add(int(child))
+    return out
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def large_fraud_body(rows: int = 1024) -> bytes:
+    data = np.random.default_rng(3).random((rows, 17), np.float32)
+    return orjson.dumps(
+        {"inputs": [{"name": "features", "datatype": "FP32", "shape": [rows, 17], "data": data}]},
+        option=orjson.OPT_SERIALIZE_NUMPY,
+    )
+
+
+def test_the_decoder_process_restarts_and_never_outlives_the_server(tmp_path: Path) -> None:
+    """Killed, the decoder process is started again by the next large body; the server
+    SIGKILLed, the decoder exits by itself within seconds (no orphan left behind)."""
+    proc = VolleyProcess(copy_shipped_models(tmp_path), "--metrics-port", "0")
+    try:
+        proc.wait_models()
+        url = proc.url + "/v2/models/fraud/infer"
+        assert not decoders(proc.proc.pid)  # started at the first large body
+        assert requests.post(url, data=large_fraud_body(), timeout=60).status_code == 200
+        (decoder,) = decoders(proc.proc.pid)
+        os.kill(decoder, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while running(decoder):  # dead (a zombie until the server next looks at it)
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        reply = requests.post(url, data=large_fraud_body(), timeout=60)
+        assert reply.status_code == 200, reply.text
+        (restarted,) = decoders(proc.proc.pid)
+        assert restarted != decoder
+        proc.proc.send_signal(signal.SIGKILL)
+        proc.proc.wait(60)
+        deadline = time.monotonic() + 10
+        while running(restarted):
+            assert time.monotonic() < deadline, "the decoder outlived its server"
+            time.sleep(0.1)
+    finally:
+        proc.stop()
