@@ -2,16 +2,19 @@
 refuses the excess fast, keeps the p99 of what it accepts near its value at capacity, and its
 memory stays flat.
 
-The load is the `detect` pipeline (one 640x480 JPEG per gRPC request), offered open-loop: each
-request leaves at its scheduled time whatever the answers before it did, as independent cameras
-and apps would send. Steps: the in-process ceiling; the sustainable rate (closed loop, as many
-requests in flight as the pipeline's queue bound); then open-loop at 1x and 3x that rate.
+The load is the `detect` pipeline (one 640x480 JPEG per request, gRPC or HTTP), offered
+open-loop: each request leaves at its scheduled time whatever the answers before it did, as
+independent cameras and apps would send. Steps: the in-process ceiling; the sustainable rate
+(closed loop, as many requests in flight as the pipeline's queue bound); then open-loop at 1x
+and twice at 3x that rate (the first 3x step fills the server's working set, the second shows
+whether memory stays flat).
 
-    python bench/overload.py                       # shipped models, max_queue_size 16
-    python bench/overload.py --seconds 20 --queue 32
+    python bench/overload.py                       # gRPC, shipped models, max_queue_size 16
+    python bench/overload.py --protocol http --seconds 20 --queue 32
 
 The pipeline's `max_queue_size` (requests in progress) is what bounds the latency of accepted
-requests under overload: about queue / capacity seconds. The load generator shares the machine.
+requests under overload: about queue / capacity seconds. The load generator shares the machine
+(at the lowest CPU priority unless --no-nice).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import orjson
 import yaml
 from serving import free_port, machine, rss_mb, start, stop
 from tritonclient.grpc import service_pb2 as pb
@@ -64,6 +68,7 @@ class Step:
 
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
+PROTOCOLS = {"grpc": "gRPC unary", "http": "HTTP binary tensors, keep-alive connections"}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -72,35 +77,96 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def serialized_requests(frames: list[bytes]) -> list[bytes]:
-    """One ModelInferRequest per frame, serialized once: the load generator then costs little
-    more than the bytes it sends, and takes less CPU from the server sharing its machine."""
-    out = []
-    for frame in frames:
-        request = pb.ModelInferRequest(model_name="detect")
-        request.inputs.add(name="images", datatype="BYTES", shape=[1])
-        request.raw_input_contents.append(struct.pack("<I", len(frame)) + frame)
-        out.append(request.SerializeToString())
-    return out
+class GrpcLoad:
+    """Raw unary ModelInfer calls with requests serialized once: the load generator then costs
+    little more than the bytes it sends, and takes less CPU from the server beside it."""
+
+    def __init__(self, address: str, frames: list[bytes]) -> None:
+        self.payloads = []
+        for frame in frames:
+            request = pb.ModelInferRequest(model_name="detect")
+            request.inputs.add(name="images", datatype="BYTES", shape=[1])
+            request.raw_input_contents.append(struct.pack("<I", len(frame)) + frame)
+            self.payloads.append(request.SerializeToString())
+        self.channel = grpc.aio.insecure_channel(address)
+        self.call = self.channel.unary_unary(METHOD)  # bytes in, bytes out
+
+    async def send(self, i: int) -> str:
+        """ "ok", "refused" (429 / RESOURCE_EXHAUSTED) or what else came back."""
+        try:
+            await self.call(self.payloads[i % len(self.payloads)], timeout=60)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                return "refused"
+            return f"{exc.code().name}: {(exc.details() or '')[:60]}"
+        return "ok"
+
+    async def close(self) -> None:
+        await self.channel.close()
 
 
-async def one(call, request: bytes, step: Step) -> None:
-    started = time.perf_counter()
-    try:
-        await call(request, timeout=60)
-    except grpc.aio.AioRpcError as exc:
-        ms = (time.perf_counter() - started) * 1e3
-        if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            step.refused_ms.append(ms)
+class HttpLoad:
+    """v2 HTTP with the binary tensor extension over a pool of keep-alive connections, each
+    request built once as raw bytes."""
+
+    def __init__(self, address: str, frames: list[bytes]) -> None:
+        self.host, port = address.rsplit(":", 1)
+        self.port = int(port)
+        self.payloads = []
+        for frame in frames:
+            header = orjson.dumps(
+                {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
+                             "parameters": {"binary_data_size": 4 + len(frame)}}]}
+            )  # fmt: skip
+            body = header + struct.pack("<I", len(frame)) + frame
+            self.payloads.append(
+                b"POST /v2/models/detect/infer HTTP/1.1\r\nHost: volley\r\n"
+                b"Content-Type: application/octet-stream\r\n"
+                + f"Inference-Header-Content-Length: {len(header)}\r\n".encode()
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def send(self, i: int) -> str:
+        if self.idle:
+            reader, writer = self.idle.pop()
         else:
-            key = f"{exc.code().name}: {(exc.details() or '')[:60]}"
-            step.errors[key] = step.errors.get(key, 0) + 1
-        return
-    step.accepted_ms.append((time.perf_counter() - started) * 1e3)
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+        writer.write(self.payloads[i % len(self.payloads)])
+        status = int((await reader.readline()).split()[1])
+        length, close = 0, False
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"connection":
+                close = value.strip().lower() == b"close"
+        body = await reader.readexactly(length)
+        if close:
+            writer.close()
+        else:
+            self.idle.append((reader, writer))
+        if status == 200:
+            return "ok"
+        return "refused" if status == 429 else f"{status}: {body[:60]!r}"
+
+    async def close(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
 
 
-def unary(channel: grpc.aio.Channel):
-    return channel.unary_unary(METHOD)  # bytes in, bytes out: no per-call protobuf work
+async def one(load: GrpcLoad | HttpLoad, i: int, step: Step) -> None:
+    started = time.perf_counter()
+    outcome = await load.send(i)
+    ms = (time.perf_counter() - started) * 1e3
+    if outcome == "ok":
+        step.accepted_ms.append(ms)
+    elif outcome == "refused":
+        step.refused_ms.append(ms)
+    else:
+        step.errors[outcome] = step.errors.get(outcome, 0) + 1
 
 
 async def watch_memory(pid: int, step: Step, done: asyncio.Event) -> None:
@@ -109,38 +175,33 @@ async def watch_memory(pid: int, step: Step, done: asyncio.Event) -> None:
         await asyncio.sleep(0.1)
 
 
-async def closed_loop(address: str, frames: list[bytes], inflight: int, seconds: float, pid: int):
+async def closed_loop(load: GrpcLoad | HttpLoad, inflight: int, seconds: float, pid: int):
     """`inflight` clients, each sending its next request when its answer comes."""
     step = Step("capacity (closed loop)", 0.0, seconds, [], [], {}, rss_mb(pid), rss_mb(pid))
     cpu = cpu_seconds(pid)
-    channel = grpc.aio.insecure_channel(address)
-    call = unary(channel)
     end = time.monotonic() + seconds
     done = asyncio.Event()
 
     async def worker(k: int) -> None:
         i = k
         while time.monotonic() < end:
-            await one(call, frames[i % len(frames)], step)
+            await one(load, i, step)
             i += inflight
 
     memory = asyncio.create_task(watch_memory(pid, step, done))
     await asyncio.gather(*(worker(k) for k in range(inflight)))
     done.set()
     await memory
-    await channel.close()
     step.server_cpu_s = cpu_seconds(pid) - cpu
     step.offered = len(step.accepted_ms) / seconds
     return step
 
 
-async def open_loop(address: str, frames: list[bytes], rate: float, seconds: float, pid: int,
+async def open_loop(load: GrpcLoad | HttpLoad, rate: float, seconds: float, pid: int,
                     name: str) -> Step:  # fmt: skip
     """Requests leave every 1/rate seconds, whatever happened to the ones before."""
     step = Step(name, rate, seconds, [], [], {}, rss_mb(pid), rss_mb(pid))
     cpu = cpu_seconds(pid)
-    channel = grpc.aio.insecure_channel(address)
-    call = unary(channel)
     done = asyncio.Event()
     memory = asyncio.create_task(watch_memory(pid, step, done))
     tasks = []
@@ -149,17 +210,16 @@ async def open_loop(address: str, frames: list[bytes], rate: float, seconds: flo
         delay = start_at + i / rate - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(call, frames[i % len(frames)], step)))
+        tasks.append(asyncio.create_task(one(load, i, step)))
     step.offered = len(tasks) / (time.perf_counter() - start_at)  # what the generator reached
     await asyncio.gather(*tasks)
     step.server_cpu_s = cpu_seconds(pid) - cpu
     done.set()
     await memory
-    await channel.close()
     return step
 
 
-def report(ceiling_fps: float, steps: list[Step], queue: int, seconds: float) -> str:
+def report(ceiling_fps: float, steps: list[Step], queue: int, seconds: float, protocol: str) -> str:
     capacity, at_1x, first_3x, at_3x = steps
     p99_cap = np.percentile(capacity.accepted_ms, 99)
     p99_3x = np.percentile(at_3x.accepted_ms, 99) if at_3x.accepted_ms else float("inf")
@@ -170,7 +230,7 @@ def report(ceiling_fps: float, steps: list[Step], queue: int, seconds: float) ->
     growth = at_3x.rss_peak_mb - first_3x.rss_peak_mb
     lines = [
         f"Machine: {machine()}",
-        f"detect pipeline (640x480 JPEG -> boxes), gRPC, max_queue_size {queue}, "
+        f"detect pipeline (640x480 JPEG -> boxes), {PROTOCOLS[protocol]}, max_queue_size {queue}, "
         f"{seconds:g} s per step; in-process ceiling (one loop, no server): {ceiling_fps:.1f} "
         "images/s",
         "",
@@ -210,19 +270,23 @@ async def run(args: argparse.Namespace, frames: list[bytes]) -> list[Step]:
         proc = start(cmd, f"http://127.0.0.1:{http_port}/v2/health/ready")
         if args.nice:
             os.nice(19)  # from here on this process (the load generator) yields to the server
+        if args.protocol == "grpc":
+            load: GrpcLoad | HttpLoad = GrpcLoad(f"127.0.0.1:{grpc_port}", frames)
+        else:
+            load = HttpLoad(f"127.0.0.1:{http_port}", frames)
         try:
-            address = f"127.0.0.1:{grpc_port}"
-            await closed_loop(address, frames, 4, 3, proc.pid)  # warm up
-            capacity = await closed_loop(address, frames, args.queue, args.seconds, proc.pid)
+            await closed_loop(load, 4, 3, proc.pid)  # warm up
+            capacity = await closed_loop(load, args.queue, args.seconds, proc.pid)
             print(f"  {capacity.row()}", file=sys.stderr)
             steps = [capacity]
             for factor, name in ((1, "open loop 1x"), (3, "open loop 3x"),
                                  (3, "open loop 3x, again")):  # fmt: skip
                 rate = capacity.offered * factor
-                step = await open_loop(address, frames, rate, args.seconds, proc.pid, name)
+                step = await open_loop(load, rate, args.seconds, proc.pid, name)
                 print(f"  {step.row()}", file=sys.stderr)
                 steps.append(step)
         finally:
+            await load.close()
             stop(proc)
         return steps
     finally:
@@ -234,6 +298,7 @@ def main() -> int:
     parser.add_argument("--models", type=Path, default=ROOT / "models")
     parser.add_argument("--seconds", type=float, default=15.0, help="per step")
     parser.add_argument("--queue", type=int, default=16, help="detect's max_queue_size")
+    parser.add_argument("--protocol", choices=list(PROTOCOLS), default="grpc")
     parser.add_argument(
         "--nice",
         action=argparse.BooleanOptionalAction,
@@ -244,8 +309,8 @@ def main() -> int:
     args = parser.parse_args()
     frames = camera_frames()
     ceiling_fps, _ = ceiling(args.models / "detector" / "1" / "model.onnx", frames, 6)
-    steps = asyncio.run(run(args, serialized_requests(frames)))
-    print(report(ceiling_fps, steps, args.queue, args.seconds))
+    steps = asyncio.run(run(args, frames))
+    print(report(ceiling_fps, steps, args.queue, args.seconds, args.protocol))
     return 0
 
 
