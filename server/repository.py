@@ -222,11 +222,11 @@ class ModelRepository:
     def is_ready(self, name: str, version: str = "") -> bool:
         """Whether the model (or that version of it) would take a request now; a version that is
         no number is the client's mistake (400), not an unready model."""
-        if version and not is_number(version):
-            raise invalid(f"invalid version '{version}'")
         try:
             return self.get(name, version).model.ready
-        except VolleyError:
+        except VolleyError as exc:
+            if exc.kind is ErrorKind.INVALID_ARGUMENT:
+                raise
             return False
 
     def all_ready(self) -> bool:
@@ -262,12 +262,7 @@ class ModelRepository:
     def model_folder(self, name: str) -> Path:
         """The folder of model `name`, never outside the repository: a name that is a path
         (`..`, `/`, absolute) or a folder whose symlinks lead elsewhere is refused (400)."""
-        if (
-            not name
-            or name in (".", "..")
-            or any(c in name for c in "/\\\0")
-            or name.startswith(".")
-        ):
+        if not name or name.startswith(".") or any(c in name for c in "/\\\0"):
             raise invalid(f"invalid model name {name!r}: a model name is a folder name, not a path")
         folder = self.root / name
         root = self.root.resolve()
