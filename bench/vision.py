@@ -80,10 +80,14 @@ def ceiling(model_file: Path, frames: list[bytes], seconds: float) -> tuple[floa
     return best, np.array(times)
 
 
+STAGES = ("decode_us", "queue_us", "inference_us", "nms_us", "total_us")
+
+
 @dataclass
 class StreamLog:
     sent: dict[str, float] = field(default_factory=dict)
     latency_ms: list[float] = field(default_factory=list)
+    server_us: list[tuple[int, ...]] = field(default_factory=list)  # STAGES per answered frame
     skipped: int = 0
     errors: int = 0
 
@@ -104,6 +108,7 @@ def camera(address: str, frames: list[bytes], name: str, seconds: float, log: St
                 log.skipped += 1
             else:
                 log.latency_ms.append((now - log.sent[response.id]) * 1e3)
+                log.server_us.append(tuple(response.parameters[k].int64_param for k in STAGES))
 
     client.start_stream(callback=on_answer)
     begin = time.perf_counter()

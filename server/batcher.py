@@ -352,12 +352,8 @@ def run_batch(
     """Concatenate, run and split one batch; returns per-request outputs and stage times (ns)."""
     t0 = time.perf_counter_ns()
     requests = batch.requests
-    if len(requests) == 1:
-        inputs = requests[0].inputs
-    else:
-        inputs = {
-            name: np.concatenate([p.inputs[name] for p in requests]) for name in requests[0].inputs
-        }
+    inputs = {name: instance.gather(name, [p.inputs[name] for p in requests])
+              for name in requests[0].inputs}  # fmt: skip
     t1 = time.perf_counter_ns()
     outputs = instance.run(inputs)
     t2 = time.perf_counter_ns()

@@ -390,7 +390,9 @@ class ModelRepository:
             },
         )
         batcher = Batcher(config, instances, stats)
-        model = OnnxModel(config, number, batcher, stats, provider, instances[0].metadata)
+        model = OnnxModel(
+            config, number, batcher, stats, provider, instances[0].metadata, model_file
+        )
         return ModelVersion(config.name, number, model, stamp)
 
     async def unload(self, name: str) -> None:

@@ -1,7 +1,8 @@
 """ONNX Runtime: one session per model instance, execution-provider choice, warmup.
 
 Nothing here knows about requests, queues or protocols: an instance takes a dict of numpy arrays
-and returns a dict of numpy arrays.
+and returns a dict of numpy arrays. On a GPU an instance stages each batch in page-locked
+buffers of its own and runs it with IO binding, so the copies to and from the device are direct.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import onnxruntime as ort
 
 from server.config import ModelConfig, WarmupConfig, cpu_threads
 from server.datatypes import numpy_dtype
+from server.pinned import pinned_empty
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +35,19 @@ def choose_providers(preference: tuple[str, ...]) -> list[str]:
     return chosen
 
 
-class OnnxInstance:
-    """One ONNX Runtime session: a model instance that runs one batch at a time."""
+DEVICE_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
-    def __init__(self, model_file: Path, config: ModelConfig, index: int) -> None:
+
+class OnnxInstance:
+    """One ONNX Runtime session: a model instance that runs one batch at a time.
+
+    `staged`: gather batches in page-locked buffers and run with IO binding (default: when the
+    session runs on a GPU). Outputs are always fresh arrays the caller may keep.
+    """
+
+    def __init__(
+        self, source: Path | bytes, config: ModelConfig, index: int, staged: bool | None = None
+    ) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = cpu_threads(config)
         options.inter_op_num_threads = 1
@@ -45,15 +56,60 @@ class OnnxInstance:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.index = index
         self.session = ort.InferenceSession(
-            str(model_file), options, providers=choose_providers(config.execution_providers)
+            source if isinstance(source, bytes) else str(source),
+            options,
+            providers=choose_providers(config.execution_providers),
         )
         self.provider = self.session.get_providers()[0]
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         self.output_names = [o.name for o in config.outputs]
+        self.staged = self.provider in DEVICE_PROVIDERS if staged is None else staged
+        self.pinned = False  # whether the staging buffers are page-locked (set as they are made)
+        self._rows = max(config.max_batch_size, 1)
+        self._buffers: dict[tuple, np.ndarray] = {}
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the graph once on ready-made inputs (releases the GIL while it computes)."""
+        if self.staged:
+            return self._run_bound(inputs)
         results = self.session.run(self.output_names, inputs)
+        return dict(zip(self.output_names, results, strict=True))
+
+    def gather(self, name: str, parts: list[np.ndarray]) -> np.ndarray:
+        """The batch of one input: its requests' rows joined, in a staging buffer if staged."""
+        if not self.staged or parts[0].dtype == np.object_:
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        rows = sum(len(p) for p in parts)
+        buffer = self._buffer(name, parts[0].dtype, parts[0].shape[1:], rows)
+        if buffer is None:
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        batch = buffer[:rows]
+        np.concatenate(parts, out=batch)
+        return batch
+
+    def _buffer(
+        self, name: str, dtype: np.dtype, item_shape: tuple[int, ...], rows: int
+    ) -> np.ndarray | None:
+        """This instance's staging buffer for `name`, made on first use; None if it cannot fit."""
+        if rows > self._rows:
+            return None
+        key = (name, dtype.str, item_shape)
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            shape = (self._rows, *item_shape)
+            buffer, self.pinned = pinned_empty(shape, dtype, self.provider in DEVICE_PROVIDERS)
+            self._buffers[key] = buffer
+        return buffer
+
+    def _run_bound(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run with IO binding: inputs from host memory, outputs copied back into host memory."""
+        binding = self.session.io_binding()
+        for name, value in inputs.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        results = binding.copy_outputs_to_cpu()
         return dict(zip(self.output_names, results, strict=True))
 
 
@@ -66,14 +122,14 @@ def onnx_strings(array: np.ndarray) -> np.ndarray:
     return out
 
 
-def load_instances(model_file: Path, config: ModelConfig) -> list[OnnxInstance]:
+def load_instances(source: Path | bytes, config: ModelConfig) -> list[OnnxInstance]:
     """Create `instance_count` sessions and warm each up.
 
     A configured warmup must succeed (the model is not served otherwise, as in Triton). Without
     one, a zero-data warmup runs best-effort: a graph that cannot take zeros or empty strings
     (say, one that parses its string input) still serves, with a warning in the log.
     """
-    instances = [OnnxInstance(model_file, config, i) for i in range(config.instance_count)]
+    instances = [OnnxInstance(source, config, i) for i in range(config.instance_count)]
     for instance in instances:
         if config.warmup is not None:
             warm_up(instance, config, config.warmup)

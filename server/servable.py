@@ -7,18 +7,23 @@ every model through this one interface, whether it runs one ONNX graph through i
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from server.batcher import Batcher, Tensors
-from server.config import ModelConfig
+from server.config import ModelConfig, TensorConfig
 from server.errors import ErrorKind, VolleyError, invalid
-from server.runtime import onnx_strings
+from server.runtime import load_instances, onnx_strings
 from server.stats import ModelStats
 from server.types import InferenceRequest, InferenceResponse, InferTensor
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,7 @@ class OnnxModel:
         stats: ModelStats,
         provider: str,
         metadata: dict[str, str],
+        source: Path | None = None,
     ) -> None:
         self.config = config
         self.version = str(version)
@@ -86,6 +92,9 @@ class OnnxModel:
         self.stats = stats
         self.provider = provider
         self.metadata = metadata  # the ONNX file's metadata_props (class names, input size...)
+        self.source = source  # the ONNX file, for variants of the graph
+        self._variants: dict[tuple, OnnxModel] = {}
+        self._variant_lock = asyncio.Lock()
 
     @property
     def ready(self) -> bool:
@@ -110,11 +119,56 @@ class OnnxModel:
         """
         return await self.batcher.infer_timed(inputs, rows, timeout_us)
 
+    async def uint8_images(
+        self, input_name: str, scale: float, height: int, width: int
+    ) -> OnnxModel:
+        """This version with uint8 `[N, H, W, 3]` images in place of its float image input.
+
+        The conversion (transpose, cast, times `scale`) runs inside the graph, so on a GPU the
+        images cross the bus as bytes and turn into floats on the device. Made once per version
+        on first use, with instances and a batcher of its own that count in this version's
+        statistics; drained and aborted with it.
+        """
+        key = (input_name, scale, height, width)
+        variant = self._variants.get(key)
+        if variant is not None:
+            return variant
+        async with self._variant_lock:
+            if key not in self._variants:
+                self._variants[key] = await self._build_uint8(*key)
+        return self._variants[key]
+
+    async def _build_uint8(
+        self, input_name: str, scale: float, height: int, width: int
+    ) -> OnnxModel:
+        from server.image_front import uint8_image_graph  # needs the onnx package
+
+        if self.source is None:
+            raise ValueError(f"model '{self.config.name}' has no ONNX file to rebuild")
+        graph = await asyncio.to_thread(uint8_image_graph, self.source, input_name, scale)
+        image = TensorConfig(name=input_name, datatype="UINT8", dims=(height, width, 3))
+        config = self.config.model_copy(update={"inputs": (image,), "warmup": None})
+        instances = await asyncio.to_thread(load_instances, graph, config)
+        log.info(
+            "uint8 image variant loaded",
+            extra={"event": "uint8_variant_loaded", "model": self.config.name,
+                   "version": self.version, "provider": instances[0].provider,
+                   "staged": instances[0].staged},
+        )  # fmt: skip
+        return OnnxModel(
+            config, int(self.version), Batcher(config, instances, self.stats), self.stats,
+            instances[0].provider, self.metadata,
+        )  # fmt: skip
+
     async def drain(self) -> None:
         await self.batcher.drain()
+        for variant in list(self._variants.values()):
+            await variant.drain()
 
     def abort(self, error: VolleyError) -> None:
         self.batcher.abort(error)
+        for variant in self._variants.values():
+            variant.abort(error)
 
 
 def validate_inputs(

@@ -68,6 +68,9 @@ class GatedInstance:
         self.provider = instance.provider
         self.index = instance.index
 
+    def gather(self, name: str, parts: list[np.ndarray]) -> np.ndarray:
+        return self.instance.gather(name, parts)
+
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.gate.enter(next(iter(inputs.values())).shape[0])
         return self.instance.run(inputs)

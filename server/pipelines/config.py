@@ -28,6 +28,12 @@ class DetectionConfig(_Strict):
     )
     pad_value: int = Field(114, ge=0, le=255, description="letterbox padding grey level")
     pixel_scale: float = Field(1 / 255, gt=0, description="pixel value multiplier")
+    image_conversion: Literal["auto", "host", "graph"] = Field(
+        "auto",
+        description="where uint8 pixels become the detector's floats: 'host' (numpy, on the "
+        "pipeline's threads), 'graph' (inside the detector graph: on a GPU the images cross "
+        "the bus as bytes), 'auto' (graph when the detector runs on a GPU)",
+    )
     score_threshold: float = Field(0.3, ge=0, le=1)
     iou_threshold: float = Field(0.5, ge=0, le=1)
     max_detections: int = Field(100, ge=1, le=10_000)
@@ -66,6 +72,7 @@ def pipeline_model_config(config: DetectionConfig) -> ModelConfig:
         parameters={
             "detector": config.detector,
             "layout": config.layout,
+            "image_conversion": config.image_conversion,
             "score_threshold": str(config.score_threshold),
             "iou_threshold": str(config.iou_threshold),
             "max_detections": str(config.max_detections),

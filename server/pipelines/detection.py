@@ -10,7 +10,10 @@ detector is picked up without reloading the pipeline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -40,9 +43,12 @@ from server.pipelines.postprocess import (
     select,
     to_original,
 )
+from server.runtime import DEVICE_PROVIDERS
 from server.servable import FramePolicy, OnnxModel, check_outputs, queue_timeout_us
 from server.stats import ModelStats
 from server.types import InferenceRequest, InferenceResponse, InferTensor
+
+log = logging.getLogger(__name__)
 
 ModelLookup = Callable[[str], OnnxModel]
 
@@ -112,7 +118,7 @@ def plan_detector(config: DetectionConfig, detector: OnnxModel) -> DetectorPlan:
 class Prepared:
     """One image ready for the detector, and how to map its boxes back."""
 
-    tensor: np.ndarray  # [3, H, W] in the detector's dtype
+    tensor: np.ndarray  # [3, H, W] in the detector's dtype, or uint8 [H, W, 3] for the graph
     geometry: Letterboxed
 
 
@@ -134,7 +140,9 @@ class DetectionPipeline:
         self._draining = False
         self._idle = asyncio.Event()
         self._idle.set()
-        self.plan()  # refuse to load while the detector is missing or does not fit
+        self._host_only: weakref.WeakSet[OnnxModel] = weakref.WeakSet()
+        plan = self.plan()  # refuse to load while the detector is missing or does not fit
+        self._warming = asyncio.get_running_loop().create_task(self._warm(plan))
 
     @property
     def ready(self) -> bool:
@@ -159,6 +167,36 @@ class DetectionPipeline:
             except ConfigError as exc:
                 raise unavailable(str(exc)) from None
         return self._plan
+
+    async def _warm(self, plan: DetectorPlan) -> None:
+        """Make the detector variant this pipeline feeds before the first request needs it."""
+        with contextlib.suppress(VolleyError):  # each request reports it
+            await self._feed(plan)
+
+    async def _feed(self, plan: DetectorPlan) -> tuple[OnnxModel, bool]:
+        """The model to run and whether it takes uint8 images (see `image_conversion`)."""
+        mode = self.detection.image_conversion
+        detector = plan.detector
+        on_device = detector.provider in DEVICE_PROVIDERS
+        if mode == "host" or (mode == "auto" and not on_device) or detector in self._host_only:
+            return detector, False
+        try:
+            variant = await detector.uint8_images(
+                plan.input_name, self.detection.pixel_scale, plan.height, plan.width
+            )
+        except Exception as exc:  # onnx missing, a graph that cannot be edited, ORT errors
+            if mode == "graph":
+                raise unavailable(
+                    f"model '{self.config.name}': image_conversion 'graph' failed for detector "
+                    f"'{self.detection.detector}': {exc}"
+                ) from None
+            log.warning(
+                "converting images on the host: the detector graph could not take uint8 images",
+                extra={"event": "image_conversion", "model": self.config.name, "reason": str(exc)},
+            )
+            self._host_only.add(detector)
+            return detector, False
+        return variant, True
 
     async def infer(
         self, request: InferenceRequest, timeout_us: int, deadline_ns: int | None = None
@@ -197,13 +235,14 @@ class DetectionPipeline:
         options = detect_options(request.parameters, self.detection, plan.class_names)
         check_outputs(self.config, request)
         loop = asyncio.get_running_loop()
+        model, uint8 = await self._feed(plan)
 
         t0 = time.perf_counter_ns()
-        jobs = self._prepare_jobs(request, plan, options)
+        jobs = self._prepare_jobs(request, plan, options, uint8)
         prepared = await asyncio.gather(*(loop.run_in_executor(self._pool, job) for job in jobs))
         t1 = time.perf_counter_ns()
         raw, queue_ns, compute_ns = await self._run_detector(
-            plan, prepared, queue_timeout_us(timeout_us, deadline_ns)
+            plan, model, prepared, queue_timeout_us(timeout_us, deadline_ns)
         )
         t2 = time.perf_counter_ns()
         geometry = [p.geometry for p in prepared]
@@ -236,7 +275,7 @@ class DetectionPipeline:
         return InferenceResponse(self.config.name, self.version, request.id, tensors, parameters)
 
     def _prepare_jobs(
-        self, request: InferenceRequest, plan: DetectorPlan, options: DetectOptions
+        self, request: InferenceRequest, plan: DetectorPlan, options: DetectOptions, uint8: bool
     ) -> list[Callable[[], Prepared]]:
         """One thread-pool job per image: decode (or take pixels), letterbox, to tensor."""
         tensor = _image_input(request, self.config.name)
@@ -255,7 +294,7 @@ class DetectionPipeline:
         if not 1 <= count <= limit:
             raise invalid(f"{count} images in one request; model '{self.config.name}' takes "
                           f"1 to {limit}")  # fmt: skip
-        settings = (plan, self.detection.pad_value, self.detection.pixel_scale)
+        settings = (plan, self.detection.pad_value, None if uint8 else self.detection.pixel_scale)
         max_pixels = self.detection.max_image_pixels
         if tensor.name == "images":
             return [
@@ -267,7 +306,7 @@ class DetectionPipeline:
         return [_job(_prepare_pixels, image, options.bgr, *settings) for image in pixels]
 
     async def _run_detector(
-        self, plan: DetectorPlan, prepared: list[Prepared], timeout_us: int
+        self, plan: DetectorPlan, model: OnnxModel, prepared: list[Prepared], timeout_us: int
     ) -> tuple[np.ndarray, int, int]:
         """Feed the detector in chunks of at most its batch size; join the raw outputs."""
         loop = asyncio.get_running_loop()
@@ -278,7 +317,7 @@ class DetectionPipeline:
                 batch = chunk[0].tensor[None]
             else:
                 batch = await loop.run_in_executor(self._pool, np.stack, [p.tensor for p in chunk])
-            outputs, queue_ns, compute_ns = await plan.detector.infer_tensors(
+            outputs, queue_ns, compute_ns = await model.infer_tensors(
                 {plan.input_name: batch}, len(chunk), timeout_us
             )
             return outputs[plan.output_name], queue_ns, compute_ns
@@ -327,7 +366,7 @@ def _job(fn: Callable[..., Prepared], *args: object) -> Callable[[], Prepared]:
 
 
 def _prepare_encoded(
-    data: bytes, what: str, max_pixels: int, plan: DetectorPlan, pad: int, scale: float
+    data: bytes, what: str, max_pixels: int, plan: DetectorPlan, pad: int, scale: float | None
 ) -> Prepared:
     if not isinstance(data, bytes):
         raise invalid(f"{what}: expected encoded image bytes")
@@ -336,7 +375,7 @@ def _prepare_encoded(
 
 
 def _prepare_pixels(
-    image: np.ndarray, bgr: bool, plan: DetectorPlan, pad: int, scale: float
+    image: np.ndarray, bgr: bool, plan: DetectorPlan, pad: int, scale: float | None
 ) -> Prepared:
     rgb = np.ascontiguousarray(image[..., ::-1]) if bgr else np.ascontiguousarray(image)
     return _to_tensor(rgb, plan, pad, scale)
@@ -346,10 +385,13 @@ def _to_tensor(
     rgb: np.ndarray,
     plan: DetectorPlan,
     pad: int,
-    scale: float,
+    scale: float | None,
     size: tuple[int, int] | None = None,
 ) -> Prepared:
+    """Letterbox; then the detector's float [3, H, W], or (scale None) the uint8 pixels."""
     boxed = letterbox(rgb, plan.height, plan.width, pad, size)
+    if scale is None:
+        return Prepared(boxed.pixels, boxed)
     chw = boxed.pixels.transpose(2, 0, 1).astype(plan.input_dtype)
     chw *= plan.input_dtype.type(scale)
     return Prepared(chw, boxed)

@@ -1,0 +1,349 @@
+"""GPU benchmark: the detector's copy paths, and the detect pipeline served, against in-process.
+
+Run it where onnxruntime-gpu sees a GPU (it also runs on a CPU, for a smoke test):
+
+    python bench/gpu.py                       # about 3 minutes
+    python bench/gpu.py --seconds 2 --streams 2,4 --load-processes 2   # quick check
+
+1. Detector, in process, per batch size: `sess.run` on host float32 (what a plain server pays),
+   Volley's staged instance (page-locked buffers, IO binding) on float32, and the same on uint8
+   images converted inside the graph (what the detect pipeline sends on a GPU).
+2. In-process pipeline ceiling: decode + letterbox on a thread per core, batches of the
+   detector's size through the uint8 staged instance, NMS; no server.
+3. Volley serving `models/`: concurrent gRPC clients in several processes sending one 640x480
+   JPEG per request to `detect`, raw pixels to `detect`, and float tensors to `detector`; then
+   30 FPS camera streams; then one JPEG at a time over HTTP and gRPC.
+
+The load generators run on the same machine and take CPU from the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import requests
+import tritonclient.grpc as grpcclient
+from serving import free_port, machine, start, stop
+from vision import FPS, OPTIONS, STAGES, StreamLog, camera, camera_frames, single_image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from server.config import build_config  # noqa: E402
+from server.image_front import uint8_image_graph  # noqa: E402
+from server.pipelines.images import decode_image, letterbox  # noqa: E402
+from server.pipelines.layouts import read_candidates  # noqa: E402
+from server.pipelines.postprocess import select, to_original  # noqa: E402
+from server.runtime import OnnxInstance  # noqa: E402
+
+SIZE = 320
+
+
+def gpu_name() -> str:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
+    except Exception:  # no driver or no library: say so
+        return "no GPU"
+
+
+def timed(fn, seconds: float) -> tuple[int, float, np.ndarray]:
+    """Calls of `fn` in `seconds` after 3 warm-up calls: (calls, elapsed s, per-call ms)."""
+    for _ in range(3):
+        fn()
+    times = []
+    begin = time.perf_counter()
+    while (now := time.perf_counter()) - begin < seconds or len(times) < 5:
+        fn()
+        times.append((time.perf_counter() - now) * 1e3)
+    return len(times), time.perf_counter() - begin, np.array(times)
+
+
+@dataclass
+class Instances:
+    host: ort.InferenceSession
+    staged: OnnxInstance
+    uint8: OnnxInstance
+    name: str
+
+
+def make_instances(models: Path) -> Instances:
+    folder = models / "detector"
+    model_file = folder / "1" / "model.onnx"
+    config = build_config(folder, model_file)
+    name = config.inputs[0].name
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    host = ort.InferenceSession(str(model_file), providers=providers)
+    staged = OnnxInstance(model_file, config, 0, staged=True)
+    uint8_config = config.model_copy(
+        update={"inputs": (config.inputs[0].model_copy(update={"datatype": "UINT8",
+                                                               "dims": (SIZE, SIZE, 3)}),)}
+    )  # fmt: skip
+    uint8 = OnnxInstance(uint8_image_graph(model_file, name, 1 / 255), uint8_config, 0, staged=True)
+    return Instances(host, staged, uint8, name)
+
+
+def detector_table(inst: Instances, batches: list[int], seconds: float) -> list[str]:
+    rng = np.random.default_rng(0)
+    lines = [
+        "| batch | host float32 `sess.run` | staged float32, IO binding | staged uint8, "
+        "converted in the graph |",
+        "|---:|---:|---:|---:|",
+    ]
+    for batch in batches:
+        u8 = rng.integers(0, 256, (batch, SIZE, SIZE, 3), dtype=np.uint8)
+        f32 = u8.transpose(0, 3, 1, 2).astype(np.float32) / 255
+        cells = []
+        for fn in (
+            lambda f32=f32: inst.host.run(None, {inst.name: f32}),
+            lambda f32=f32: inst.staged.run({inst.name: inst.staged.gather(inst.name, [f32])}),
+            lambda u8=u8: inst.uint8.run({inst.name: inst.uint8.gather(inst.name, [u8])}),
+        ):
+            calls, elapsed, ms = timed(fn, seconds)
+            cells.append(f"{calls * batch / elapsed:,.0f} img/s ({np.median(ms):.2f} ms)")
+        lines.append(f"| {batch} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def prepare(data: bytes):
+    decoded = decode_image(data, "frame", 40_000_000, fit=(SIZE, SIZE))
+    return letterbox(decoded.rgb, SIZE, SIZE, 114, (decoded.width, decoded.height))
+
+
+def pipeline_ceiling(inst: Instances, frames: list[bytes], batch: int, seconds: float) -> float:
+    """Frames/s of decode + letterbox (a thread per core) + uint8 detector + NMS, no server."""
+    pool = ThreadPoolExecutor(os.cpu_count() or 1)
+    index = 0
+
+    def submit():
+        nonlocal index
+        chunk = [frames[(index + i) % len(frames)] for i in range(batch)]
+        index += batch
+        return [pool.submit(prepare, f) for f in chunk]
+
+    pending = submit()
+    done = 0
+    begin = time.perf_counter()
+    while time.perf_counter() - begin < seconds:
+        boxed = [f.result() for f in pending]
+        pending = submit()
+        pixels = np.stack([b.pixels for b in boxed])
+        (raw,) = inst.uint8.run({inst.name: inst.uint8.gather(inst.name, [pixels])}).values()
+        for per_image, b in zip(raw, boxed, strict=True):
+            to_original(select(read_candidates("volley", per_image, 0.3), OPTIONS, True), b)
+        done += batch
+    rate = done / (time.perf_counter() - begin)
+    pool.shutdown()
+    return rate
+
+
+def single_loop(inst: Instances, frames: list[bytes], seconds: float) -> np.ndarray:
+    """Per-frame ms of the whole pipeline, one frame at a time in one loop (the c=1 floor)."""
+    count = 0
+
+    def one():
+        nonlocal count
+        b = prepare(frames[count % len(frames)])
+        count += 1
+        (raw,) = inst.uint8.run(
+            {inst.name: inst.uint8.gather(inst.name, [b.pixels[None]])}
+        ).values()
+        to_original(select(read_candidates("volley", raw[0], 0.3), OPTIONS, True), b)
+
+    return timed(one, seconds)[2]
+
+
+def load_worker(address: str, kind: str, threads: int, seconds: float, queue) -> None:
+    """One load-generator process: `threads` clients in a closed loop; puts latencies (ms)."""
+    frames = camera_frames(4)
+    rng = np.random.default_rng(0)
+    if kind == "jpeg":
+        model, tensor = "detect", grpcclient.InferInput("images", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([frames[0]], dtype=np.object_))
+    elif kind == "pixels":
+        model, tensor = "detect", grpcclient.InferInput("pixels", [1, 480, 640, 3], "UINT8")
+        tensor.set_data_from_numpy(rng.integers(0, 256, (1, 480, 640, 3), dtype=np.uint8))
+    else:
+        model, tensor = "detector", grpcclient.InferInput("images", [1, 3, SIZE, SIZE], "FP32")
+        tensor.set_data_from_numpy(rng.random((1, 3, SIZE, SIZE), dtype=np.float32))
+    out: list[float] = []
+    inside: list[float] = []  # the server's own total (pipeline responses say it)
+    errors = 0
+    lock = threading.Lock()
+
+    def run() -> None:
+        nonlocal errors
+        client = grpcclient.InferenceServerClient(address)
+        mine, theirs = [], []
+        end = time.perf_counter() + seconds
+        while (t0 := time.perf_counter()) < end:
+            try:
+                result = client.infer(model, [tensor])
+                mine.append((time.perf_counter() - t0) * 1e3)
+                total = result.get_response().parameters.get("total_us")
+                if total is not None:
+                    theirs.append(total.int64_param / 1e3)
+            except Exception:
+                with lock:
+                    errors += 1
+        with lock:
+            out.extend(mine)
+            inside.extend(theirs)
+
+    workers = [threading.Thread(target=run) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    queue.put((out, errors, inside))
+
+
+def served_load(address: str, kind: str, procs: int, threads: int, seconds: float) -> str:
+    queue = multiprocessing.get_context("spawn").Queue()
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=load_worker, args=(address, kind, threads, seconds, queue))
+               for _ in range(procs)]  # fmt: skip
+    for w in workers:
+        w.start()
+    results = [queue.get() for _ in workers]
+    for w in workers:
+        w.join()
+    latency = np.concatenate([np.array(r[0]) for r in results] or [np.zeros(1)])
+    errors = sum(r[1] for r in results)
+    inside = np.concatenate([np.array(r[2]) for r in results])
+    server = f"{np.median(inside):.1f}" if len(inside) else "-"
+    p50, p99 = np.percentile(latency, [50, 99])
+    return (f"| {kind} | {procs * threads} | {len(latency) / seconds:,.0f} | {p50:.1f} | "
+            f"{p99:.1f} | {server} | {errors} |")  # fmt: skip
+
+
+def camera_group(address: str, streams: list[str], seconds: float, queue) -> None:
+    frames = camera_frames()
+    logs = {name: StreamLog() for name in streams}
+    threads = [threading.Thread(target=camera, args=(address, frames, n, seconds, logs[n]))
+               for n in streams]  # fmt: skip
+    for i, t in enumerate(threads):
+        t.start()
+        time.sleep(1 / FPS / len(threads) * (i > 0))
+    for t in threads:
+        t.join()
+    queue.put([(len(g.sent), g.latency_ms, g.server_us) for g in logs.values()])
+
+
+def served_cameras(address: str, streams: int, procs: int, seconds: float) -> str:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    names = [f"c{i}" for i in range(streams)]
+    groups = [names[i::procs] for i in range(min(procs, streams))]
+    workers = [ctx.Process(target=camera_group, args=(address, g, seconds, queue)) for g in groups]
+    for w in workers:
+        w.start()
+    logs = [log for _ in workers for log in queue.get()]
+    for w in workers:
+        w.join()
+    sent = sum(g[0] for g in logs)
+    latency = np.concatenate([np.array(g[1]) for g in logs] + [np.zeros(0)])
+    answered = len(latency)
+    skipped = sent - answered
+    p50, p99 = np.percentile(latency, [50, 99]) if answered else (0.0, 0.0)
+    sustained = p99 <= 100 and skipped / max(sent, 1) < 0.01
+    stages = np.array([row for g in logs for row in g[2]] or [[0] * len(STAGES)])
+    inside = " / ".join(f"{v / 1e3:.1f}" for v in np.median(stages, axis=0))
+    return (f"| {streams} | {answered / seconds:,.0f} | {skipped / max(sent, 1):.1%} | {p50:.1f} |"
+            f" {p99:.1f} | {inside} | {'yes' if sustained else 'no'} |")  # fmt: skip
+
+
+def detector_batching(http: str) -> str:
+    stats = requests.get(f"{http}/v2/models/detector/stats", timeout=5).json()["model_stats"]
+    inferences = sum(int(s["inference_count"]) for s in stats)
+    executions = sum(int(s["execution_count"]) for s in stats)
+    mean = inferences / max(executions, 1)
+    return f"Detector: {inferences:,} images in {executions:,} batches (mean {mean:.1f})"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=Path, default=ROOT / "models")
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--batches", default="1,8,16")
+    parser.add_argument("--streams", default="16,32,48,64")
+    parser.add_argument("--load-processes", type=int, default=8)
+    parser.add_argument("--load-threads", type=int, default=8)
+    args = parser.parse_args()
+
+    inst = make_instances(args.models)
+    frames = camera_frames()
+    table = detector_table(inst, [int(b) for b in args.batches.split(",")], args.seconds / 2)
+    out = [
+        f"Machine: {machine()}, GPU: {gpu_name()}",
+        f"Detector provider: {inst.staged.provider}; staging buffers page-locked: "
+        f"{inst.staged.pinned and inst.uint8.pinned}",
+        "",
+        "Detector in process (images/s, median ms per call):",
+        "",
+        *table,
+    ]
+    batch = inst.uint8._rows
+    ceiling = pipeline_ceiling(inst, frames, batch, args.seconds)
+    loop_ms = single_loop(inst, frames, args.seconds / 2)
+    out += [
+        "",
+        f"In-process pipeline ceiling (640x480 JPEG: decode + letterbox on {os.cpu_count()} "
+        f"threads, uint8 batches of {batch}, NMS): {ceiling:,.0f} frames/s",
+        f"In-process single loop, one frame at a time: p50 {np.percentile(loop_ms, 50):.2f} ms, "
+        f"p99 {np.percentile(loop_ms, 99):.2f} ms",
+    ]
+    del inst
+
+    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    cmd = [sys.executable, "-m", "server", "serve", "--model-repository", str(args.models),
+           "--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port),
+           "--metrics-port", str(metrics_port)]  # fmt: skip
+    http = f"http://127.0.0.1:{http_port}"
+    proc = start(cmd, f"{http}/v2/health/ready")
+    address = f"127.0.0.1:{grpc_port}"
+    try:
+        config = requests.get(f"{http}/v2/models/detector/config", timeout=5).json()
+        out += ["", f"Served detector instance kind: {config['instance_group'][0]['kind']}", "",
+                "| served over gRPC | clients | images/s | p50 ms | p99 ms | "
+                "in the server, p50 ms | errors |",
+                "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for kind in ("jpeg", "pixels", "detector"):
+            out.append(served_load(address, kind, args.load_processes, args.load_threads,
+                                   args.seconds))  # fmt: skip
+            print(out[-1], file=sys.stderr)
+        out += ["", detector_batching(http), "",
+                "| 30 FPS cameras (gRPC streams) | processed frames/s | skipped | p50 ms | "
+                "p99 ms | in the server, p50 ms: decode / queue / infer / NMS / total | "
+                "sustained (p99 <= 100 ms, < 1 % skipped) |",
+                "|---:|---:|---:|---:|---:|---|:---:|"]  # fmt: skip
+        for streams in (int(s) for s in args.streams.split(",")):
+            out.append(served_cameras(address, streams, args.load_processes, args.seconds))
+            print(out[-1], file=sys.stderr)
+        single = single_image(f"127.0.0.1:{http_port}", address, frames[0], 200)
+        out += ["", "| one 640x480 JPEG at a time | p50 ms | p99 ms |", "|---|---:|---:|",
+                f"| in-process single loop | {np.percentile(loop_ms, 50):.2f} | "
+                f"{np.percentile(loop_ms, 99):.2f} |"]  # fmt: skip
+        for name, times in single.items():
+            p50, p99 = np.percentile(times, [50, 99])
+            out.append(f"| Volley {name} | {p50:.2f} | {p99:.2f} |")
+    finally:
+        stop(proc)
+    print("\n".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
