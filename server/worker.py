@@ -90,7 +90,10 @@ class Worker:
         elif op == "unload":
             await repository.request_unload(message["model"])
         elif op == "poll":
-            await repository.poll()
+            try:
+                await repository.poll()
+            except Exception:  # as poll_forever in a single process: logged, tried again later
+                log.exception("repository poll failed", extra={"event": "poll_failed"})
         elif op == "stats":
             try:
                 return {"stats": await DataPlane.statistics(self._dataplane, **message["args"])}
