@@ -87,6 +87,8 @@ class Supervisor:
         self._watchers: set[asyncio.Task] = set()
 
     async def run(self) -> int:
+        """Start the workers, serve their requests until a signal (or a failed start), stop
+        them; the exit code."""
         server = await ipc.listen(self.directory / CONTROL_SOCKET, self._answer)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -96,7 +96,7 @@ class Worker:
                 log.exception("repository poll failed", extra={"event": "poll_failed"})
         elif op == "stats":
             try:
-                return {"stats": await DataPlane.statistics(self._dataplane, **message["args"])}
+                return {"stats": await self._dataplane.own_statistics(**message["args"])}
             except VolleyError:
                 return {"stats": []}  # not served here: the asking worker decides what it means
         return {}
@@ -120,10 +120,14 @@ class WorkerDataPlane(DataPlane):
 
         Exact, not sampled: each worker answers with its counts at the time it is asked.
         """
-        own = await super().statistics(model, version)
+        own = await self.own_statistics(model, version)
         message = {"op": "stats", "args": {"model": model, "version": version}}
         others = await ipc.call(self.worker.control, {**message, "from": self.worker.index})
         return merge_stats([own, *others["stats"]])
+
+    async def own_statistics(self, model: str = "", version: str = "") -> list[dict]:
+        """This worker's statistics alone."""
+        return await super().statistics(model, version)
 
     async def load(self, model: str, override: dict | None = None) -> None:
         """Load in every worker (through the supervisor); answered once all have."""
