@@ -8,6 +8,7 @@ against what the machine was doing.
 
     python bench/peers.py                    # 10 s per measurement
     python bench/peers.py --seconds 5 --skip-triton
+    python bench/peers.py --seconds 5 --skip-triton --skip-naive --volley-workers 1,2
 
 Triton comes from ../shared/tools/triton/setup (its python backend runs the same ONNX model
 with onnxruntime, under Triton's own dynamic batcher: max_batch_size 1024, 100 us delay, two
@@ -57,17 +58,26 @@ class Row:
         )
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """CPU time (user + system) of every live process in process group `pgid`."""
-    total = 0.0
+def tree_cpu_seconds(root: int) -> float:
+    """CPU time (user + system) of process `root` and every live process it started, and they
+    started (Triton's python-backend stubs, Volley's workers)."""
+    parents, ticks = {}, {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+        pid = int(stat.parent.name)
+        parents[pid], ticks[pid] = int(fields[1]), int(fields[11]) + int(fields[12])
+
+    def in_tree(pid: int) -> bool:
+        while pid > 1:
+            if pid == root:
+                return True
+            pid = parents.get(pid, 0)
+        return False
+
+    return sum(t for pid, t in ticks.items() if in_tree(pid)) / os.sysconf("SC_CLK_TCK")
 
 
 def wrk(url: str, body: bytes, seconds: float) -> tuple[float, float, float]:
@@ -96,13 +106,13 @@ def wrk(url: str, body: bytes, seconds: float) -> tuple[float, float, float]:
     return rps, percentile("50"), percentile("99")
 
 
-def measure(server: str, pgid: int, loads: dict, seconds: float) -> list[Row]:
+def measure(server: str, pid: int, loads: dict, seconds: float) -> list[Row]:
     rows = []
     for name, run in loads.items():
-        before, started = group_cpu_seconds(pgid), time.perf_counter()
+        before, started = tree_cpu_seconds(pid), time.perf_counter()
         rps, p50, p99 = run()
         elapsed = time.perf_counter() - started
-        cpu = group_cpu_seconds(pgid) - before
+        cpu = tree_cpu_seconds(pid) - before
         # perf_analyzer measures windows inside a longer run: CPU over all it sent
         cpu_us = cpu / max(rps * elapsed, 1) * 1e6
         rows.append(Row(server, name, rps, p50, p99, cpu_us, os.getloadavg()[0]))
@@ -154,8 +164,10 @@ def stop_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def run_volley(model_dir: Path, tmp: Path, body: bytes, seconds: float) -> list[Row]:
-    repo = tmp / "volley"
+def run_volley(
+    model_dir: Path, tmp: Path, body: bytes, seconds: float, workers: int = 1
+) -> list[Row]:
+    repo = tmp / f"volley-{workers}"
     shutil.copytree(model_dir, repo / "fraud")
     config_file = repo / "fraud" / "config.yaml"
     config = yaml.safe_load(config_file.read_text())
@@ -165,10 +177,11 @@ def run_volley(model_dir: Path, tmp: Path, body: bytes, seconds: float) -> list[
     proc = start_group(
         [sys.executable, "-m", "server", "serve", "--model-repository", str(repo), "--host",
          "127.0.0.1", "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", "0",
-         "--log-level", "warning"],
+         "--log-level", "warning", "--workers", str(workers)],
         f"http://127.0.0.1:{http}/v2/health/ready",
     )  # fmt: skip
-    return measure_v2_server("Volley", proc, http, grpc, body, seconds)
+    name = "Volley" if workers == 1 else f"Volley --workers {workers}"
+    return measure_v2_server(name, proc, http, grpc, body, seconds)
 
 
 def run_triton(model_file: Path, tmp: Path, body: bytes, seconds: float) -> list[Row]:
@@ -257,6 +270,13 @@ def main() -> int:
     parser.add_argument("--models", type=Path, default=ROOT / "models")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--skip-triton", action="store_true")
+    parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument(
+        "--volley-workers",
+        default="1",
+        metavar="N[,N...]",
+        help="measure Volley with each of these --workers counts (default: 1)",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is missing: apt-get install wrk", file=sys.stderr)
@@ -269,10 +289,12 @@ def main() -> int:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        rows += run_volley(model_dir, tmp, body, args.seconds)
+        for workers in (int(n) for n in args.volley_workers.split(",")):
+            rows += run_volley(model_dir, tmp, body, args.seconds, workers)
         if not args.skip_triton:
             rows += run_triton(model_file, tmp, body, args.seconds)
-        rows += run_naive(model_dir, body, args.seconds)
+        if not args.skip_naive:
+            rows += run_naive(model_dir, body, args.seconds)
     print(report(first.rps, first.p50_ms, rows, args.seconds))
     return 0
 

@@ -4,6 +4,9 @@ SIGTERM (or SIGINT): readiness turns false and new inference requests are refuse
 UNAVAILABLE (HTTP responses then close their connection); once clients have gone quiet, every
 queued and running request is answered, then the listeners close and the process exits 0, all
 within `--shutdown-timeout`.
+
+With `--workers N` each worker process runs `serve` with its `Worker` (`server.worker`): it loads
+its models before it listens, on ports shared with the other workers.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
 
@@ -28,6 +32,9 @@ from server.http_api import HttpFrontEnd, metrics_app
 from server.ratelimit import RateLimiter
 from server.repository import ModelRepository
 from server.tls import TlsFiles
+
+if TYPE_CHECKING:
+    from server.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +63,7 @@ class ServeSettings:
     rate_limit: float = 0.0  # inference requests a second per client address (0: no limit)
     rate_burst: float = 0.0  # bucket size (0: one second's worth)
     shutdown_timeout: float = 30.0
+    workers: int = 1  # server processes sharing the ports (server/supervisor.py)
 
 
 class _Listener(uvicorn.Server):
@@ -155,13 +163,16 @@ def check_startup(settings: ServeSettings) -> None:
                 ) from None
 
 
-async def serve(settings: ServeSettings) -> int:
+async def serve(settings: ServeSettings, worker: Worker | None = None) -> int:
     """Run until SIGTERM/SIGINT, then drain and return the exit code."""
     repository = ModelRepository(settings.model_repository, settings.model_control)
     limiter = None
     if settings.rate_limit > 0:
         limiter = RateLimiter(settings.rate_limit, settings.rate_burst or None)
-    dataplane = DataPlane(repository, settings.strict_readiness, limiter)
+    if worker is None:
+        dataplane = DataPlane(repository, settings.strict_readiness, limiter)
+    else:
+        dataplane = worker.dataplane(repository, settings.strict_readiness, limiter)
     metrics.enable_gpu_metrics()
 
     keys = ApiKeys.load(settings.api_keys) if settings.api_keys is not None else None
@@ -170,6 +181,16 @@ async def serve(settings: ServeSettings) -> int:
             "no --api-keys: anyone who reaches these ports may call every API",
             extra={"event": "no_authentication", "host": settings.host},
         )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if worker is not None:
+        # The kernel hands a worker connections as soon as it listens: it must serve what the
+        # others serve by then (its models, and the load/unload requests they took).
+        await repository.load_at_start(settings.load_models)
+        await worker.join()
+
     tls = settings.tls
     front_end = HttpFrontEnd(dataplane, settings.max_request_bytes, settings.max_json_bytes, keys)
     http = _listener(
@@ -186,6 +207,7 @@ async def serve(settings: ServeSettings) -> int:
         settings.max_request_bytes,
         keys,
         tls.grpc_credentials() if tls is not None else None,
+        reuse_port=worker is not None,
     )
     listeners = [http]
     if settings.metrics_port:
@@ -200,13 +222,8 @@ async def serve(settings: ServeSettings) -> int:
             )
         )
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-
     await grpc_server.start()
-    tasks = [asyncio.create_task(listener.serve()) for listener in listeners]
+    tasks = [asyncio.create_task(_serve_listener(listener, worker)) for listener in listeners]
     await _started(listeners, tasks)
     log.info(
         "listening",
@@ -217,12 +234,17 @@ async def serve(settings: ServeSettings) -> int:
             "metrics_port": settings.metrics_port,
         },
     )
-    await repository.load_at_start(settings.load_models)
-    tune_garbage_collector()
     poller = None
-    if settings.model_control == "poll":
-        poller = asyncio.create_task(repository.poll_forever(settings.poll_seconds))
-    log.info("ready", extra={"event": "ready", "models": repository.index()})
+    if worker is None:
+        await repository.load_at_start(settings.load_models)
+        if settings.model_control == "poll":  # with workers, the supervisor has them poll
+            poller = asyncio.create_task(repository.poll_forever(settings.poll_seconds))
+    tune_garbage_collector()
+    if worker is None:
+        log.info("ready", extra={"event": "ready", "models": repository.index()})
+    else:  # the supervisor says "ready" once every worker is
+        log.info("worker ready", extra={"event": "worker_ready", "models": repository.index()})
+        await worker.serving()
 
     await stop.wait()
     deadline = time.monotonic() + settings.shutdown_timeout
@@ -235,8 +257,19 @@ async def serve(settings: ServeSettings) -> int:
         listener.should_exit = True
     await asyncio.gather(*tasks)
     front_end.offload.close()
+    if worker is not None:
+        await worker.leave()
     log.info("stopped", extra={"event": "stopped"})
     return 0
+
+
+async def _serve_listener(listener: _Listener, worker: Worker | None) -> None:
+    """Serve on the listener's port: bound by uvicorn, or shared between the workers."""
+    if worker is None:
+        await listener.serve()
+    else:
+        config = listener.config
+        await listener.serve(sockets=[worker.shared_socket(config.host, config.port)])
 
 
 async def _drain(

@@ -119,6 +119,16 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         help="seconds to let in-flight requests finish after SIGTERM",
     )
     p.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N",
+        help="server processes sharing the ports, each with its own models and an N-th of the "
+        "CPUs' threads ('auto': one per usable CPU); past 1, a supervisor process runs them, "
+        "keeps their model control, statistics and metrics as one server's, and restarts one "
+        "that dies",
+    )
+    p.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -302,6 +312,21 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _workers(text: str) -> int:
+    """`--workers`: a count of at least 1, or 'auto' (one per usable CPU)."""
+    if text == "auto":
+        from server.cpus import usable_cpus
+
+        return usable_cpus()
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected a count of at least 1 or 'auto', got {text!r}")
+    return count
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `volley` command."""
     parser = argparse.ArgumentParser(prog="volley", description="Volley inference server")
@@ -376,6 +401,7 @@ def _serve(args: argparse.Namespace) -> int:
         rate_limit=args.rate_limit,
         rate_burst=args.rate_burst,
         shutdown_timeout=args.shutdown_timeout,
+        workers=args.workers,
     )
     try:
         check_startup(settings)
@@ -383,6 +409,10 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"volley serve: error: {exc}", file=sys.stderr)
         return 1
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    if settings.workers > 1:
+        from server.supervisor import supervise
+
+        return asyncio.run(supervise(settings, args.log_level))
     return asyncio.run(serve(settings))
 
 

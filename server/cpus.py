@@ -3,6 +3,8 @@
 `os.cpu_count()` is the machine's count. In a container with a CPU limit (a Kubernetes pod with
 `limits.cpu: 2` on a 64-core node) or a restricted affinity, sizing ONNX Runtime and decode
 threads from it would start dozens of threads that fight over two cores' worth of time.
+With `volley serve --workers N` each worker process gets an N-th of them (at least one): N full
+servers sized for the whole machine would run N times the threads it has cores for.
 """
 
 from __future__ import annotations
@@ -12,15 +14,31 @@ import os
 from pathlib import Path
 
 CGROUP = Path("/sys/fs/cgroup")
+# Set by the supervisor of `--workers N` for its workers: how many processes share the CPUs.
+WORKERS_ENV = "VOLLEY_WORKER_PROCESSES"
 
 
 def usable_cpus(cgroup: Path = CGROUP) -> int:
+    """This process's share of the CPUs: the least of the CPUs it may run on and its cgroup CPU
+    quota (rounded up), divided between the worker processes (at least 1)."""
+    return max(1, machine_cpus(cgroup) // worker_processes())
+
+
+def machine_cpus(cgroup: Path = CGROUP) -> int:
     """The least of: the CPUs this process may run on, and its cgroup CPU quota (rounded up)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     quota = cgroup_quota(cgroup)
     if quota is not None:
         cpus = min(cpus or 1, max(1, math.ceil(quota)))
     return max(1, cpus or 1)
+
+
+def worker_processes() -> int:
+    """How many worker processes serve side by side (1: a single-process server)."""
+    try:
+        return max(1, int(os.environ.get(WORKERS_ENV, "1")))
+    except ValueError:
+        return 1
 
 
 def cgroup_quota(cgroup: Path = CGROUP) -> float | None:

@@ -125,6 +125,18 @@ class DataPlane:
         label = model if model in self.repository.models else ""
         _outcome_counter(label, "", protocol, outcome).inc()
 
+    async def statistics(self, model: str = "", version: str = "") -> list[dict]:
+        """The v2 statistics (`model_stats` entries) of one version, a model's, or all."""
+        return [v.stats.as_dict() for v in self.repository.served_versions(model, version)]
+
+    async def load(self, model: str, override: dict | None = None) -> None:
+        """A client's load request (explicit model control)."""
+        await self.repository.request_load(model, override)
+
+    async def unload(self, model: str) -> None:
+        """A client's unload request (explicit model control)."""
+        await self.repository.request_unload(model)
+
     def frame_policy(self, model: str, version: str) -> FramePolicy | None:
         """How a stream's frames to this model are served (None: as plain requests)."""
         try:

@@ -92,10 +92,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStatistics(self, request, context):
         try:
-            served = self.repo.served_versions(request.name, request.version)
+            stats = await self.dataplane.statistics(request.name, request.version)
         except VolleyError as exc:
             await _abort(context, exc)
-        doc = {"model_stats": [v.stats.as_dict() for v in served]}
+        doc = {"model_stats": stats}
         return json_format.ParseDict(doc, pb.ModelStatisticsResponse())
 
     async def ModelInfer(self, request, context):
@@ -222,14 +222,14 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         params = {k: _repository_parameter(v) for k, v in request.parameters.items()}
         try:
             override = load_override(request.model_name, params)
-            await self.repo.request_load(request.model_name, override)
+            await self.dataplane.load(request.model_name, override)
         except VolleyError as exc:
             await _abort(context, exc)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):
         try:
-            await self.repo.request_unload(request.model_name)
+            await self.dataplane.unload(request.model_name)
         except VolleyError as exc:
             await _abort(context, exc)
         return pb.RepositoryModelUnloadResponse()
@@ -381,15 +381,18 @@ def create_grpc_server(
     max_message_bytes: int,
     keys: auth.ApiKeys | None = None,
     credentials: grpc.ServerCredentials | None = None,
+    reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, InferenceServicer]:
     """A grpcio asyncio server with the inference service bound to `address` (TLS when
-    `credentials` are given; API keys checked when `keys` are)."""
+    `credentials` are given; API keys checked when `keys` are; the port shared with other
+    processes that bind it too when `reuse_port`)."""
     server = grpc.aio.server(
         interceptors=[ApiKeyInterceptor(keys, dataplane)] if keys is not None else None,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            # Off, so that a port another program holds is an error; on for --workers N.
+            ("grpc.so_reuseport", int(reuse_port)),
             # grpc core keeps calls the service has not picked up yet in a backlog and, past
             # 1,000 by default, cancels them at random: a burst of a few thousand calls came
             # back CANCELLED, which a client cannot tell from lost work. The backlog is bounded

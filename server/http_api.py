@@ -371,8 +371,7 @@ def control_app(dataplane: DataPlane, max_body_bytes: int) -> FastAPI:
     @app.get("/v2/models/{model}/stats")
     @app.get("/v2/models/{model}/versions/{version}/stats")
     async def model_stats(model: str = "", version: str = "") -> Response:
-        served = repo.served_versions(model, version)
-        return json_response({"model_stats": [v.stats.as_dict() for v in served]})
+        return json_response({"model_stats": await dataplane.statistics(model, version)})
 
     @app.post("/v2/repository/index")
     async def repository_index(request: Request) -> Response:
@@ -384,12 +383,12 @@ def control_app(dataplane: DataPlane, max_body_bytes: int) -> FastAPI:
         params = (await _json_body(request, max_body_bytes)).get("parameters", {})
         if not isinstance(params, dict):
             raise invalid("'parameters' must be a JSON object")
-        await repo.request_load(model, load_override(model, params))
+        await dataplane.load(model, load_override(model, params))
         return json_response({})
 
     @app.post("/v2/repository/models/{model}/unload")
     async def unload(model: str) -> Response:
-        await repo.request_unload(model)
+        await dataplane.unload(model)
         return json_response({})
 
     @app.get("/v2/systemsharedmemory/status")

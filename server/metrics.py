@@ -3,12 +3,22 @@
 Names follow Prometheus conventions: `volley_` prefix, base units (seconds, bytes), `_total`
 counters. Per-model series carry `model` and `version` labels. The registry also carries
 prometheus-client's process and runtime metrics (`process_*`, `python_*`).
+
+With `volley serve --workers N` every worker writes its values to prometheus_client's
+multiprocess directory (`PROMETHEUS_MULTIPROC_DIR`, set by the supervisor) and any worker's
+scrape reads all of them: counters and histograms are summed over the workers (those of a worker
+that died included), gauges as their `multiprocess_mode` says (over the live workers), and
+`process_*` is the sum over the supervisor and the workers (`ServerProcessCollector`).
+`python_gc_*` is left out there: it would describe one worker only.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
+import orjson
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -21,17 +31,24 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+
+from server.cpus import worker_processes
 
 log = logging.getLogger(__name__)
 disable_created_metrics()
 
+# Where the metrics below live; in a single process also what a scrape shows.
 REGISTRY = CollectorRegistry(auto_describe=True)
-# Memory, CPU time, open files and start time of the process (`process_*`, Linux only), and the
-# interpreter's version and garbage collections (`python_*`).
-ProcessCollector(registry=REGISTRY)
-PlatformCollector(registry=REGISTRY)
-GCCollector(registry=REGISTRY)
+MULTIPROCESS = worker_processes() > 1
+PIDS_FILE = "pids"  # in the multiprocess directory: the supervisor's and its workers' pids
+if not MULTIPROCESS:
+    # Memory, CPU time, open files and start time of the process (`process_*`, Linux only), and
+    # the interpreter's version and garbage collections (`python_*`).
+    ProcessCollector(registry=REGISTRY)
+    PlatformCollector(registry=REGISTRY)
+    GCCollector(registry=REGISTRY)
 MODEL = ("model", "version")
 
 # Latency buckets from 50 µs to 10 s in 1-2.5-5 steps: the fraud model answers in well under a
@@ -92,19 +109,21 @@ BATCH_SIZE = Histogram(
     registry=REGISTRY,
 )  # fmt: skip
 QUEUE_DEPTH = Gauge(
-    "volley_queue_depth", "Requests waiting in the model's queue now.", MODEL, registry=REGISTRY
-)
+    "volley_queue_depth", "Requests waiting in the model's queue now.", MODEL, registry=REGISTRY,
+    multiprocess_mode="livesum",
+)  # fmt: skip
 INFLIGHT = Gauge(
     "volley_inflight_requests", "Inference requests being handled now, by protocol.",
-    ("protocol",), registry=REGISTRY,
+    ("protocol",), registry=REGISTRY, multiprocess_mode="livesum",
 )  # fmt: skip
 MODEL_READY = Gauge(
-    "volley_model_ready", "1 while the model version serves requests, else 0.", MODEL,
-    registry=REGISTRY,
+    "volley_model_ready",
+    "1 while the model version serves requests (with --workers: in every worker), else 0.",
+    MODEL, registry=REGISTRY, multiprocess_mode="livemin",
 )  # fmt: skip
 MODEL_LOAD_DURATION = Gauge(
     "volley_model_load_duration_seconds", "Time the last load of the version took (with warmup).",
-    MODEL, registry=REGISTRY,
+    MODEL, registry=REGISTRY, multiprocess_mode="livemax",
 )  # fmt: skip
 PIPELINE_STAGE_DURATION = Histogram(
     "volley_pipeline_stage_duration_seconds",
@@ -130,7 +149,7 @@ FRAME_LATENCY = Histogram(
 )  # fmt: skip
 ACTIVE_STREAMS = Gauge(
     "volley_active_streams", "Open camera streams (gRPC or WebSocket), per model.", ("model",),
-    registry=REGISTRY,
+    registry=REGISTRY, multiprocess_mode="livesum",
 )  # fmt: skip
 
 
@@ -177,11 +196,51 @@ def enable_gpu_metrics() -> bool:
         return False
     if not collector._handles:
         return False
-    REGISTRY.register(collector)
+    EXPOSED.register(collector)
     log.info("gpu metrics on", extra={"event": "gpu_metrics", "gpus": len(collector._handles)})
     return True
 
 
+class ServerProcessCollector(Collector):
+    """`process_*` of the whole server with --workers N: CPU time, memory and open files summed
+    over the supervisor and its workers (the pids it lists in `pids_file`), the start time the
+    supervisor's, the file limit the least."""
+
+    def __init__(self, pids_file: Path) -> None:
+        self._pids_file = pids_file
+
+    def collect(self):  # noqa: D102 - prometheus_client protocol
+        try:
+            pids = orjson.loads(self._pids_file.read_bytes())
+        except (OSError, ValueError):
+            pids = [os.getpid()]
+        totals = {}
+        for pid in pids:
+            for family in ProcessCollector(pid=lambda pid=pid: pid, registry=None).collect():
+                if family.name not in totals:
+                    totals[family.name] = family
+                    continue
+                total, value = totals[family.name].samples, family.samples[0].value
+                combine = min if family.name.endswith(("start_time_seconds", "max_fds")) else sum
+                total[0] = total[0]._replace(value=combine((total[0].value, value)))
+        yield from totals.values()
+
+
+def _exposed_registry() -> CollectorRegistry:
+    """What a scrape shows: this process's registry, or with --workers N every worker's."""
+    if not MULTIPROCESS:
+        return REGISTRY
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    exposed = CollectorRegistry()
+    MultiProcessCollector(exposed, directory)
+    exposed.register(ServerProcessCollector(Path(directory) / PIDS_FILE))
+    PlatformCollector(registry=exposed)
+    return exposed
+
+
+EXPOSED = _exposed_registry()
+
+
 def exposition() -> bytes:
     """The current metrics in Prometheus text format."""
-    return generate_latest(REGISTRY)
+    return generate_latest(EXPOSED)

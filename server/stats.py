@@ -156,3 +156,35 @@ class ModelStats:
                 for size, d in sorted(self.batches.items())
             ],
         }
+
+
+def merge_stats(parts: list[list[dict]]) -> list[dict]:
+    """The `model_stats` entries of several worker processes as one server's: counts and
+    durations summed per (model, version), batch statistics per batch size, the latest
+    `last_inference`; entries in the order they first appear."""
+    merged: dict[tuple[str, str], dict] = {}
+    for part in parts:
+        for entry in part:
+            key = (entry["name"], entry["version"])
+            merged[key] = _add(merged[key], entry) if key in merged else entry
+    return list(merged.values())
+
+
+def _add(a: dict, b: dict) -> dict:
+    out = {}
+    for key, value in a.items():
+        if key == "last_inference":
+            out[key] = max(value, b[key])
+        elif key == "batch_stats":
+            sizes = {entry["batch_size"]: entry for entry in value}
+            for entry in b[key]:
+                size = entry["batch_size"]
+                sizes[size] = _add(sizes[size], entry) if size in sizes else entry
+            out[key] = [sizes[size] for size in sorted(sizes)]
+        elif isinstance(value, dict):
+            out[key] = _add(value, b[key])
+        elif isinstance(value, int) and key != "batch_size":
+            out[key] = value + b[key]
+        else:
+            out[key] = value
+    return out

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server.cpus import cgroup_quota, usable_cpus
+from server.cpus import WORKERS_ENV, cgroup_quota, usable_cpus
 
 AFFINITY = len(os.sched_getaffinity(0))
 
@@ -49,3 +49,12 @@ def test_a_quota_caps_the_threads_at_its_cpus_rounded_up(tmp_path: Path) -> None
 def test_no_cgroup_files_means_the_affinity(tmp_path: Path) -> None:
     assert cgroup_quota(tmp_path) is None
     assert usable_cpus(tmp_path) == AFFINITY
+
+
+def test_worker_processes_share_the_cpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--workers N`: each worker sizes its threads from an N-th of the CPUs, at least one."""
+    cgroup = v2(tmp_path, "800000 100000")  # 8 CPUs' worth, capped by the affinity
+    monkeypatch.setenv(WORKERS_ENV, "2")
+    assert usable_cpus(cgroup) == max(1, min(8, AFFINITY) // 2)
+    monkeypatch.setenv(WORKERS_ENV, "64")
+    assert usable_cpus(cgroup) == 1

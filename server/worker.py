@@ -1,0 +1,177 @@
+"""One worker process of `volley serve --workers N`: the whole server (`app.serve`) on ports it
+shares with the other workers (SO_REUSEPORT), under the supervisor (`server.supervisor`).
+
+Started as `python -P -m server.worker` with its arguments pickled on stdin. What must agree
+between workers goes through the supervisor: load and unload requests (every worker applies
+one before it is answered), statistics (summed over the workers), repository polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import pickle
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from server import ipc
+from server.dataplane import DataPlane
+from server.errors import VolleyError, unavailable
+from server.ratelimit import RateLimiter
+from server.repository import CONTROL_REFUSED, ModelRepository
+from server.stats import merge_stats
+
+log = logging.getLogger(__name__)
+
+CONTROL_SOCKET = "control.sock"  # the supervisor's, in its directory
+PR_SET_PDEATHSIG = 1
+
+
+def worker_socket(directory: Path, index: int) -> Path:
+    """Where worker `index` takes the supervisor's commands."""
+    return directory / f"worker-{index}.sock"
+
+
+class Worker:
+    """This process's place among the workers: its index, and the supervisor's directory."""
+
+    def __init__(self, index: int, directory: Path) -> None:
+        self.index = index
+        self.control = directory / CONTROL_SOCKET
+        self._path = worker_socket(directory, index)
+        self._dataplane: WorkerDataPlane | None = None
+        self._server: asyncio.Server | None = None
+
+    def dataplane(
+        self,
+        repository: ModelRepository,
+        strict_readiness: bool,
+        rate_limiter: RateLimiter | None,
+    ) -> WorkerDataPlane:
+        """The data plane of this worker (statistics and model control span every worker)."""
+        self._dataplane = WorkerDataPlane(repository, strict_readiness, rate_limiter, self)
+        return self._dataplane
+
+    @staticmethod
+    def shared_socket(host: str, port: int) -> socket.socket:
+        """A TCP socket bound to `host:port` that the other workers bind too (SO_REUSEPORT):
+        the kernel spreads new connections over the workers listening on it."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        return sock
+
+    async def join(self) -> None:
+        """Take the supervisor's commands, and register: the supervisor first replays the load
+        and unload requests the other workers took so far, then sends this one every new one."""
+        self._server = await ipc.listen(self._path, self._command)
+        await ipc.call(self.control, {"op": "register", "index": self.index, "pid": os.getpid()})
+
+    async def serving(self) -> None:
+        """Tell the supervisor this worker listens (from now on it restarts it if it dies)."""
+        await ipc.call(self.control, {"op": "serving", "index": self.index, "pid": os.getpid()})
+
+    async def leave(self) -> None:
+        """Stop taking commands (the process is about to exit)."""
+        if self._server is not None:
+            self._server.close()
+
+    async def _command(self, message: dict) -> dict:
+        repository = self._dataplane.repository
+        op = message["op"]
+        if op == "load":
+            await repository.request_load(message["model"], message["override"])
+        elif op == "unload":
+            await repository.request_unload(message["model"])
+        elif op == "poll":
+            try:
+                await repository.poll()
+            except Exception:  # as poll_forever in a single process: logged, tried again later
+                log.exception("repository poll failed", extra={"event": "poll_failed"})
+        elif op == "stats":
+            try:
+                return {"stats": await self._dataplane.own_statistics(**message["args"])}
+            except VolleyError:
+                return {"stats": []}  # not served here: the asking worker decides what it means
+        return {}
+
+
+class WorkerDataPlane(DataPlane):
+    """A data plane whose statistics and model control cover every worker."""
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        strict_readiness: bool,
+        rate_limiter: RateLimiter | None,
+        worker: Worker,
+    ) -> None:
+        super().__init__(repository, strict_readiness, rate_limiter)
+        self.worker = worker
+
+    async def statistics(self, model: str = "", version: str = "") -> list[dict]:
+        """This worker's statistics (its errors as in one process) plus every other worker's.
+
+        Exact, not sampled: each worker answers with its counts at the time it is asked.
+        """
+        own = await self.own_statistics(model, version)
+        message = {"op": "stats", "args": {"model": model, "version": version}}
+        others = await ipc.call(self.worker.control, {**message, "from": self.worker.index})
+        return merge_stats([own, *others["stats"]])
+
+    async def own_statistics(self, model: str = "", version: str = "") -> list[dict]:
+        """This worker's statistics alone."""
+        return await super().statistics(model, version)
+
+    async def load(self, model: str, override: dict | None = None) -> None:
+        """Load in every worker (through the supervisor); answered once all have."""
+        if self.repository.control != "explicit":
+            raise unavailable(CONTROL_REFUSED)
+        await ipc.call(self.worker.control, {"op": "load", "model": model, "override": override})
+
+    async def unload(self, model: str) -> None:
+        """Unload in every worker (through the supervisor); answered once all have."""
+        if self.repository.control != "explicit":
+            raise unavailable(CONTROL_REFUSED)
+        await ipc.call(self.worker.control, {"op": "unload", "model": model})
+
+
+class _WorkerField(logging.Filter):
+    """Adds `"worker": <index>` to every log line of this process."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.index
+        return True
+
+
+def main() -> int:
+    """Entry point: read the arguments from stdin, serve until SIGTERM."""
+    import uvloop
+
+    from server import logs
+    from server.app import serve
+
+    args = pickle.loads(sys.stdin.buffer.read())  # written by our own supervisor
+    if sys.platform == "linux":  # a supervisor killed outright takes its workers with it
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != args["supervisor"]:
+        return 1  # it died before that
+    logs.configure(args["log_level"])
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_WorkerField(args["index"]))
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return asyncio.run(serve(args["settings"], Worker(args["index"], args["directory"])))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
