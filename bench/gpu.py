@@ -33,6 +33,7 @@ import numpy as np
 import onnxruntime as ort
 import requests
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from serving import free_port, machine, start, stop
 from vision import FPS, OPTIONS, STAGES, StreamLog, camera, camera_frames, single_image
 
@@ -44,7 +45,7 @@ from server.image_front import uint8_image_graph  # noqa: E402
 from server.pipelines.images import decode_image, letterbox  # noqa: E402
 from server.pipelines.layouts import read_candidates  # noqa: E402
 from server.pipelines.postprocess import select, to_original  # noqa: E402
-from server.runtime import OnnxInstance  # noqa: E402
+from server.runtime import OnnxInstance, provider_settings  # noqa: E402
 
 SIZE = 320
 
@@ -84,8 +85,7 @@ def make_instances(models: Path) -> Instances:
     model_file = folder / "1" / "model.onnx"
     config = build_config(folder, model_file)
     name = config.inputs[0].name
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    host = ort.InferenceSession(str(model_file), providers=providers)
+    host = ort.InferenceSession(str(model_file), providers=provider_settings(config))
     staged = OnnxInstance(model_file, config, 0, staged=True)
     uint8_config = config.model_copy(
         update={"inputs": (config.inputs[0].model_copy(update={"datatype": "UINT8",
@@ -165,19 +165,28 @@ def single_loop(inst: Instances, frames: list[bytes], seconds: float) -> np.ndar
     return timed(one, seconds)[2]
 
 
-def load_worker(address: str, kind: str, threads: int, seconds: float, queue) -> None:
+KINDS = {  # what one request of each load kind is: model, input, shape, datatype
+    "jpeg": ("detect", "images", [1], "BYTES"),
+    "pixels": ("detect", "pixels", [1, 480, 640, 3], "UINT8"),
+    "detector": ("detector", "images", [1, 3, SIZE, SIZE], "FP32"),
+    "fraud-grpc": ("fraud", "features", [1, 17], "FP32"),
+    "fraud-http": ("fraud", "features", [1, 17], "FP32"),
+}
+
+
+def load_worker(addresses: dict, kind: str, threads: int, seconds: float, queue) -> None:
     """One load-generator process: `threads` clients in a closed loop; puts latencies (ms)."""
-    frames = camera_frames(4)
+    model, name, shape, datatype = KINDS[kind]
+    module = httpclient if kind.endswith("-http") else grpcclient
+    address = addresses["http" if kind.endswith("-http") else "grpc"]
+    tensor = module.InferInput(name, shape, datatype)
     rng = np.random.default_rng(0)
-    if kind == "jpeg":
-        model, tensor = "detect", grpcclient.InferInput("images", [1], "BYTES")
-        tensor.set_data_from_numpy(np.array([frames[0]], dtype=np.object_))
-    elif kind == "pixels":
-        model, tensor = "detect", grpcclient.InferInput("pixels", [1, 480, 640, 3], "UINT8")
-        tensor.set_data_from_numpy(rng.integers(0, 256, (1, 480, 640, 3), dtype=np.uint8))
+    if datatype == "BYTES":
+        tensor.set_data_from_numpy(np.array(camera_frames(1), dtype=np.object_))
+    elif datatype == "UINT8":
+        tensor.set_data_from_numpy(rng.integers(0, 256, shape, dtype=np.uint8))
     else:
-        model, tensor = "detector", grpcclient.InferInput("images", [1, 3, SIZE, SIZE], "FP32")
-        tensor.set_data_from_numpy(rng.random((1, 3, SIZE, SIZE), dtype=np.float32))
+        tensor.set_data_from_numpy(rng.random(shape, dtype=np.float32))  # binary on both
     out: list[float] = []
     inside: list[float] = []  # the server's own total (pipeline responses say it)
     errors = 0
@@ -185,16 +194,16 @@ def load_worker(address: str, kind: str, threads: int, seconds: float, queue) ->
 
     def run() -> None:
         nonlocal errors
-        client = grpcclient.InferenceServerClient(address)
+        client = module.InferenceServerClient(address)
         mine, theirs = [], []
         end = time.perf_counter() + seconds
         while (t0 := time.perf_counter()) < end:
             try:
                 result = client.infer(model, [tensor])
                 mine.append((time.perf_counter() - t0) * 1e3)
-                total = result.get_response().parameters.get("total_us")
-                if total is not None:
-                    theirs.append(total.int64_param / 1e3)
+                if model == "detect":
+                    total = result.get_response().parameters["total_us"].int64_param
+                    theirs.append(total / 1e3)
             except Exception:
                 with lock:
                     errors += 1
@@ -210,14 +219,14 @@ def load_worker(address: str, kind: str, threads: int, seconds: float, queue) ->
     queue.put((out, errors, inside))
 
 
-def served_load(address: str, kind: str, procs: int, threads: int, seconds: float) -> str:
+def served_load(addresses: dict, kind: str, procs: int, threads: int, seconds: float) -> str:
     queue = multiprocessing.get_context("spawn").Queue()
     ctx = multiprocessing.get_context("spawn")
-    workers = [ctx.Process(target=load_worker, args=(address, kind, threads, seconds, queue))
+    workers = [ctx.Process(target=load_worker, args=(addresses, kind, threads, seconds, queue))
                for _ in range(procs)]  # fmt: skip
     for w in workers:
         w.start()
-    results = [queue.get() for _ in workers]
+    results = [queue.get(timeout=seconds + 120) for _ in workers]
     for w in workers:
         w.join()
     latency = np.concatenate([np.array(r[0]) for r in results] or [np.zeros(1)])
@@ -250,7 +259,7 @@ def served_cameras(address: str, streams: int, procs: int, seconds: float) -> st
     workers = [ctx.Process(target=camera_group, args=(address, g, seconds, queue)) for g in groups]
     for w in workers:
         w.start()
-    logs = [log for _ in workers for log in queue.get()]
+    logs = [log for _ in workers for log in queue.get(timeout=seconds + 120)]
     for w in workers:
         w.join()
     sent = sum(g[0] for g in logs)
@@ -273,6 +282,47 @@ def detector_batching(http: str) -> str:
     return f"Detector: {inferences:,} images in {executions:,} batches (mean {mean:.1f})"
 
 
+def served(args: argparse.Namespace, workers: int, frames: list[bytes], loop_ms) -> list[str]:
+    """Start Volley with `workers` processes and run every served load against it."""
+    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    cmd = [sys.executable, "-m", "server", "serve", "--model-repository", str(args.models),
+           "--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port),
+           "--metrics-port", str(metrics_port), "--workers", str(workers)]  # fmt: skip
+    http = f"http://127.0.0.1:{http_port}"
+    addresses = {"http": f"127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}"}
+    proc = start(cmd, f"{http}/v2/health/ready")
+    out = []
+    try:
+        config = requests.get(f"{http}/v2/models/detector/config", timeout=5).json()
+        out += [f"Detector instance kind: {config['instance_group'][0]['kind']}", "",
+                "| load (closed loop) | clients | requests/s | p50 ms | p99 ms | "
+                "in the server, p50 ms | errors |",
+                "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for kind in args.kinds.split(","):
+            out.append(
+                served_load(addresses, kind, args.load_processes, args.load_threads, args.seconds)
+            )
+        out += ["", detector_batching(http), "",
+                "| 30 FPS cameras (gRPC streams) | processed frames/s | skipped | p50 ms | "
+                "p99 ms | in the server, p50 ms: decode / queue / infer / NMS / total | "
+                "sustained (p99 <= 100 ms, < 1 % skipped) |",
+                "|---:|---:|---:|---:|---:|---|:---:|"]  # fmt: skip
+        for streams in (int(s) for s in args.streams.split(",")):
+            out.append(
+                served_cameras(addresses["grpc"], streams, args.load_processes, args.seconds)
+            )
+        single = single_image(addresses["http"], addresses["grpc"], frames[0], 200)
+        out += ["", "| one 640x480 JPEG at a time | p50 ms | p99 ms |", "|---|---:|---:|",
+                f"| in-process single loop | {np.percentile(loop_ms, 50):.2f} | "
+                f"{np.percentile(loop_ms, 99):.2f} |"]  # fmt: skip
+        for name, times in single.items():
+            p50, p99 = np.percentile(times, [50, 99])
+            out.append(f"| Volley {name} | {p50:.2f} | {p99:.2f} |")
+    finally:
+        stop(proc)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=Path, default=ROOT / "models")
@@ -281,6 +331,8 @@ def main() -> int:
     parser.add_argument("--streams", default="16,32,48,64")
     parser.add_argument("--load-processes", type=int, default=8)
     parser.add_argument("--load-threads", type=int, default=8)
+    parser.add_argument("--workers", default="1", help="served runs, one per worker count")
+    parser.add_argument("--kinds", default="jpeg,fraud-grpc,fraud-http", help=", ".join(KINDS))
     args = parser.parse_args()
 
     inst = make_instances(args.models)
@@ -306,41 +358,19 @@ def main() -> int:
         f"p99 {np.percentile(loop_ms, 99):.2f} ms",
     ]
     del inst
+    fraud_file = args.models / "fraud" / "1" / "model.onnx"
+    fraud = ort.InferenceSession(str(fraud_file), providers=["CUDAExecutionProvider",
+                                                             "CPUExecutionProvider"])  # fmt: skip
+    row = np.random.default_rng(0).random((1, 17), dtype=np.float32)
+    calls, elapsed, ms = timed(lambda: fraud.run(None, {"features": row}), args.seconds / 2)
+    out.append(f"In-process fraud model, one row per `sess.run` on {fraud.get_providers()[0]}: "
+               f"{calls / elapsed:,.0f} calls/s, p50 {np.median(ms):.3f} ms")  # fmt: skip
 
-    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
-    cmd = [sys.executable, "-m", "server", "serve", "--model-repository", str(args.models),
-           "--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-           "--metrics-port", str(metrics_port)]  # fmt: skip
-    http = f"http://127.0.0.1:{http_port}"
-    proc = start(cmd, f"{http}/v2/health/ready")
-    address = f"127.0.0.1:{grpc_port}"
-    try:
-        config = requests.get(f"{http}/v2/models/detector/config", timeout=5).json()
-        out += ["", f"Served detector instance kind: {config['instance_group'][0]['kind']}", "",
-                "| served over gRPC | clients | images/s | p50 ms | p99 ms | "
-                "in the server, p50 ms | errors |",
-                "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-        for kind in ("jpeg", "pixels", "detector"):
-            out.append(served_load(address, kind, args.load_processes, args.load_threads,
-                                   args.seconds))  # fmt: skip
-            print(out[-1], file=sys.stderr)
-        out += ["", detector_batching(http), "",
-                "| 30 FPS cameras (gRPC streams) | processed frames/s | skipped | p50 ms | "
-                "p99 ms | in the server, p50 ms: decode / queue / infer / NMS / total | "
-                "sustained (p99 <= 100 ms, < 1 % skipped) |",
-                "|---:|---:|---:|---:|---:|---|:---:|"]  # fmt: skip
-        for streams in (int(s) for s in args.streams.split(",")):
-            out.append(served_cameras(address, streams, args.load_processes, args.seconds))
-            print(out[-1], file=sys.stderr)
-        single = single_image(f"127.0.0.1:{http_port}", address, frames[0], 200)
-        out += ["", "| one 640x480 JPEG at a time | p50 ms | p99 ms |", "|---|---:|---:|",
-                f"| in-process single loop | {np.percentile(loop_ms, 50):.2f} | "
-                f"{np.percentile(loop_ms, 99):.2f} |"]  # fmt: skip
-        for name, times in single.items():
-            p50, p99 = np.percentile(times, [50, 99])
-            out.append(f"| Volley {name} | {p50:.2f} | {p99:.2f} |")
-    finally:
-        stop(proc)
+    for workers in (int(w) for w in args.workers.split(",")):
+        out += ["", f"### Volley `--workers {workers}`", ""]
+        section = served(args, workers, frames, loop_ms)
+        out += section
+        print(f"--workers {workers}:", *section, sep="\n", file=sys.stderr)  # progress
     print("\n".join(out))
     return 0
 

@@ -115,6 +115,11 @@ class ModelConfig(_Strict):
     intra_op_spinning: bool = Field(
         True, description="ORT threads spin between ops (lower latency; burns CPU others need)"
     )
+    cudnn_conv_algo_search: Literal["heuristic", "exhaustive", "default"] = Field(
+        "heuristic",
+        description="how cuDNN picks convolution kernels on CUDA: 'exhaustive' times every "
+        "candidate for each new input shape (a stall of up to hundreds of ms per new batch size)",
+    )
     warmup: WarmupConfig | None = None  # None: a best-effort zero warmup (failure only warns)
     version_policy: VersionPolicy = VersionPolicy(all=True)
     parameters: dict[str, str] = {}

@@ -35,6 +35,27 @@ def choose_providers(preference: tuple[str, ...]) -> list[str]:
     return chosen
 
 
+def provider_settings(config: ModelConfig) -> list[str | tuple[str, dict[str, str]]]:
+    """`choose_providers` for a model, with the CUDA provider's options from its config."""
+    cuda = {"cudnn_conv_algo_search": config.cudnn_conv_algo_search.upper()}
+    return [
+        (name, cuda) if name == "CUDAExecutionProvider" else name
+        for name in choose_providers(config.execution_providers)
+    ]
+
+
+def device_warmup_sizes(max_batch_size: int) -> tuple[int, ...]:
+    """Batch sizes a GPU instance runs at load, so no request meets a shape for the first time.
+
+    Every size up to 64, then powers of two and the largest: the first run of a shape sets up
+    kernels and memory, which would otherwise stall a live batch.
+    """
+    if max_batch_size <= 64:
+        return tuple(range(1, max_batch_size + 1))
+    sizes = list(range(1, 65)) + [2**k for k in range(7, max_batch_size.bit_length())]
+    return tuple(sorted({*sizes, max_batch_size}))
+
+
 DEVICE_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
@@ -58,7 +79,7 @@ class OnnxInstance:
         self.session = ort.InferenceSession(
             source if isinstance(source, bytes) else str(source),
             options,
-            providers=choose_providers(config.execution_providers),
+            providers=provider_settings(config),
         )
         self.provider = self.session.get_providers()[0]
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
@@ -127,15 +148,19 @@ def load_instances(source: Path | bytes, config: ModelConfig) -> list[OnnxInstan
 
     A configured warmup must succeed (the model is not served otherwise, as in Triton). Without
     one, a zero-data warmup runs best-effort: a graph that cannot take zeros or empty strings
-    (say, one that parses its string input) still serves, with a warning in the log.
+    (say, one that parses its string input) still serves, with a warning in the log. On a GPU
+    that default warmup runs every batch size (`device_warmup_sizes`).
     """
     instances = [OnnxInstance(source, config, i) for i in range(config.instance_count)]
     for instance in instances:
         if config.warmup is not None:
             warm_up(instance, config, config.warmup)
             continue
+        default = WarmupConfig()
+        if instance.provider in DEVICE_PROVIDERS and config.batching:
+            default = WarmupConfig(batch_sizes=device_warmup_sizes(config.max_batch_size))
         try:
-            warm_up(instance, config, WarmupConfig())
+            warm_up(instance, config, default)
         except Exception as exc:  # ORT raises several types; any means "zeros don't fit"
             log.warning(
                 "default warmup failed; serving without it (configure warmup to supply data)",
@@ -159,8 +184,8 @@ def warm_up(instance: OnnxInstance, config: ModelConfig, warmup: WarmupConfig) -
             inputs[tensor.name] = sample_tensor(
                 tensor.datatype, shape, warmup.data, rng, None if given is None else given.value
             )
-        for _ in range(warmup.count):
-            instance.run(inputs)
+        for _ in range(warmup.count):  # the live path: staged where the instance stages
+            instance.run({name: instance.gather(name, [value]) for name, value in inputs.items()})
 
 
 def sample_tensor(

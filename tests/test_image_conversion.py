@@ -22,7 +22,7 @@ from vision_scenes import encode, matched_fraction, scene_image
 from server.config import build_config
 from server.image_front import uint8_image_graph
 from server.pinned import pinned_empty
-from server.runtime import OnnxInstance
+from server.runtime import OnnxInstance, device_warmup_sizes, provider_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DETECTOR = ROOT / "models" / "detector" / "1" / "model.onnx"
@@ -162,3 +162,34 @@ def test_pipeline_with_conversion_in_the_graph_finds_the_same_boxes(tmp_path):
         stats = client.get_inference_statistics("detector", as_json=True)["model_stats"][0]
         assert int(stats["inference_count"]) >= 2 * len(blobs)
         client.close()
+
+
+def test_gpu_instances_warm_up_every_batch_size_they_can_meet():
+    assert device_warmup_sizes(16) == tuple(range(1, 17))
+    assert device_warmup_sizes(1024) == (*range(1, 65), 128, 256, 512, 1024)
+    assert device_warmup_sizes(100) == (*range(1, 65), 100)
+
+
+def test_cuda_provider_gets_the_configured_convolution_search(monkeypatch, tmp_path):
+    config = build_config(ROOT / "models" / "detector", DETECTOR)
+    assert config.cudnn_conv_algo_search == "heuristic"  # no per-shape benchmarking stalls
+    monkeypatch.setattr(
+        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    assert provider_settings(config) == [
+        ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"}),
+        "CPUExecutionProvider",
+    ]
+    exhaustive = config.model_copy(update={"cudnn_conv_algo_search": "exhaustive"})
+    assert provider_settings(exhaustive)[0][1] == {"cudnn_conv_algo_search": "EXHAUSTIVE"}
+
+
+def test_an_unknown_convolution_search_is_refused_with_the_field_named(tmp_path):
+    from onnx_models import mlp, write_config
+
+    from server.config import ConfigError
+
+    model = mlp(tmp_path / "m" / "1" / "model.onnx")
+    write_config(tmp_path / "m", {"cudnn_conv_algo_search": "fastest"})
+    with pytest.raises(ConfigError, match="cudnn_conv_algo_search"):
+        build_config(tmp_path / "m", model)
