@@ -8,6 +8,7 @@ buffers of its own and runs it with IO binding, so the copies to and from the de
 from __future__ import annotations
 
 import logging
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,22 @@ def provider_settings(config: ModelConfig) -> list[str | tuple[str, dict[str, st
     ]
 
 
+@cache
+def load_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries of NVIDIA's pip wheels (onnxruntime-gpu[cuda,cudnn]).
+
+    ONNX Runtime's CUDA provider finds them only on the loader's path otherwise, and without
+    them it falls back to the CPU. Libraries already on the path (a CUDA base image,
+    LD_LIBRARY_PATH) are used as they are.
+    """
+    try:
+        ort.preload_dlls()
+    except Exception as exc:  # old ORT builds, odd installs: the provider reports what it lacks
+        log.info(
+            "cuda libraries not preloaded", extra={"event": "cuda_preload", "reason": str(exc)}
+        )
+
+
 def device_warmup_sizes(max_batch_size: int) -> tuple[int, ...]:
     """Batch sizes a GPU instance runs at load, so no request meets a shape for the first time.
 
@@ -76,10 +93,11 @@ class OnnxInstance:
         if not config.intra_op_spinning:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.index = index
+        providers = provider_settings(config)
+        if "CUDAExecutionProvider" in (p[0] for p in providers if isinstance(p, tuple)):
+            load_cuda_libraries()
         self.session = ort.InferenceSession(
-            source if isinstance(source, bytes) else str(source),
-            options,
-            providers=provider_settings(config),
+            source if isinstance(source, bytes) else str(source), options, providers=providers
         )
         self.provider = self.session.get_providers()[0]
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
