@@ -1,7 +1,8 @@
 """Vision benchmark: how many 30 FPS cameras Volley serves, against the in-process ceiling.
 
 - ceiling: decode + letterbox + detector + NMS for one 640x480 JPEG at a time, in one Python loop
-  in this process (no server), with the same code and thread count the server uses;
+  in this process (no server), with the same code, graph (uint8 images in) and thread count the
+  server uses;
 - cameras: N gRPC `ModelStreamInfer` streams to `detect`, each sending 640x480 JPEG frames at
   30 FPS; N grows until p99 end-to-end latency exceeds 100 ms or 1 % of frames are skipped;
 - single image: one JPEG per request, one request at a time, over HTTP and gRPC.
@@ -34,6 +35,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from vision_scenes import encode, scene_image  # noqa: E402
 
+from server.image_front import uint8_image_graph  # noqa: E402
 from server.pipelines.images import decode_image, letterbox  # noqa: E402
 from server.pipelines.layouts import read_candidates  # noqa: E402
 from server.pipelines.postprocess import DetectOptions, select, to_original  # noqa: E402
@@ -54,14 +56,19 @@ def ceiling(model_file: Path, frames: list[bytes], seconds: float) -> tuple[floa
     options = ort.SessionOptions()
     options.intra_op_num_threads = os.cpu_count() or 1
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
+    name = (
+        ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+        .get_inputs()[0]
+        .name
+    )
+    # The detector with uint8 images in, as the server runs it (image_conversion: auto).
+    graph = uint8_image_graph(model_file, name, 1 / 255)
+    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
     def one(data: bytes) -> None:
         decoded = decode_image(data, "frame", 40_000_000, fit=(320, 320))
         boxed = letterbox(decoded.rgb, 320, 320, 114, (decoded.width, decoded.height))
-        tensor = boxed.pixels.transpose(2, 0, 1)[None].astype(np.float32) * np.float32(1 / 255)
-        (raw,) = session.run(None, {name: tensor})
+        (raw,) = session.run(None, {name: boxed.pixels[None]})
         to_original(select(read_candidates("volley", raw[0], 0.3), OPTIONS, True), boxed)
 
     for data in frames[:5]:

@@ -6,6 +6,7 @@ the graph edit, the staging buffers and the IO-bound run. tests/test_gpu.py runs
 
 from __future__ import annotations
 
+import json
 import mmap
 from pathlib import Path
 
@@ -124,12 +125,12 @@ def test_staging_buffers_are_page_aligned_and_plain_memory_without_a_gpu():
 
 
 def pipeline_repository(folder: Path) -> Path:
-    """The shipped models plus `detect_graph`: the same pipeline, conversion in the graph."""
+    """The shipped models plus `detect_host`: the same pipeline, floats made on the host."""
     repository = copy_shipped_models(folder)
     config = yaml.safe_load((repository / "detect" / "config.yaml").read_text())
-    (repository / "detect_graph").mkdir()
-    config["image_conversion"] = "graph"
-    (repository / "detect_graph" / "config.yaml").write_text(yaml.safe_dump(config))
+    (repository / "detect_host").mkdir()
+    config["image_conversion"] = "host"
+    (repository / "detect_host" / "config.yaml").write_text(yaml.safe_dump(config))
     return repository
 
 
@@ -144,8 +145,8 @@ def test_pipeline_with_conversion_in_the_graph_finds_the_same_boxes(tmp_path):
     blobs = [encode(s.image) for s in scenes]
     with serving(pipeline_repository(tmp_path)) as server:
         client = grpcclient.InferenceServerClient(server.grpc)
-        host = detect(client, "detect", blobs)
-        graph = detect(client, "detect_graph", blobs)
+        host = detect(client, "detect_host", blobs)
+        graph = detect(client, "detect", blobs)  # the shipped pipeline: image_conversion auto
         np.testing.assert_array_equal(
             host.as_numpy("num_detections"), graph.as_numpy("num_detections")
         )
@@ -156,8 +157,11 @@ def test_pipeline_with_conversion_in_the_graph_finds_the_same_boxes(tmp_path):
         found = [matched_fraction(s, boxes[i, : counts[i]], ids[i, : counts[i]])
                  for i, s in enumerate(scenes)]  # fmt: skip
         assert np.mean(found) >= 0.85, found
-        config = requests.get(f"{server.url}/v2/models/detect_graph/config", timeout=5).json()
-        assert config["parameters"]["image_conversion"]["string_value"] == "graph"
+        config = requests.get(f"{server.url}/v2/models/detect/config", timeout=5).json()
+        assert config["parameters"]["image_conversion"]["string_value"] == "auto"
+        events = [json.loads(line) for line in server.log().splitlines() if line.strip()]
+        variants = [e for e in events if e.get("event") == "uint8_variant_loaded"]
+        assert [v["model"] for v in variants] == ["detector"], variants  # made once, shared
         # The graph variant's batches count in the detector's own statistics.
         stats = client.get_inference_statistics("detector", as_json=True)["model_stats"][0]
         assert int(stats["inference_count"]) >= 2 * len(blobs)

@@ -30,9 +30,9 @@ class DetectionConfig(_Strict):
     pixel_scale: float = Field(1 / 255, gt=0, description="pixel value multiplier")
     image_conversion: Literal["auto", "host", "graph"] = Field(
         "auto",
-        description="where uint8 pixels become the detector's floats: 'host' (numpy, on the "
-        "pipeline's threads), 'graph' (inside the detector graph: on a GPU the images cross "
-        "the bus as bytes), 'auto' (graph when the detector runs on a GPU)",
+        description="where uint8 pixels become the detector's floats: 'graph' (inside the "
+        "detector graph: on a GPU the images cross the bus as bytes), 'host' (numpy, on the "
+        "pipeline's threads), 'auto' (graph, or host where the graph cannot be rebuilt)",
     )
     score_threshold: float = Field(0.3, ge=0, le=1)
     iou_threshold: float = Field(0.5, ge=0, le=1)

@@ -43,7 +43,6 @@ from server.pipelines.postprocess import (
     select,
     to_original,
 )
-from server.runtime import DEVICE_PROVIDERS
 from server.servable import FramePolicy, OnnxModel, check_outputs, queue_timeout_us
 from server.stats import ModelStats
 from server.types import InferenceRequest, InferenceResponse, InferTensor
@@ -177,8 +176,7 @@ class DetectionPipeline:
         """The model to run and whether it takes uint8 images (see `image_conversion`)."""
         mode = self.detection.image_conversion
         detector = plan.detector
-        on_device = detector.provider in DEVICE_PROVIDERS
-        if mode == "host" or (mode == "auto" and not on_device) or detector in self._host_only:
+        if mode == "host" or not plan.batch_dim or detector in self._host_only:
             return detector, False
         try:
             variant = await detector.uint8_images(
