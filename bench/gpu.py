@@ -78,6 +78,7 @@ class Instances:
     staged: OnnxInstance
     uint8: OnnxInstance
     name: str
+    batch: int  # the detector's max_batch_size
 
 
 def make_instances(models: Path) -> Instances:
@@ -92,7 +93,7 @@ def make_instances(models: Path) -> Instances:
                                                                "dims": (SIZE, SIZE, 3)}),)}
     )  # fmt: skip
     uint8 = OnnxInstance(uint8_image_graph(model_file, name, 1 / 255), uint8_config, 0, staged=True)
-    return Instances(host, staged, uint8, name)
+    return Instances(host, staged, uint8, name, config.max_batch_size)
 
 
 def detector_table(inst: Instances, batches: list[int], seconds: float) -> list[str]:
@@ -347,7 +348,7 @@ def main() -> int:
         "",
         *table,
     ]
-    batch = inst.uint8._rows
+    batch = inst.batch
     ceiling = pipeline_ceiling(inst, frames, batch, args.seconds)
     loop_ms = single_loop(inst, frames, args.seconds / 2)
     out += [

@@ -16,18 +16,22 @@ The load generator runs on the same machine as the server and takes CPU from it.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
+import struct
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import numpy as np
 import onnxruntime as ort
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from serving import free_port, machine, start, stop
+from tritonclient.grpc import service_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -41,6 +45,7 @@ from server.pipelines.layouts import read_candidates  # noqa: E402
 from server.pipelines.postprocess import DetectOptions, select, to_original  # noqa: E402
 
 FPS = 30
+STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 LATENCY_BUDGET_MS = 100.0
 SKIP_BUDGET = 0.01
 OPTIONS = DetectOptions(0.3, 0.5, 100, None, False)
@@ -152,17 +157,90 @@ class CameraRow:
         return self.p99_ms <= LATENCY_BUDGET_MS and self.skipped < SKIP_BUDGET
 
 
-def cameras(address: str, frames: list[bytes], streams: int, seconds: float) -> CameraRow:
+def raw_frames(frames: list[bytes]) -> list[bytes]:
+    """Each frame as a serialized ModelInferRequest to `detect`, without its id."""
+    out = []
+    for frame in frames:
+        request = pb.ModelInferRequest(model_name="detect")
+        request.inputs.add(name="images", datatype="BYTES", shape=[1])
+        request.raw_input_contents.append(struct.pack("<I", len(frame)) + frame)
+        out.append(request.SerializeToString())
+    return out
+
+
+async def raw_camera(
+    channel: grpc.aio.Channel, payloads: list[bytes], name: str, seconds: float, log: StreamLog
+) -> None:
+    """One 30 FPS camera as a lean client would be: pre-serialized frames on one stream.
+
+    A protobuf field may come twice and the last one wins, so each frame is its payload with
+    the frame's `id` field appended: no per-frame serialization.
+    """
+    call = channel.stream_stream(STREAM_METHOD)()  # bytes in, bytes out
+    loop = asyncio.get_running_loop()
+
+    async def read() -> None:
+        async for raw in call:
+            now = time.perf_counter()
+            answer = pb.ModelStreamInferResponse.FromString(raw)
+            response = answer.infer_response
+            if answer.error_message:
+                log.errors += 1
+            elif response.parameters["skipped"].bool_param:
+                log.skipped += 1
+            else:
+                log.latency_ms.append((now - log.sent[response.id]) * 1e3)
+                log.server_us.append(tuple(response.parameters[k].int64_param for k in STAGES))
+
+    reader = loop.create_task(read())
+    begin = time.perf_counter()
+    for i in range(int(seconds * FPS)):
+        await asyncio.sleep(max(begin + i / FPS - time.perf_counter(), 0))
+        frame_id = f"{name}-{i}".encode()
+        log.sent[frame_id.decode()] = time.perf_counter()
+        # field 3 (id), wire type 2 (length-delimited): tag 0x1a, then the length, then the id
+        await call.write(payloads[i % len(payloads)] + bytes([0x1A, len(frame_id)]) + frame_id)
+    deadline = time.perf_counter() + 5
+    while time.perf_counter() < deadline:
+        if len(log.latency_ms) + log.skipped + log.errors >= len(log.sent):
+            break
+        await asyncio.sleep(0.01)
+    await call.done_writing()
+    reader.cancel()
+
+
+def raw_cameras(address: str, frames: list[bytes], logs: list[StreamLog], seconds: float) -> None:
+    """Every camera on its own stream, all from one asyncio loop in this process."""
+    payloads = raw_frames(frames)
+
+    async def run() -> None:
+        async with grpc.aio.insecure_channel(address) as channel:
+            tasks = []
+            for i, log in enumerate(logs):
+                camera_task = raw_camera(channel, payloads, f"c{i}", seconds, log)
+                tasks.append(asyncio.create_task(camera_task))
+                await asyncio.sleep(1 / FPS / len(logs))  # cameras are not in phase
+            await asyncio.gather(*tasks)
+
+    asyncio.run(run())
+
+
+def cameras(
+    address: str, frames: list[bytes], streams: int, seconds: float, raw: bool = False
+) -> CameraRow:
     logs = [StreamLog() for _ in range(streams)]
-    threads = [
-        threading.Thread(target=camera, args=(address, frames, f"c{i}", seconds, logs[i]))
-        for i in range(streams)
-    ]
-    for i, thread in enumerate(threads):
-        thread.start()
-        time.sleep(1 / FPS / streams * (i > 0))  # cameras are not in phase
-    for thread in threads:
-        thread.join()
+    if raw:
+        raw_cameras(address, frames, logs, seconds)
+    else:
+        threads = [
+            threading.Thread(target=camera, args=(address, frames, f"c{i}", seconds, logs[i]))
+            for i in range(streams)
+        ]
+        for i, thread in enumerate(threads):
+            thread.start()
+            time.sleep(1 / FPS / streams * (i > 0))  # cameras are not in phase
+        for thread in threads:
+            thread.join()
     sent = sum(len(log.sent) for log in logs)
     latency = np.concatenate([log.latency_ms for log in logs]) if sent else np.zeros(1)
     skipped = (
@@ -202,6 +280,12 @@ def main() -> int:
     parser.add_argument("--min-streams", type=int, default=1)
     parser.add_argument("--max-streams", type=int, default=16)
     parser.add_argument("--requests", type=int, default=200, help="single-image requests")
+    parser.add_argument(
+        "--raw-client",
+        action="store_true",
+        help="cameras as one asyncio process of raw gRPC streams with pre-serialized frames "
+        "(a lean client; default: a tritonclient stream per camera, on threads)",
+    )
     args = parser.parse_args()
 
     frames = camera_frames()
@@ -218,7 +302,7 @@ def main() -> int:
         single = single_image(f"127.0.0.1:{http_port}", grpc_address, frames[0], args.requests)
         rows = []
         for streams in range(args.min_streams, args.max_streams + 1):
-            rows.append(cameras(grpc_address, frames, streams, args.seconds))
+            rows.append(cameras(grpc_address, frames, streams, args.seconds, args.raw_client))
             print(f"  {streams} streams: {rows[-1]}", file=sys.stderr)
             if not rows[-1].sustained:
                 break
