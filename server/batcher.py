@@ -64,8 +64,13 @@ class Batcher:
     """Queues requests for one model version and runs them in batches on its instances."""
 
     def __init__(
-        self, config: ModelConfig, instances: list[OnnxInstance], stats: ModelStats
+        self,
+        config: ModelConfig,
+        instances: list[OnnxInstance],
+        stats: ModelStats,
+        label: str | None = None,
     ) -> None:
+        """`label` names the instance threads (default: the model's name)."""
         self.config = config
         self.stats = stats
         self._loop = asyncio.get_running_loop()
@@ -87,7 +92,7 @@ class Batcher:
             threading.Thread(
                 target=self._serve,
                 args=(instance,),
-                name=f"batcher-{config.name}-{instance.index}",
+                name=f"batcher-{label or config.name}-{instance.index}",
                 daemon=True,
             )
             for instance in instances

@@ -155,10 +155,10 @@ class OnnxModel:
                    "version": self.version, "provider": instances[0].provider,
                    "staged": instances[0].staged},
         )  # fmt: skip
+        batcher = Batcher(config, instances, self.stats, label=f"{config.name}-uint8")
         return OnnxModel(
-            config, int(self.version), Batcher(config, instances, self.stats), self.stats,
-            instances[0].provider, self.metadata,
-        )  # fmt: skip
+            config, int(self.version), batcher, self.stats, instances[0].provider, self.metadata
+        )
 
     async def drain(self) -> None:
         await self.batcher.drain()
