@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -22,11 +23,39 @@ import onnx_models  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _ephemeral_low() -> int:
+    """Where the kernel's range for outgoing connections' local ports starts."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_handed_out: set[int] = set()
+_ports = random.Random(os.getpid())
+
+
 def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port nobody listens on right now, below the ephemeral range.
+
+    A port the kernel hands out for `bind(0)` comes from the range outgoing connections use too,
+    so a client's connection could take it before the server binds it (seen once in CI). Ports
+    below that range are only ever taken by a listener, and none is handed out twice.
+    """
+    high = _ephemeral_low()
+    low = max(1024, high - 12000)
+    for _ in range(1000):
+        port = _ports.randrange(low, high)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {low}-{high}")
 
 
 class VolleyProcess:
