@@ -41,13 +41,13 @@ def wait_for(condition: Callable[[], object], what: str, timeout: float = TIMEOU
         time.sleep(0.05)
 
 
-@pytest.fixture
-def serve() -> Iterator[Callable[..., VolleyProcess]]:
-    """Start servers on repositories; each is stopped (and must exit 0) after the test."""
+def servers(*flags: str) -> Iterator[Callable[..., VolleyProcess]]:
+    """Start servers on repositories (each with `flags`); each is stopped, and must exit 0,
+    after the test."""
     procs: list[VolleyProcess] = []
 
     def start(repository: Path, *extra: str) -> VolleyProcess:
-        proc = VolleyProcess(repository, "--metrics-port", "0", *extra)
+        proc = VolleyProcess(repository, "--metrics-port", "0", *flags, *extra)
         procs.append(proc)
         proc.wait_models()
         return proc
@@ -55,6 +55,11 @@ def serve() -> Iterator[Callable[..., VolleyProcess]]:
     yield start
     codes = [proc.stop() for proc in procs]
     assert codes == [0] * len(procs), codes
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., VolleyProcess]]:
+    yield from servers()
 
 
 def inflight(proc: VolleyProcess) -> float:

@@ -133,17 +133,7 @@ def test_process_metrics_cover_every_process(cluster: VolleyProcess) -> None:
 @pytest.fixture
 def serve() -> Iterator[Callable[..., VolleyProcess]]:
     """test_repository's `serve`, with two workers."""
-    procs: list[VolleyProcess] = []
-
-    def start(repository: Path, *extra: str) -> VolleyProcess:
-        proc = VolleyProcess(repository, "--metrics-port", "0", *WORKERS, *extra)
-        procs.append(proc)
-        proc.wait_models()
-        return proc
-
-    yield start
-    codes = [proc.stop() for proc in procs]
-    assert codes == [0] * len(procs), codes
+    yield from test_repository.servers(*WORKERS)
 
 
 # test_repository's model control tests, run on two workers: each request there opens a new
