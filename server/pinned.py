@@ -59,9 +59,10 @@ def pinned_empty(
     (and every view of it) is gone.
     """
     dtype = np.dtype(dtype)
-    size = max(int(np.prod(shape)) * dtype.itemsize, 1)
+    count = int(np.prod(shape))
+    size = max(count * dtype.itemsize, 1)
     memory = mmap.mmap(-1, size)
-    array = np.frombuffer(memory, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+    array = np.frombuffer(memory, dtype=dtype, count=count).reshape(shape)
     runtime = cuda_runtime() if pin else None
     if runtime is None:
         return array, False

@@ -116,22 +116,15 @@ class OnnxInstance:
 
     def gather(self, name: str, parts: list[np.ndarray]) -> np.ndarray:
         """The batch of one input: its requests' rows joined, in a staging buffer if staged."""
-        if not self.staged or parts[0].dtype == np.object_:
-            return parts[0] if len(parts) == 1 else np.concatenate(parts)
         rows = sum(len(p) for p in parts)
-        buffer = self._buffer(name, parts[0].dtype, parts[0].shape[1:], rows)
-        if buffer is None:
-            return parts[0] if len(parts) == 1 else np.concatenate(parts)
-        batch = buffer[:rows]
-        np.concatenate(parts, out=batch)
-        return batch
+        if self.staged and parts[0].dtype != np.object_ and rows <= self._rows:
+            batch = self._buffer(name, parts[0].dtype, parts[0].shape[1:])[:rows]
+            np.concatenate(parts, out=batch)
+            return batch
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def _buffer(
-        self, name: str, dtype: np.dtype, item_shape: tuple[int, ...], rows: int
-    ) -> np.ndarray | None:
-        """This instance's staging buffer for `name`, made on first use; None if it cannot fit."""
-        if rows > self._rows:
-            return None
+    def _buffer(self, name: str, dtype: np.dtype, item_shape: tuple[int, ...]) -> np.ndarray:
+        """This instance's staging buffer for `name` (`max_batch_size` rows), made on first use."""
         key = (name, dtype.str, item_shape)
         buffer = self._buffers.get(key)
         if buffer is None:

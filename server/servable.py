@@ -141,7 +141,7 @@ class OnnxModel:
     async def _build_uint8(
         self, input_name: str, scale: float, height: int, width: int
     ) -> OnnxModel:
-        from server.image_front import uint8_image_graph  # needs the onnx package
+        from server.image_front import uint8_image_graph  # onnx is imported only when needed
 
         if self.source is None:
             raise ValueError(f"model '{self.config.name}' has no ONNX file to rebuild")
