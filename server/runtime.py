@@ -116,8 +116,8 @@ class OnnxInstance:
 
     def gather(self, name: str, parts: list[np.ndarray]) -> np.ndarray:
         """The batch of one input: its requests' rows joined, in a staging buffer if staged."""
-        rows = sum(len(p) for p in parts)
-        if self.staged and parts[0].dtype != np.object_ and rows <= self._rows:
+        staged = self.staged and parts[0].dtype != np.object_
+        if staged and (rows := sum(len(p) for p in parts)) <= self._rows:
             batch = self._buffer(name, parts[0].dtype, parts[0].shape[1:])[:rows]
             np.concatenate(parts, out=batch)
             return batch
