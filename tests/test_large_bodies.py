@@ -181,12 +181,18 @@ def decoders(pid: int) -> set[int]:
 
 
 def running(pid: int) -> bool:
-    """Whether process `pid` exists and is not a zombie."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
+    """Whether any thread of process `pid` is still alive (not a zombie).
+
+    Every thread counts: a SIGKILLed process whose main thread is already a zombie can still
+    hold its sockets open until its last thread has exited.
+    """
+    states = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+        except FileNotFoundError:
+            continue
+    return any(state != "Z" for state in states)
 
 
 def large_fraud_body(rows: int = 1024) -> bytes:
