@@ -34,7 +34,7 @@ import onnxruntime as ort
 import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from serving import free_port, machine, start, stop
+from serving import machine, start_volley, stop
 from vision import FPS, OPTIONS, STAGES, StreamLog, camera, camera_frames, single_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -285,13 +285,9 @@ def detector_batching(http: str) -> str:
 
 def served(args: argparse.Namespace, workers: int, frames: list[bytes], loop_ms) -> list[str]:
     """Start Volley with `workers` processes and run every served load against it."""
-    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
-    cmd = [sys.executable, "-m", "server", "serve", "--model-repository", str(args.models),
-           "--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-           "--metrics-port", str(metrics_port), "--workers", str(workers)]  # fmt: skip
-    http = f"http://127.0.0.1:{http_port}"
-    addresses = {"http": f"127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}"}
-    proc = start(cmd, f"{http}/v2/health/ready")
+    volley = start_volley(args.models, "--workers", str(workers))
+    http = f"http://{volley.http}"
+    addresses = {"http": volley.http, "grpc": volley.grpc}
     out = []
     try:
         config = requests.get(f"{http}/v2/models/detector/config", timeout=5).json()
@@ -320,7 +316,7 @@ def served(args: argparse.Namespace, workers: int, frames: list[bytes], loop_ms)
             p50, p99 = np.percentile(times, [50, 99])
             out.append(f"| Volley {name} | {p50:.2f} | {p99:.2f} |")
     finally:
-        stop(proc)
+        stop(volley.proc)
     return out
 
 

@@ -34,7 +34,7 @@ import grpc
 import numpy as np
 import orjson
 import yaml
-from serving import free_port, machine, rss_mb, start, stop
+from serving import machine, rss_mb, start_volley, stop
 from tritonclient.grpc import service_pb2 as pb
 from vision import camera_frames, ceiling
 
@@ -263,17 +263,14 @@ async def run(args: argparse.Namespace, frames: list[bytes]) -> list[Step]:
         config_file = repository / "detect" / "config.yaml"
         config = yaml.safe_load(config_file.read_text())
         config_file.write_text(yaml.safe_dump({**config, "max_queue_size": args.queue}))
-        http_port, grpc_port = free_port(), free_port()
-        cmd = [sys.executable, "-m", "server", "serve", "--model-repository", str(repository),
-               "--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port",
-               str(grpc_port), "--metrics-port", "0"]  # fmt: skip
-        proc = start(cmd, f"http://127.0.0.1:{http_port}/v2/health/ready")
+        volley = start_volley(repository)
+        proc = volley.proc
         if args.nice:
             os.nice(19)  # from here on this process (the load generator) yields to the server
         if args.protocol == "grpc":
-            load: GrpcLoad | HttpLoad = GrpcLoad(f"127.0.0.1:{grpc_port}", frames)
+            load: GrpcLoad | HttpLoad = GrpcLoad(volley.grpc, frames)
         else:
-            load = HttpLoad(f"127.0.0.1:{http_port}", frames)
+            load = HttpLoad(volley.http, frames)
         try:
             await closed_loop(load, 4, 3, proc.pid)  # warm up
             capacity = await closed_loop(load, args.queue, args.seconds, proc.pid)

@@ -22,7 +22,6 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import orjson
 import yaml
-from serving import ceiling, free_port, machine, perf_analyzer, wait_for
+from serving import ceiling, free_port, machine, perf_analyzer, start, start_volley, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 TRITON = ROOT.parent / "shared" / "tools" / "triton"
@@ -136,32 +135,14 @@ def standard_loads(http: str, grpc: str, body: bytes, seconds: float, model: str
 
 
 def measure_v2_server(
-    name: str, proc: subprocess.Popen, http: int, grpc: int, body: bytes, seconds: float
+    name: str, proc: subprocess.Popen, http: str, grpc: str, body: bytes, seconds: float
 ) -> list[Row]:
-    """The standard loads against a v2 server on loopback ports, which is stopped after."""
+    """The standard loads against a v2 server at loopback `host:port` addresses, which is
+    stopped after."""
     try:
-        loads = standard_loads(f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", body, seconds, "fraud")
-        return measure(name, proc.pid, loads, seconds)
+        return measure(name, proc.pid, standard_loads(http, grpc, body, seconds, "fraud"), seconds)
     finally:
-        stop_group(proc)
-
-
-def start_group(cmd: list[str], ready_url: str, env: dict | None = None) -> subprocess.Popen:
-    """Start a server in its own process group (Triton starts stub processes)."""
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True, env={**os.environ, **(env or {})},
-    )  # fmt: skip
-    wait_for(ready_url, timeout=120)
-    return proc
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        stop(proc)
 
 
 def run_volley(
@@ -173,15 +154,9 @@ def run_volley(
     config = yaml.safe_load(config_file.read_text())
     config.update(dynamic_batching=BATCHING, instance_count=INSTANCES, intra_op_threads=1)
     config_file.write_text(yaml.safe_dump(config))
-    http, grpc = free_port(), free_port()
-    proc = start_group(
-        [sys.executable, "-m", "server", "serve", "--model-repository", str(repo), "--host",
-         "127.0.0.1", "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", "0",
-         "--log-level", "warning", "--workers", str(workers)],
-        f"http://127.0.0.1:{http}/v2/health/ready",
-    )  # fmt: skip
+    volley = start_volley(repo, "--workers", str(workers))
     name = "Volley" if workers == 1 else f"Volley --workers {workers}"
-    return measure_v2_server(name, proc, http, grpc, body, seconds)
+    return measure_v2_server(name, volley.proc, volley.http, volley.grpc, body, seconds)
 
 
 def run_triton(model_file: Path, tmp: Path, body: bytes, seconds: float) -> list[Row]:
@@ -195,7 +170,7 @@ def run_triton(model_file: Path, tmp: Path, body: bytes, seconds: float) -> list
     models.mkdir()
     shutil.copy(model_file, models / "fraud.onnx")
     http, grpc, metrics = free_port(), free_port(), free_port()
-    proc = start_group(
+    proc = start(
         [wrapper, f"--model-repository={repo}", "--http-address=127.0.0.1",
          f"--http-port={http}", "--grpc-address=127.0.0.1", f"--grpc-port={grpc}",
          "--metrics-address=127.0.0.1", f"--metrics-port={metrics}",
@@ -203,12 +178,14 @@ def run_triton(model_file: Path, tmp: Path, body: bytes, seconds: float) -> list
         f"http://127.0.0.1:{http}/v2/health/ready",
         env={"MODELS": str(models)},
     )  # fmt: skip
-    return measure_v2_server("Triton 2.51", proc, http, grpc, body, seconds)
+    return measure_v2_server(
+        "Triton 2.51", proc, f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", body, seconds
+    )
 
 
 def run_naive(model_dir: Path, body: bytes, seconds: float) -> list[Row]:
     port = free_port()
-    proc = start_group(
+    proc = start(
         [sys.executable, "bench/naive_server.py", str(model_dir), str(port)],
         f"http://127.0.0.1:{port}/v2",
     )
@@ -217,7 +194,7 @@ def run_naive(model_dir: Path, body: bytes, seconds: float) -> list[Row]:
         return measure("naive FastAPI", proc.pid, {"HTTP JSON, wrk c=64": lambda: wrk(
             url, body, seconds)}, seconds)  # fmt: skip
     finally:
-        stop_group(proc)
+        stop(proc)
 
 
 def report(ceiling_rps: float, ceiling_p50: float, rows: list[Row], seconds: float) -> str:

@@ -136,18 +136,44 @@ def perf_analyzer(
     )
 
 
-def start(cmd: list[str], ready_url: str) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(ready_url)
+def start(cmd: list[str], ready_url: str, env: dict | None = None) -> subprocess.Popen:
+    """Start a server in its own process group (workers, Triton's stubs) and wait until ready."""
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    wait_for(ready_url, timeout=120)
     return proc
 
 
 def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
+    """SIGTERM the server's process group; SIGKILL it if it has not exited in 30 s."""
+    os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(30)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@dataclass
+class Volley:
+    """A Volley server started by a benchmark: its process and loopback addresses."""
+
+    proc: subprocess.Popen
+    http: str  # host:port
+    grpc: str
+
+
+def start_volley(repository: Path, *flags: str) -> Volley:
+    """`python -m server serve` over `repository` on free loopback ports (metrics on the
+    HTTP port), once ready; extra command-line `flags` are passed on."""
+    http, grpc = free_port(), free_port()
+    cmd = [sys.executable, "-m", "server", "serve", "--model-repository", str(repository),
+           "--host", "127.0.0.1", "--http-port", str(http), "--grpc-port", str(grpc),
+           "--metrics-port", "0", "--log-level", "warning", *flags]  # fmt: skip
+    proc = start(cmd, f"http://127.0.0.1:{http}/v2/health/ready")
+    return Volley(proc, f"127.0.0.1:{http}", f"127.0.0.1:{grpc}")
 
 
 def run(args: argparse.Namespace) -> list[Row]:
@@ -177,21 +203,15 @@ def run(args: argparse.Namespace) -> list[Row]:
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "models"
         shutil.copytree(model_dir, repo / name)
-        http, grpc_port, metrics = free_port(), free_port(), free_port()
-        volley = start(
-            [sys.executable, "-m", "server", "serve", "--model-repository", str(repo),
-             "--host", "127.0.0.1", "--http-port", str(http), "--grpc-port", str(grpc_port),
-             "--metrics-port", str(metrics), "--log-level", "warning"],
-            f"http://127.0.0.1:{http}/v2/health/ready",
-        )  # fmt: skip
+        volley = start_volley(repo)
         try:
             targets = {
-                "http-json": ("Volley, HTTP JSON", f"127.0.0.1:{http}", "http", json_fmt),
-                "http-binary": ("Volley, HTTP binary", f"127.0.0.1:{http}", "http", []),
-                "grpc": ("Volley, gRPC", f"127.0.0.1:{grpc_port}", "grpc", []),
+                "http-json": ("Volley, HTTP JSON", volley.http, "http", json_fmt),
+                "http-binary": ("Volley, HTTP binary", volley.http, "http", []),
+                "grpc": ("Volley, gRPC", volley.grpc, "grpc", []),
                 "grpc-stream": (
                     "Volley, gRPC stream",
-                    f"127.0.0.1:{grpc_port}",
+                    volley.grpc,
                     "grpc",
                     ["--streaming"],
                 ),
@@ -204,7 +224,7 @@ def run(args: argparse.Namespace) -> list[Row]:
                     rps, p50, p99 = perf_analyzer(name, url, protocol, c, extra, args.seconds)
                     rows.append(Row(label, c, rps, p50, p99))
         finally:
-            stop(volley)
+            stop(volley.proc)
     return rows
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from serving import PERF_ANALYZER, free_port, machine, perf_analyzer, rss_mb, start, stop
+from serving import PERF_ANALYZER, machine, perf_analyzer, rss_mb, start_volley, stop
 from vision import StreamLog, camera, camera_frames
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,12 +138,8 @@ def main() -> int:
     parser.add_argument("--load", type=float, default=0.3, help="fraction of each capacity")
     args = parser.parse_args()
     frames = camera_frames()
-    http_port, grpc_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "server", "serve", "--model-repository", str(args.models),
-           "--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-           "--metrics-port", "0"]  # fmt: skip
-    proc = start(cmd, f"http://127.0.0.1:{http_port}/v2/health/ready")
-    http, grpc = f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
+    volley = start_volley(args.models)
+    proc, http, grpc = volley.proc, volley.http, volley.grpc
     try:
         capacity = (
             perf_analyzer("fraud", http, "http", 16, [], 5)[0],

@@ -30,7 +30,7 @@ import numpy as np
 import onnxruntime as ort
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from serving import free_port, machine, start, stop
+from serving import machine, start_volley, stop
 from tritonclient.grpc import service_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -292,14 +292,10 @@ def main() -> int:
     model_file = args.models / "detector" / "1" / "model.onnx"
     ceiling_fps, ceiling_ms = ceiling(model_file, frames, args.seconds)
 
-    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
-    cmd = [sys.executable, "-m", "server", "serve", "--model-repository", str(args.models),
-           "--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-           "--metrics-port", str(metrics_port)]  # fmt: skip
-    proc = start(cmd, f"http://127.0.0.1:{http_port}/v2/health/ready")
+    volley = start_volley(args.models)
     try:
-        grpc_address = f"127.0.0.1:{grpc_port}"
-        single = single_image(f"127.0.0.1:{http_port}", grpc_address, frames[0], args.requests)
+        grpc_address = volley.grpc
+        single = single_image(volley.http, grpc_address, frames[0], args.requests)
         rows = []
         for streams in range(args.min_streams, args.max_streams + 1):
             rows.append(cameras(grpc_address, frames, streams, args.seconds, args.raw_client))
@@ -307,7 +303,7 @@ def main() -> int:
             if not rows[-1].sustained:
                 break
     finally:
-        stop(proc)
+        stop(volley.proc)
     print(report(ceiling_fps, ceiling_ms, rows, single))
     return 0
 
