@@ -365,7 +365,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvloop
 
     from server import logs
-    from server.app import ServeSettings, StartupError, check_startup, serve
+    from server.settings import ServeSettings, StartupError, check_startup
     from server.tls import TlsFiles
 
     logs.configure(args.log_level)
@@ -413,6 +413,8 @@ def _serve(args: argparse.Namespace) -> int:
         from server.supervisor import supervise
 
         return asyncio.run(supervise(settings, args.log_level))
+    from server.app import serve
+
     return asyncio.run(serve(settings))
 
 

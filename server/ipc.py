@@ -17,6 +17,14 @@ import orjson
 
 from server.errors import ErrorKind, VolleyError
 
+CONTROL_SOCKET = "control.sock"  # the supervisor's, in its directory
+
+
+def worker_socket(directory: Path, index: int) -> Path:
+    """Where worker `index` takes the supervisor's commands."""
+    return directory / f"worker-{index}.sock"
+
+
 LINE_LIMIT = 1 << 26  # statistics of many models, or a load request's config override
 
 Handler = Callable[[dict], Awaitable[dict]]

@@ -26,7 +26,8 @@ from server.config import (
     build_config,
     read_config_file,
 )
-from server.errors import ErrorKind, VolleyError, invalid, not_found, unavailable
+from server.errors import ErrorKind, VolleyError, not_found, unavailable
+from server.paths import model_folder
 from server.pipelines.config import parse_detection_config
 from server.pipelines.detection import DetectionPipeline
 from server.runtime import load_instances
@@ -131,7 +132,7 @@ class ModelRepository:
             if not path.is_dir() or path.name[0] in "._":
                 continue
             try:
-                self.model_folder(path.name)
+                model_folder(self.root, path.name)
             except VolleyError as exc:
                 log.warning(exc.message, extra={"event": "model_skipped", "model": path.name})
                 continue
@@ -259,23 +260,12 @@ class ModelRepository:
                 rows.append({"name": name, "state": entry.state, "reason": entry.reason})
         return rows
 
-    def model_folder(self, name: str) -> Path:
-        """The folder of model `name`, never outside the repository: a name that is a path
-        (`..`, `/`, absolute) or a folder whose symlinks lead elsewhere is refused (400)."""
-        if not name or name.startswith(".") or any(c in name for c in "/\\\0"):
-            raise invalid(f"invalid model name {name!r}: a model name is a folder name, not a path")
-        folder = self.root / name
-        root = self.root.resolve()
-        if folder.exists() and not folder.resolve().is_relative_to(root):
-            raise invalid(f"model folder '{name}' leads outside the model repository")
-        return folder
-
     async def load(self, name: str, override: dict | None = None) -> None:
         """Load (or reload) a model from disk; the versions already serving keep serving.
 
         `override` is a raw config mapping used instead of the folder's `config.yaml`.
         """
-        model_dir = self.model_folder(name)
+        model_dir = model_folder(self.root, name)
         if not model_dir.is_dir():
             raise not_found(f"failed to load '{name}', no model folder '{name}' in {self.root}")
         entry = self.models.setdefault(name, ModelEntry(name))
@@ -397,7 +387,7 @@ class ModelRepository:
 
     async def unload(self, name: str) -> None:
         """Stop serving every version of a model once its queued requests are answered."""
-        if name not in self.models and not self.model_folder(name).is_dir():
+        if name not in self.models and not model_folder(self.root, name).is_dir():
             raise not_found(f"Request for unknown model: '{name}' is not found")
         if self.wanted is not None:
             self.wanted.discard(name)

@@ -34,12 +34,12 @@ import orjson
 from prometheus_client.multiprocess import mark_process_dead
 
 from server import ipc
-from server.app import ServeSettings
 from server.cpus import WORKERS_ENV
 from server.errors import VolleyError
+from server.ipc import CONTROL_SOCKET, worker_socket
 from server.metrics import PIDS_FILE
-from server.repository import ModelRepository
-from server.worker import CONTROL_SOCKET, worker_socket
+from server.paths import model_folder
+from server.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,6 @@ class Supervisor:
         self.stopping = False
         self.failed = False
         self.announced = False
-        self._repository = ModelRepository(settings.model_repository, settings.model_control)
         self._watchers: set[asyncio.Task] = set()
 
     async def run(self) -> int:
@@ -239,7 +238,7 @@ class Supervisor:
         """Whether `name` names a model folder (only those are journaled, so that requests
         for made-up names cannot grow the journal)."""
         try:
-            return self._repository.model_folder(name).is_dir()
+            return model_folder(self.settings.model_repository, name).is_dir()
         except VolleyError:
             return False
 

@@ -21,19 +21,14 @@ from pathlib import Path
 from server import ipc
 from server.dataplane import DataPlane
 from server.errors import VolleyError, unavailable
+from server.ipc import CONTROL_SOCKET, worker_socket
 from server.ratelimit import RateLimiter
 from server.repository import CONTROL_REFUSED, ModelRepository
 from server.stats import merge_stats
 
 log = logging.getLogger(__name__)
 
-CONTROL_SOCKET = "control.sock"  # the supervisor's, in its directory
 PR_SET_PDEATHSIG = 1
-
-
-def worker_socket(directory: Path, index: int) -> Path:
-    """Where worker `index` takes the supervisor's commands."""
-    return directory / f"worker-{index}.sock"
 
 
 class Worker:
