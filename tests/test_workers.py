@@ -127,7 +127,19 @@ def test_process_metrics_cover_every_process(cluster: VolleyProcess) -> None:
     assert total(samples, "process_resident_memory_bytes") > 0.8 * sum(rss)
     assert total(samples, "process_cpu_seconds_total") > 0
     # the same whole-server view from the HTTP port, whichever worker answers
-    assert "volley_requests_total" in requests.get(cluster.url + "/metrics", timeout=TIMEOUT).text
+    for _ in range(4):
+        samples = scrape(cluster.url + "/metrics")
+        assert total(samples, "process_resident_memory_bytes") > 0.8 * sum(rss)
+
+
+def test_the_supervisor_stays_small(cluster: VolleyProcess) -> None:
+    """The supervisor only starts and watches workers: it loads no front end, no ONNX Runtime
+    and no model, so it costs tens of MB, not another worker's worth."""
+    pages = os.sysconf("SC_PAGE_SIZE")
+    rss = int(Path(f"/proc/{cluster.proc.pid}/statm").read_text().split()[1]) * pages
+    (ready,) = events(cluster, "ready")
+    worker = int(Path(f"/proc/{ready['workers'][0]}/statm").read_text().split()[1]) * pages
+    assert rss < 80 * 2**20 and rss < worker / 2, (rss, worker)
 
 
 @pytest.fixture
