@@ -34,7 +34,7 @@ import onnxruntime as ort
 import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from serving import machine, start_volley, stop
+from serving import machine, repository_copy, start_volley, stop
 from vision import FPS, OPTIONS, STAGES, StreamLog, camera, camera_frames, single_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,9 +283,19 @@ def detector_batching(http: str) -> str:
     return f"Detector: {inferences:,} images in {executions:,} batches (mean {mean:.1f})"
 
 
-def served(args: argparse.Namespace, workers: int, frames: list[bytes], loop_ms) -> list[str]:
-    """Start Volley with `workers` processes and run every served load against it."""
-    volley = start_volley(args.models, "--workers", str(workers))
+def served(
+    args: argparse.Namespace, workers: int, decoders: int, frames: list[bytes], loop_ms
+) -> list[str]:
+    """Start Volley with `workers` processes (`detect` with `decoders` decoder processes) and
+    run every served load against it."""
+    with repository_copy(args.models, "detect", decode_processes=decoders) as models:
+        return served_on(args, models, workers, frames, loop_ms)
+
+
+def served_on(
+    args: argparse.Namespace, models: Path, workers: int, frames: list[bytes], loop_ms
+) -> list[str]:
+    volley = start_volley(models, "--workers", str(workers))
     http = f"http://{volley.http}"
     addresses = {"http": volley.http, "grpc": volley.grpc}
     out = []
@@ -329,6 +339,9 @@ def main() -> int:
     parser.add_argument("--load-processes", type=int, default=8)
     parser.add_argument("--load-threads", type=int, default=8)
     parser.add_argument("--workers", default="1", help="served runs, one per worker count")
+    parser.add_argument(
+        "--decode-processes", default="0", help="and per detect decode_processes (0: threads)"
+    )
     parser.add_argument("--kinds", default="jpeg,fraud-grpc,fraud-http", help=", ".join(KINDS))
     args = parser.parse_args()
 
@@ -364,10 +377,12 @@ def main() -> int:
                f"{calls / elapsed:,.0f} calls/s, p50 {np.median(ms):.3f} ms")  # fmt: skip
 
     for workers in (int(w) for w in args.workers.split(",")):
-        out += ["", f"### Volley `--workers {workers}`", ""]
-        section = served(args, workers, frames, loop_ms)
-        out += section
-        print(f"--workers {workers}:", *section, sep="\n", file=sys.stderr)  # progress
+        for decoders in (int(d) for d in args.decode_processes.split(",")):
+            title = f"Volley `--workers {workers}`, `detect` with decode_processes: {decoders}"
+            out += ["", f"### {title}", ""]
+            section = served(args, workers, decoders, frames, loop_ms)
+            out += section
+            print(f"{title}:", *section, sep="\n", file=sys.stderr)  # progress
     print("\n".join(out))
     return 0
 

@@ -22,10 +22,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import struct
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +31,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import orjson
-import yaml
-from serving import machine, rss_mb, start_volley, stop
+from serving import machine, repository_copy, rss_mb, start_volley, stop
 from tritonclient.grpc import service_pb2 as pb
 from vision import camera_frames, ceiling
 
@@ -256,13 +253,7 @@ def report(ceiling_fps: float, steps: list[Step], queue: int, seconds: float, pr
 
 
 async def run(args: argparse.Namespace, frames: list[bytes]) -> list[Step]:
-    folder = Path(tempfile.mkdtemp(prefix="volley-overload-"))
-    try:
-        repository = folder / "models"
-        shutil.copytree(args.models, repository)
-        config_file = repository / "detect" / "config.yaml"
-        config = yaml.safe_load(config_file.read_text())
-        config_file.write_text(yaml.safe_dump({**config, "max_queue_size": args.queue}))
+    with repository_copy(args.models, "detect", max_queue_size=args.queue) as repository:
         volley = start_volley(repository)
         proc = volley.proc
         if args.nice:
@@ -286,8 +277,6 @@ async def run(args: argparse.Namespace, frames: list[bytes]) -> list[Step]:
             await load.close()
             stop(proc)
         return steps
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def main() -> int:

@@ -24,12 +24,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import requests
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PERF_ANALYZER = [str(ROOT.parent / "shared" / "tools" / "perf_analyzer")]
@@ -174,6 +177,18 @@ def start_volley(repository: Path, *flags: str) -> Volley:
            "--metrics-port", "0", "--log-level", "warning", *flags]  # fmt: skip
     proc = start(cmd, f"http://127.0.0.1:{http}/v2/health/ready")
     return Volley(proc, f"127.0.0.1:{http}", f"127.0.0.1:{grpc}")
+
+
+@contextmanager
+def repository_copy(models: Path, model: str, **changes: object) -> Iterator[Path]:
+    """A temporary copy of the repository `models` whose `model` config has `changes` made."""
+    with tempfile.TemporaryDirectory(prefix="volley-bench-") as folder:
+        repository = Path(folder) / "models"
+        shutil.copytree(models, repository)
+        config_file = repository / model / "config.yaml"
+        config = yaml.safe_load(config_file.read_text())
+        config_file.write_text(yaml.safe_dump({**config, **changes}))
+        yield repository
 
 
 def run(args: argparse.Namespace) -> list[Row]:

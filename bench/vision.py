@@ -30,7 +30,7 @@ import numpy as np
 import onnxruntime as ort
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from serving import machine, start_volley, stop
+from serving import machine, repository_copy, start_volley, stop
 from tritonclient.grpc import service_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -281,6 +281,9 @@ def main() -> int:
     parser.add_argument("--max-streams", type=int, default=16)
     parser.add_argument("--requests", type=int, default=200, help="single-image requests")
     parser.add_argument(
+        "--decode-processes", type=int, default=0, help="detect's decode_processes (0: threads)"
+    )
+    parser.add_argument(
         "--raw-client",
         action="store_true",
         help="cameras as one asyncio process of raw gRPC streams with pre-serialized frames "
@@ -292,7 +295,19 @@ def main() -> int:
     model_file = args.models / "detector" / "1" / "model.onnx"
     ceiling_fps, ceiling_ms = ceiling(model_file, frames, args.seconds)
 
-    volley = start_volley(args.models)
+    with repository_copy(args.models, "detect", decode_processes=args.decode_processes) as models:
+        return measure(args, frames, ceiling_fps, ceiling_ms, models)
+
+
+def measure(
+    args: argparse.Namespace,
+    frames: list[bytes],
+    ceiling_fps: float,
+    ceiling_ms: np.ndarray,
+    models: Path,
+) -> int:
+    """Serve `models` and measure single images, then cameras until they are not sustained."""
+    volley = start_volley(models)
     try:
         grpc_address = volley.grpc
         single = single_image(volley.http, grpc_address, frames[0], args.requests)
@@ -304,14 +319,22 @@ def main() -> int:
                 break
     finally:
         stop(volley.proc)
-    print(report(ceiling_fps, ceiling_ms, rows, single))
+    print(report(ceiling_fps, ceiling_ms, rows, single, args.decode_processes))
     return 0
 
 
-def report(ceiling_fps: float, ceiling_ms: np.ndarray, rows: list[CameraRow], single: dict) -> str:
+def report(
+    ceiling_fps: float,
+    ceiling_ms: np.ndarray,
+    rows: list[CameraRow],
+    single: dict,
+    decode_processes: int,
+) -> str:
     best = max((r.streams for r in rows if r.sustained), default=0)
+    decoding = f"{decode_processes} decoder processes" if decode_processes else "threads"
     lines = [
         f"Machine: {machine()}",
+        f"`detect` decodes on: {decoding}",
         "",
         f"In-process ceiling (decode + letterbox + infer + NMS, one loop): {ceiling_fps:.1f} "
         f"frames/s, p50 {np.percentile(ceiling_ms, 50):.2f} ms, "

@@ -42,6 +42,13 @@ class DetectionConfig(_Strict):
     max_image_pixels: int = Field(40_000_000, ge=1, description="width x height, from the header")
     max_frame_age_ms: int = Field(1000, ge=1, description="older stream frames are skipped")
     workers: int = Field(0, ge=0, le=256, description="decode/NMS threads; 0 = CPU cores")
+    decode_processes: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="processes that decode and letterbox encoded images, outside the server "
+        "process; 0 = decode on the pipeline's threads",
+    )
     max_queue_size: int = Field(
         64, ge=1, description="requests in progress (decode, detector, NMS) before 429"
     )

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -25,6 +25,7 @@ from server.cpus import usable_cpus
 from server.datatypes import numpy_dtype
 from server.errors import ErrorKind, VolleyError, invalid, unavailable
 from server.pipelines.config import DetectionConfig, pipeline_model_config
+from server.pipelines.decoders import DecoderPool
 from server.pipelines.images import Letterboxed, check_size, decode_image, letterbox
 from server.pipelines.layouts import (
     NEEDS_NMS,
@@ -135,6 +136,9 @@ class DetectionPipeline:
         self._plan: DetectorPlan | None = None
         workers = config.workers or usable_cpus()
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"pipeline-{config.name}")
+        self.decoders = (
+            DecoderPool(config.decode_processes, config.name) if config.decode_processes else None
+        )
         self._active = 0
         self._draining = False
         self._idle = asyncio.Event()
@@ -236,8 +240,7 @@ class DetectionPipeline:
         model, uint8 = await self._feed(plan)
 
         t0 = time.perf_counter_ns()
-        jobs = self._prepare_jobs(request, plan, options, uint8)
-        prepared = await asyncio.gather(*(loop.run_in_executor(self._pool, job) for job in jobs))
+        prepared = await asyncio.gather(*self._prepare(request, plan, options, uint8))
         t1 = time.perf_counter_ns()
         raw, queue_ns, compute_ns = await self._run_detector(
             plan, model, prepared, queue_timeout_us(timeout_us, deadline_ns)
@@ -272,10 +275,11 @@ class DetectionPipeline:
         ]
         return InferenceResponse(self.config.name, self.version, request.id, tensors, parameters)
 
-    def _prepare_jobs(
+    def _prepare(
         self, request: InferenceRequest, plan: DetectorPlan, options: DetectOptions, uint8: bool
-    ) -> list[Callable[[], Prepared]]:
-        """One thread-pool job per image: decode (or take pixels), letterbox, to tensor."""
+    ) -> list[Awaitable[Prepared]]:
+        """Per image: decode (or take pixels), letterbox, to tensor, on the thread pool or
+        (encoded images, `decode_processes`) in the decoder processes."""
         tensor = _image_input(request, self.config.name)
         limit = self.detection.max_images
         if tensor.name == "images":
@@ -294,14 +298,39 @@ class DetectionPipeline:
                           f"1 to {limit}")  # fmt: skip
         settings = (plan, self.detection.pad_value, None if uint8 else self.detection.pixel_scale)
         max_pixels = self.detection.max_image_pixels
+        loop = asyncio.get_running_loop()
         if tensor.name == "images":
+            items = [(item, f"image {i}") for i, item in enumerate(tensor.data.reshape(-1))]
+            for item, what in items:
+                if not isinstance(item, bytes):
+                    raise invalid(f"{what}: expected encoded image bytes")
+            if self.decoders is not None:
+                return [self._decode_elsewhere(item, what, *settings) for item, what in items]
             return [
-                _job(_prepare_encoded, item, f"image {i}", max_pixels, *settings)
-                for i, item in enumerate(tensor.data.reshape(-1))
+                loop.run_in_executor(
+                    self._pool, _prepare_encoded, item, what, max_pixels, *settings
+                )
+                for item, what in items
             ]
         pixels = tensor.data if len(tensor.shape) == 4 else tensor.data[None]
         check_size(pixels.shape[2], pixels.shape[1], "pixels", max_pixels)
-        return [_job(_prepare_pixels, image, options.bgr, *settings) for image in pixels]
+        return [
+            loop.run_in_executor(self._pool, _prepare_pixels, image, options.bgr, *settings)
+            for image in pixels
+        ]
+
+    async def _decode_elsewhere(
+        self, data: bytes, what: str, plan: DetectorPlan, pad: int, scale: float | None
+    ) -> Prepared:
+        """An encoded image decoded and letterboxed by a decoder process."""
+        assert self.decoders is not None
+        boxed = await self.decoders.letterbox(
+            data, what, plan.height, plan.width, pad, self.detection.max_image_pixels
+        )
+        if scale is None:
+            return Prepared(boxed.pixels, boxed)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, _to_float, boxed, plan, scale)
 
     async def _run_detector(
         self, plan: DetectorPlan, model: OnnxModel, prepared: list[Prepared], timeout_us: int
@@ -334,6 +363,8 @@ class DetectionPipeline:
         self._draining = True
         await self._idle.wait()
         self._pool.shutdown(wait=False)
+        if self.decoders is not None:
+            self.decoders.close()
 
     def abort(self, error: VolleyError) -> None:
         """Nothing queues inside the pipeline itself; its detector's queue is aborted there."""
@@ -359,15 +390,9 @@ def _image_input(request: InferenceRequest, model: str) -> InferTensor:
     return tensor
 
 
-def _job(fn: Callable[..., Prepared], *args: object) -> Callable[[], Prepared]:
-    return lambda: fn(*args)
-
-
 def _prepare_encoded(
     data: bytes, what: str, max_pixels: int, plan: DetectorPlan, pad: int, scale: float | None
 ) -> Prepared:
-    if not isinstance(data, bytes):
-        raise invalid(f"{what}: expected encoded image bytes")
     decoded = decode_image(data, what, max_pixels, fit=(plan.height, plan.width))
     return _to_tensor(decoded.rgb, plan, pad, scale, (decoded.width, decoded.height))
 
@@ -390,6 +415,11 @@ def _to_tensor(
     boxed = letterbox(rgb, plan.height, plan.width, pad, size)
     if scale is None:
         return Prepared(boxed.pixels, boxed)
+    return _to_float(boxed, plan, scale)
+
+
+def _to_float(boxed: Letterboxed, plan: DetectorPlan, scale: float) -> Prepared:
+    """The detector's float [3, H, W] input from letterboxed uint8 pixels (host conversion)."""
     chw = boxed.pixels.transpose(2, 0, 1).astype(plan.input_dtype)
     chw *= plan.input_dtype.type(scale)
     return Prepared(chw, boxed)

@@ -1,0 +1,253 @@
+"""Decoder processes: a pipeline's encoded images checked, decoded and letterboxed outside the
+server process (`decode_processes: N` in the pipeline's config).
+
+By default a pipeline decodes on its thread pool. OpenCV releases the GIL while it decodes, but
+each image still takes and gives back the GIL several times, and on a machine with many cores
+and one GPU, where one server process feeds the detector (one CUDA context, full batches), every
+such hand-over makes the detector's batch thread and the event loop wait their turn. With
+decoder processes no thread is involved at all: the event loop writes the encoded bytes to a
+decoder over a socket pair and receives the letterboxed uint8 pixels straight into their array.
+
+A decoder that dies (killed, out of memory) fails the image it had with a clean 500 and is
+replaced; a job given up half-way (the client left) replaces its decoder too, since its answer
+would still be on the way. Decoders exit with their server: their socket closes, and on Linux
+the kernel also sends them SIGKILL when the server process dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import signal
+import socket
+import struct
+import subprocess
+import sys
+
+import numpy as np
+
+from server.errors import ErrorKind, VolleyError, internal, new_request_id
+from server.pipelines.images import Letterboxed, decode_image, letterbox
+
+log = logging.getLogger(__name__)
+
+# A job: detector height, width, padding value, pixel limit, then the sizes of `what` and data.
+JOB = struct.Struct("<HHBQII")
+# An answer: status, scale, pad_x, pad_y, original width and height, size of the error message.
+ANSWER = struct.Struct("<BdiiiiI")
+OK, INVALID, FAILED = 0, 1, 2
+PR_SET_PDEATHSIG = 1
+SOCKET_BUFFER = 4 * 1024 * 1024  # a 640x640 answer fits in one go
+
+
+class DecoderPool:
+    """`count` decoder processes, each doing one job at a time, shared by a pipeline's requests."""
+
+    def __init__(self, count: int, name: str) -> None:
+        self.name = name
+        self._idle: asyncio.Queue[_Decoder] = asyncio.Queue()
+        self._decoders: set[_Decoder] = set()
+        self._closed = False
+        for _ in range(count):
+            self._add()
+
+    @property
+    def pids(self) -> list[int]:
+        """The decoder processes running now."""
+        return [d.process.pid for d in self._decoders]
+
+    async def letterbox(
+        self, data: bytes, what: str, height: int, width: int, pad: int, max_pixels: int
+    ) -> Letterboxed:
+        """`decode_image` then `letterbox` of one encoded image, in a decoder process: the same
+        checks, the same errors (400 for a bad image) and the same pixels as on a thread."""
+        decoder = None if self._closed else await self._idle.get()
+        if decoder is None or self._closed:
+            raise self._unloading()
+        job = asyncio.ensure_future(self._job(decoder, data, what, height, width, pad, max_pixels))
+        job.add_done_callback(_retrieve)
+        # A caller that leaves (client gone, deadline) does not stop the decoder mid-job: the
+        # job finishes on its own and gives the decoder back, rather than a process per leaver.
+        return await asyncio.shield(job)
+
+    async def _job(
+        self,
+        decoder: _Decoder,
+        data: bytes,
+        what: str,
+        height: int,
+        width: int,
+        pad: int,
+        max_pixels: int,
+    ) -> Letterboxed:
+        try:
+            boxed = await decoder.run(data, what, height, width, pad, max_pixels)
+        except VolleyError:
+            self._idle.put_nowait(decoder)  # a bad image: the decoder is fine
+            raise
+        except (OSError, EOFError) as exc:  # the decoder died under this job
+            self._replace(decoder)
+            if self._closed:
+                raise self._unloading() from None
+            request_id = new_request_id()
+            log.warning(
+                "a decoder process failed and was replaced",
+                extra={"event": "decoder_failed", "model": self.name, "reason": str(exc),
+                       "request_id": request_id},
+            )  # fmt: skip
+            raise internal(f"{what}: the decoder process failed", request_id) from None
+        except BaseException:
+            self._replace(decoder)
+            raise
+        self._idle.put_nowait(decoder)
+        return boxed
+
+    def close(self) -> None:
+        """Stop every decoder (jobs in progress fail)."""
+        self._closed = True
+        for decoder in list(self._decoders):
+            self._retire(decoder)
+
+    def _unloading(self) -> VolleyError:
+        return VolleyError(ErrorKind.UNAVAILABLE, f"model '{self.name}' is unloading")
+
+    def _add(self) -> None:
+        if self._closed:
+            return
+        decoder = _Decoder.start()
+        self._decoders.add(decoder)
+        self._idle.put_nowait(decoder)
+
+    def _replace(self, decoder: _Decoder) -> None:
+        self._retire(decoder)
+        self._add()
+
+    def _retire(self, decoder: _Decoder) -> None:
+        self._decoders.discard(decoder)
+        decoder.stop()
+
+
+class _Decoder:
+    """One decoder process and the server's end of its socket pair."""
+
+    def __init__(self, process: subprocess.Popen, sock: socket.socket) -> None:
+        self.process = process
+        self.sock = sock
+
+    @classmethod
+    def start(cls) -> _Decoder:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for end in (ours, theirs):
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+        process = subprocess.Popen(
+            [sys.executable, "-P", "-m", "server.pipelines.decoders", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+            stdin=subprocess.DEVNULL,
+        )
+        theirs.close()
+        ours.setblocking(False)
+        return cls(process, ours)
+
+    async def run(
+        self, data: bytes, what: str, height: int, width: int, pad: int, max_pixels: int
+    ) -> Letterboxed:
+        loop = asyncio.get_running_loop()
+        label = what.encode()
+        job = JOB.pack(height, width, pad, max_pixels, len(label), len(data))
+        await loop.sock_sendall(self.sock, job + label)
+        await loop.sock_sendall(self.sock, data)
+        status, scale, pad_x, pad_y, w, h, size = ANSWER.unpack(
+            await _receive(loop, self.sock, ANSWER.size)
+        )
+        if status != OK:
+            message = (await _receive(loop, self.sock, size)).decode()
+            kind = ErrorKind.INVALID_ARGUMENT if status == INVALID else ErrorKind.INTERNAL
+            raise VolleyError(kind, message)
+        pixels = np.empty((height, width, 3), dtype=np.uint8)
+        await _receive_into(loop, self.sock, memoryview(pixels).cast("B"))
+        return Letterboxed(pixels, scale, pad_x, pad_y, w, h)
+
+    def stop(self) -> None:
+        self.sock.close()  # the decoder reads end-of-file and exits
+        self.process.kill()
+        self.process.wait()
+
+
+async def _receive(loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int) -> bytes:
+    buffer = bytearray(size)
+    await _receive_into(loop, sock, memoryview(buffer))
+    return bytes(buffer)
+
+
+async def _receive_into(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, view: memoryview
+) -> None:
+    while view:
+        count = await loop.sock_recv_into(sock, view)
+        if count == 0:
+            raise EOFError("the decoder process closed its socket")
+        view = view[count:]
+
+
+def _retrieve(job: asyncio.Future) -> None:
+    """Mark a job's error as seen: its caller may have left before it ended."""
+    if not job.cancelled():
+        job.exception()
+
+
+def serve(sock: socket.socket) -> None:
+    """The decoder process: one job at a time until its socket closes."""
+    while header := _read(sock, JOB.size):
+        height, width, pad, max_pixels, label_size, data_size = JOB.unpack(header)
+        what = _read(sock, label_size).decode()
+        data = _read(sock, data_size)
+        try:
+            decoded = decode_image(data, what, max_pixels, fit=(height, width))
+            boxed = letterbox(decoded.rgb, height, width, pad, (decoded.width, decoded.height))
+        except VolleyError as exc:
+            _answer_error(sock, INVALID, exc.message)
+            continue
+        except Exception as exc:  # noqa: BLE001 - any other failure is this image's 500
+            _answer_error(sock, FAILED, f"{what}: decoding failed ({type(exc).__name__})")
+            continue
+        answer = ANSWER.pack(OK, boxed.scale, boxed.pad_x, boxed.pad_y, boxed.width,
+                             boxed.height, 0)  # fmt: skip
+        sock.sendall(answer)
+        sock.sendall(np.ascontiguousarray(boxed.pixels).data)
+
+
+def _answer_error(sock: socket.socket, status: int, message: str) -> None:
+    encoded = message.encode()
+    sock.sendall(ANSWER.pack(status, 0.0, 0, 0, 0, 0, len(encoded)) + encoded)
+
+
+def _read(sock: socket.socket, size: int) -> bytes:
+    """Exactly `size` bytes; b"" at end-of-file before the first byte (the server is gone)."""
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    while view:
+        count = sock.recv_into(view)
+        if count == 0:
+            if len(view) == size:
+                return b""
+            raise EOFError("the server closed the socket mid-job")
+        view = view[count:]
+    return bytes(buffer)
+
+
+def main() -> int:
+    """Entry point: `python -m server.pipelines.decoders FD`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the server's to handle
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    with contextlib.suppress(EOFError, ConnectionError):  # the server is gone
+        serve(sock)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""`decode_processes`: a pipeline's encoded images decoded in helper processes, not threads.
+
+The shipped repository gains `detect_procs`, the same pipeline over the same detector with two
+decoder processes; both pipelines must answer every image alike, refuse bad images alike, and
+the decoders must survive being killed and never outlive their server.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+import yaml
+from conftest import VolleyProcess, copy_shipped_models, serving
+from test_detection_pipeline import png_declaring
+from tritonclient.utils import InferenceServerException
+from vision_scenes import encode, scene_image
+
+PROCESSES = 2
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VolleyProcess]:
+    repository = copy_shipped_models(tmp_path_factory.mktemp("decoders"))
+    config = yaml.safe_load((repository / "detect" / "config.yaml").read_text())
+    (repository / "detect_procs").mkdir()
+    (repository / "detect_procs" / "config.yaml").write_text(
+        yaml.safe_dump({**config, "decode_processes": PROCESSES})
+    )
+    with serving(repository) as proc:
+        yield proc
+
+
+def decoders(server_pid: int) -> list[int]:
+    """The decoder processes the server started (its children running the decoder module)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        mine = int(stat[1]) == server_pid and b"server.pipelines.decoders" in cmdline
+        if mine and stat[0] != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def detect(proc: VolleyProcess, model: str, blobs: list[bytes]) -> httpclient.InferResult:
+    client = httpclient.InferenceServerClient(proc.http)
+    tensor = httpclient.InferInput("images", [len(blobs)], "BYTES")
+    tensor.set_data_from_numpy(np.array(blobs, dtype=np.object_))
+    try:
+        return client.infer(model, [tensor])
+    finally:
+        client.close()
+
+
+def test_decoder_processes_answer_like_threads(server: VolleyProcess) -> None:
+    blobs = [encode(scene_image(seed, (320, 240), 2.0).image, ext)
+             for seed, ext in enumerate([".jpg", ".png", ".webp", ".bmp", ".jpg"])]  # fmt: skip
+    threads, procs = detect(server, "detect", blobs), detect(server, "detect_procs", blobs)
+    counts = threads.as_numpy("num_detections")
+    assert counts.sum() > 10
+    np.testing.assert_array_equal(procs.as_numpy("num_detections"), counts)
+    np.testing.assert_array_equal(procs.as_numpy("class_ids"), threads.as_numpy("class_ids"))
+    np.testing.assert_allclose(procs.as_numpy("boxes"), threads.as_numpy("boxes"), atol=0.5)
+    np.testing.assert_allclose(procs.as_numpy("scores"), threads.as_numpy("scores"), atol=1e-3)
+    assert len(decoders(server.proc.pid)) == PROCESSES
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (b"not an image at all", "image 1: not a JPEG, PNG, WebP or BMP image"),
+        (png_declaring(100_000, 100_000), "image 1: 100000x100000 is 10000000000 pixels"),
+    ],
+)
+def test_bad_images_are_refused_by_name(server: VolleyProcess, bad: bytes, message: str) -> None:
+    good = encode(scene_image(2, (320, 240), 2.0).image)
+    for model in ("detect", "detect_procs"):
+        with pytest.raises(InferenceServerException) as caught:
+            detect(server, model, [good, bad])
+        assert caught.value.status() == "400"
+        assert message in caught.value.message()
+    truncated = good[: len(good) // 2]
+    with pytest.raises(InferenceServerException) as caught:
+        detect(server, "detect_procs", [truncated])
+    assert caught.value.status() == "400"
+    assert "truncated or corrupt" in caught.value.message()
+    assert detect(server, "detect_procs", [good]).as_numpy("num_detections")[0] > 0
+
+
+def test_a_killed_decoder_is_replaced(server: VolleyProcess) -> None:
+    good = encode(scene_image(3, (320, 240), 2.0).image)
+    before = decoders(server.proc.pid)
+    for pid in before:
+        os.kill(pid, signal.SIGKILL)
+    # Each dead decoder fails at most the one image it is given with a clean 500; then the
+    # pool has replaced it and every request succeeds.
+    outcomes = []
+    for _ in range(PROCESSES + 4):
+        try:
+            outcomes.append(
+                int(detect(server, "detect_procs", [good]).as_numpy("num_detections")[0])
+            )
+        except InferenceServerException as exc:
+            assert exc.status() == "500" and "decoder process failed" in exc.message()
+            outcomes.append(-1)
+    assert outcomes.count(-1) <= PROCESSES
+    assert all(n > 0 for n in outcomes[PROCESSES:])
+    after = decoders(server.proc.pid)
+    assert len(after) == PROCESSES and not set(after) & set(before)
+    assert '"event":"decoder_failed"' in server.log()
+
+
+def test_streams_use_the_decoders(server: VolleyProcess) -> None:
+    good = encode(scene_image(1, (320, 240), 2.0).image)
+    answers = []
+    client = grpcclient.InferenceServerClient(server.grpc)
+    client.start_stream(callback=lambda result, error: answers.append((result, error)))
+    try:
+        for i in range(3):
+            tensor = grpcclient.InferInput("images", [1], "BYTES")
+            tensor.set_data_from_numpy(np.array([good], dtype=np.object_))
+            client.async_stream_infer("detect_procs", [tensor], request_id=f"frame-{i}")
+            time.sleep(0.2)
+        deadline = time.monotonic() + 10
+        while len(answers) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        client.stop_stream()
+        client.close()
+    assert [error for _, error in answers] == [None] * 3
+    assert all(result.as_numpy("num_detections")[0] > 0 for result, _ in answers)
+
+
+def test_decoders_end_with_unload_and_with_their_server(tmp_path: Path) -> None:
+    repository = copy_shipped_models(tmp_path)
+    config_file = repository / "detect" / "config.yaml"
+    config = yaml.safe_load(config_file.read_text())
+    config_file.write_text(yaml.safe_dump({**config, "decode_processes": PROCESSES}))
+    with serving(repository, exit_code=None) as proc:  # it ends SIGKILLed
+        assert len(decoders(proc.proc.pid)) == PROCESSES
+        r = requests.post(f"{proc.url}/v2/repository/models/detect/unload", timeout=30)
+        assert r.status_code == 200
+        wait_until(lambda: not decoders(proc.proc.pid))
+        r = requests.post(f"{proc.url}/v2/repository/models/detect/load", timeout=60)
+        assert r.status_code == 200
+        started = decoders(proc.proc.pid)
+        assert len(started) == PROCESSES
+        proc.proc.kill()  # SIGKILL: no drain, no cleanup; the decoders must still go
+        proc.proc.wait()
+        wait_until(lambda: not any(Path(f"/proc/{pid}").exists() and not _zombie(pid)
+                                   for pid in started))  # fmt: skip
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
