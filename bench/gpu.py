@@ -20,6 +20,7 @@ The load generators run on the same machine and take CPU from the server.
 from __future__ import annotations
 
 import argparse
+import itertools
 import multiprocessing
 import os
 import sys
@@ -34,7 +35,7 @@ import onnxruntime as ort
 import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from serving import machine, repository_copy, start_volley, stop
+from serving import Volley, machine, repository_copy, start_volley, stop, switch_interval
 from vision import FPS, OPTIONS, STAGES, StreamLog, camera, camera_frames, single_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -284,18 +285,25 @@ def detector_batching(http: str) -> str:
 
 
 def served(
-    args: argparse.Namespace, workers: int, decoders: int, frames: list[bytes], loop_ms
+    args: argparse.Namespace,
+    workers: int,
+    decoders: int,
+    switch_ms: float | None,
+    frames: list[bytes],
+    loop_ms,
 ) -> list[str]:
-    """Start Volley with `workers` processes (`detect` with `decoders` decoder processes) and
-    run every served load against it."""
-    with repository_copy(args.models, "detect", decode_processes=decoders) as models:
-        return served_on(args, models, workers, frames, loop_ms)
+    """Start Volley with `workers` processes (`detect` with `decoders` decoder processes, a GIL
+    switch interval of `switch_ms`) and run every served load against it."""
+    with (
+        repository_copy(args.models, "detect", decode_processes=decoders) as models,
+        switch_interval(switch_ms) as env,
+    ):
+        volley = start_volley(models, "--workers", str(workers), env=env)
+        return served_on(args, volley, frames, loop_ms)
 
 
-def served_on(
-    args: argparse.Namespace, models: Path, workers: int, frames: list[bytes], loop_ms
-) -> list[str]:
-    volley = start_volley(models, "--workers", str(workers))
+def served_on(args: argparse.Namespace, volley: Volley, frames: list[bytes], loop_ms) -> list[str]:
+    """Every served load against `volley`, which is stopped after."""
     http = f"http://{volley.http}"
     addresses = {"http": volley.http, "grpc": volley.grpc}
     out = []
@@ -342,6 +350,11 @@ def main() -> int:
     parser.add_argument(
         "--decode-processes", default="0", help="and per detect decode_processes (0: threads)"
     )
+    parser.add_argument(
+        "--switch-interval-ms",
+        default="default",
+        help="and per GIL switch interval of the server processes (default: Python's 5 ms)",
+    )
     parser.add_argument("--kinds", default="jpeg,fraud-grpc,fraud-http", help=", ".join(KINDS))
     args = parser.parse_args()
 
@@ -376,13 +389,19 @@ def main() -> int:
     out.append(f"In-process fraud model, one row per `sess.run` on {fraud.get_providers()[0]}: "
                f"{calls / elapsed:,.0f} calls/s, p50 {np.median(ms):.3f} ms")  # fmt: skip
 
-    for workers in (int(w) for w in args.workers.split(",")):
-        for decoders in (int(d) for d in args.decode_processes.split(",")):
-            title = f"Volley `--workers {workers}`, `detect` with decode_processes: {decoders}"
-            out += ["", f"### {title}", ""]
-            section = served(args, workers, decoders, frames, loop_ms)
-            out += section
-            print(f"{title}:", *section, sep="\n", file=sys.stderr)  # progress
+    switches = [float(s) if s != "default" else None for s in args.switch_interval_ms.split(",")]
+    for workers, decoders, switch_ms in itertools.product(
+        [int(w) for w in args.workers.split(",")],
+        [int(d) for d in args.decode_processes.split(",")],
+        switches,
+    ):
+        title = f"Volley `--workers {workers}`, `detect` with decode_processes: {decoders}"
+        if switch_ms is not None:
+            title += f", GIL switch interval {switch_ms} ms"
+        out += ["", f"### {title}", ""]
+        section = served(args, workers, decoders, switch_ms, frames, loop_ms)
+        out += section
+        print(f"{title}:", *section, sep="\n", file=sys.stderr)  # progress
     print("\n".join(out))
     return 0
 

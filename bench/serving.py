@@ -168,14 +168,14 @@ class Volley:
     grpc: str
 
 
-def start_volley(repository: Path, *flags: str) -> Volley:
+def start_volley(repository: Path, *flags: str, env: dict | None = None) -> Volley:
     """`python -m server serve` over `repository` on free loopback ports (metrics on the
-    HTTP port), once ready; extra command-line `flags` are passed on."""
+    HTTP port), once ready; extra command-line `flags` are passed on, `env` added."""
     http, grpc = free_port(), free_port()
     cmd = [sys.executable, "-m", "server", "serve", "--model-repository", str(repository),
            "--host", "127.0.0.1", "--http-port", str(http), "--grpc-port", str(grpc),
            "--metrics-port", "0", "--log-level", "warning", *flags]  # fmt: skip
-    proc = start(cmd, f"http://127.0.0.1:{http}/v2/health/ready")
+    proc = start(cmd, f"http://127.0.0.1:{http}/v2/health/ready", env)
     return Volley(proc, f"127.0.0.1:{http}", f"127.0.0.1:{grpc}")
 
 
@@ -189,6 +189,21 @@ def repository_copy(models: Path, model: str, **changes: object) -> Iterator[Pat
         config = yaml.safe_load(config_file.read_text())
         config_file.write_text(yaml.safe_dump({**config, **changes}))
         yield repository
+
+
+@contextmanager
+def switch_interval(ms: float | None) -> Iterator[dict]:
+    """Environment that makes Python processes started with it use a GIL switch interval of
+    `ms` (a `sitecustomize` on PYTHONPATH; None: Python's default, 5 ms), for experiments."""
+    if ms is None:
+        yield {}
+        return
+    with tempfile.TemporaryDirectory(prefix="volley-switch-") as folder:
+        Path(folder, "sitecustomize.py").write_text(
+            f"import sys\nsys.setswitchinterval({ms / 1000!r})\n"
+        )
+        path = os.pathsep.join(p for p in (folder, os.environ.get("PYTHONPATH")) if p)
+        yield {"PYTHONPATH": path}
 
 
 def run(args: argparse.Namespace) -> list[Row]:

@@ -124,6 +124,26 @@ def test_a_killed_decoder_is_replaced(server: VolleyProcess) -> None:
     assert '"event":"decoder_failed"' in server.log()
 
 
+def test_callers_that_leave_cost_no_decoder(server: VolleyProcess) -> None:
+    """gRPC calls whose deadline passes while their images decode are cancelled in the server;
+    the decoders finish those jobs and serve the next request: none is restarted."""
+    before = sorted(decoders(server.proc.pid))
+    blob = encode(scene_image(4, (320, 240), 4.0).image)  # 1280x960: several ms to decode
+    client = grpcclient.InferenceServerClient(server.grpc)
+    tensor = grpcclient.InferInput("images", [8], "BYTES")
+    tensor.set_data_from_numpy(np.array([blob] * 8, dtype=np.object_))
+    try:
+        for _ in range(10):
+            with pytest.raises(InferenceServerException) as caught:
+                client.infer("detect_procs", [tensor], client_timeout=0.005)
+            assert caught.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+    finally:
+        client.close()
+    time.sleep(0.5)
+    assert detect(server, "detect_procs", [blob] * 4).as_numpy("num_detections").min() > 0
+    assert sorted(decoders(server.proc.pid)) == before
+
+
 def test_streams_use_the_decoders(server: VolleyProcess) -> None:
     good = encode(scene_image(1, (320, 240), 2.0).image)
     answers = []

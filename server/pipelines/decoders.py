@@ -70,6 +70,8 @@ class DecoderPool:
         job.add_done_callback(_retrieve)
         # A caller that leaves (client gone, deadline) does not stop the decoder mid-job: the
         # job finishes on its own and gives the decoder back, rather than a process per leaver.
+        # (Cancelling the job itself would also be wrong before it starts: a task cancelled
+        # before its first step never runs, and its decoder would be lost to the pool.)
         return await asyncio.shield(job)
 
     async def _job(

@@ -1,0 +1,133 @@
+"""Where a gRPC call's time goes: Volley's own `ModelInfer` against stand-ins that do less.
+
+Each row starts Volley on the fraud model (the peer benchmark's batching: 100 us queue delay,
+two single-thread instances) with `ModelInfer` replaced by a stand-in, then drives it with
+perf_analyzer over gRPC at concurrency 64:
+
+- `canned`: answers a prebuilt response at once (grpc.aio's own cost per call: the floor);
+- `decode`: decodes the request into numpy first (adds the codec);
+- `loop-hop`: also waits once on a future the event loop resolves (a suspended handler);
+- `thread-hop`: the future is resolved by a worker thread instead, in one callback per burst
+  (the shape of the batcher's hand-back, without ONNX Runtime);
+- `volley`: the real `ModelInfer`.
+
+    python bench/grpc_floor.py [--seconds 4]
+
+The last column is the mean number of requests per detector batch, from the model's statistics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import queue
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import requests
+from serving import ROOT, machine, perf_analyzer, repository_copy, start, stop
+
+VARIANTS = ("canned", "decode", "loop-hop", "thread-hop", "volley")
+
+
+def patch(variant: str) -> None:
+    """Replace `InferenceServicer.ModelInfer` in this process by the stand-in `variant`."""
+    from tritonclient.grpc import service_pb2 as pb
+
+    from server import grpc_api
+    from server.protocol import grpc_codec
+
+    canned = pb.ModelInferResponse(model_name="fraud", model_version="1")
+    canned.outputs.add(name="score", datatype="FP32", shape=[1, 1])
+    canned.raw_output_contents.append(np.zeros(1, np.float32).tobytes())
+    handbacks: queue.SimpleQueue = queue.SimpleQueue()
+
+    def hand_back() -> None:
+        while True:
+            burst = [handbacks.get()]
+            while not handbacks.empty():
+                burst.append(handbacks.get())
+            burst[0][0].call_soon_threadsafe(_resolve, [future for _, future in burst])
+
+    async def model_infer(self, request, context):
+        if variant != "canned":
+            grpc_codec.decode_request(request)
+        if variant in ("loop-hop", "thread-hop"):
+            loop = asyncio.get_running_loop()
+            future = loop.create_future()
+            if variant == "loop-hop":
+                loop.call_soon(future.set_result, None)
+            else:
+                handbacks.put((loop, future))
+            await future
+        return canned
+
+    if variant == "thread-hop":
+        threading.Thread(target=hand_back, daemon=True).start()
+    if variant != "volley":
+        grpc_api.InferenceServicer.ModelInfer = model_infer
+
+
+def _resolve(futures: list[asyncio.Future]) -> None:
+    for future in futures:
+        future.set_result(None)
+
+
+def serve(variant: str, argv: list[str]) -> int:
+    """`volley serve argv` with the stand-in in place (the server side of one row)."""
+    sys.path.insert(0, str(ROOT))
+    patch(variant)
+    from server.cli import main
+
+    return main(["serve", *argv])
+
+
+def row(variant: str, repository: Path, seconds: float) -> str:
+    from serving import free_port
+
+    http, grpc = free_port(), free_port()
+    cmd = [sys.executable, __file__, "--serve", variant, "--model-repository", str(repository),
+           "--host", "127.0.0.1", "--http-port", str(http), "--grpc-port", str(grpc),
+           "--metrics-port", "0", "--log-level", "warning"]  # fmt: skip
+    proc = start(cmd, f"http://127.0.0.1:{http}/v2/health/ready")
+    try:
+        rps, p50, p99 = perf_analyzer("fraud", f"127.0.0.1:{grpc}", "grpc", 64, [], seconds)
+        stats = requests.get(f"http://127.0.0.1:{http}/v2/models/fraud/stats", timeout=5).json()
+    finally:
+        stop(proc)
+    model = stats["model_stats"][0]
+    rows = model["inference_count"] / model["execution_count"] if model["execution_count"] else 0
+    batch = f"{rows:.1f}" if rows else "-"
+    return f"| {variant} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {batch} |"
+
+
+def main() -> int:
+    if len(sys.argv) > 2 and sys.argv[1] == "--serve":
+        return serve(sys.argv[2], sys.argv[3:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=Path, default=ROOT / "models")
+    parser.add_argument("--seconds", type=float, default=4.0, help="per perf_analyzer window")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    args = parser.parse_args()
+    batching = {"max_queue_delay_us": 100, "max_queue_size": 4096}
+    lines = [
+        f"Machine: {machine()}",
+        "fraud, single-row requests, perf_analyzer gRPC c=64",
+        "",
+        "| ModelInfer | req/s | p50 ms | p99 ms | requests per batch |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    with repository_copy(
+        args.models, "fraud", dynamic_batching=batching, instance_count=2, intra_op_threads=1
+    ) as repository:
+        for variant in args.variants.split(","):
+            lines.append(row(variant, repository, args.seconds))
+            print(f"  {lines[-1]}", file=sys.stderr, flush=True)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
