@@ -170,7 +170,12 @@ def test_decoders_end_with_unload_and_with_their_server(tmp_path: Path) -> None:
     config_file = repository / "detect" / "config.yaml"
     config = yaml.safe_load(config_file.read_text())
     config_file.write_text(yaml.safe_dump({**config, "decode_processes": PROCESSES}))
+    (repository / "orphan").mkdir()  # a pipeline that cannot load starts no decoder
+    broken = {**config, "detector": "missing", "decode_processes": PROCESSES}
+    (repository / "orphan" / "config.yaml").write_text(yaml.safe_dump(broken))
     with serving(repository, exit_code=None) as proc:  # it ends SIGKILLed
+        state = requests.post(f"{proc.url}/v2/repository/index", timeout=10).json()
+        assert {m["name"]: m["state"] for m in state}["orphan"] == "UNAVAILABLE"
         assert len(decoders(proc.proc.pid)) == PROCESSES
         r = requests.post(f"{proc.url}/v2/repository/models/detect/unload", timeout=30)
         assert r.status_code == 200

@@ -136,15 +136,15 @@ class DetectionPipeline:
         self._plan: DetectorPlan | None = None
         workers = config.workers or usable_cpus()
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"pipeline-{config.name}")
-        self.decoders = (
-            DecoderPool(config.decode_processes, config.name) if config.decode_processes else None
-        )
         self._active = 0
         self._draining = False
         self._idle = asyncio.Event()
         self._idle.set()
         self._host_only: weakref.WeakSet[OnnxModel] = weakref.WeakSet()
         plan = self.plan()  # refuse to load while the detector is missing or does not fit
+        self.decoders = (  # only once it loads: a refused pipeline leaves no process behind
+            DecoderPool(config.decode_processes, config.name) if config.decode_processes else None
+        )
         self._warming = asyncio.get_running_loop().create_task(self._warm(plan))
 
     @property
