@@ -53,11 +53,6 @@ class DecoderPool:
         for _ in range(count):
             self._add()
 
-    @property
-    def pids(self) -> list[int]:
-        """The decoder processes running now."""
-        return [d.process.pid for d in self._decoders]
-
     async def letterbox(
         self, data: bytes, what: str, height: int, width: int, pad: int, max_pixels: int
     ) -> Letterboxed:
