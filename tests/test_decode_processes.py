@@ -190,6 +190,32 @@ def test_decoders_end_with_unload_and_with_their_server(tmp_path: Path) -> None:
                                    for pid in started))  # fmt: skip
 
 
+def test_decoders_that_keep_dying_are_replaced_at_a_pace(tmp_path: Path) -> None:
+    """Past as many deaths as the pool has decoders (within 10 s), replacements come one a
+    second: images that crash a codec cannot make the server spend its CPU starting processes."""
+    repository = copy_shipped_models(tmp_path)
+    config_file = repository / "detect" / "config.yaml"
+    config = yaml.safe_load(config_file.read_text())
+    config_file.write_text(yaml.safe_dump({**config, "decode_processes": PROCESSES}))
+    good = encode(scene_image(5, (320, 240), 2.0).image)
+    with serving(repository) as proc:
+        for _ in range(2):  # 2 x PROCESSES deaths in a few seconds
+            killed = decoders(proc.proc.pid)
+            for pid in killed:
+                os.kill(pid, signal.SIGKILL)
+            wait_until(lambda killed=killed: all(_zombie(pid) for pid in killed))
+            for _ in killed:
+                with pytest.raises(InferenceServerException) as caught:
+                    detect(proc, "detect", [good])
+                assert caught.value.status() == "500", caught.value.message()
+        assert decoders(proc.proc.pid) == []  # none started at once the second time
+        started = time.monotonic()
+        assert detect(proc, "detect", [good]).as_numpy("num_detections")[0] > 0  # it waits
+        assert 0.5 < time.monotonic() - started < 5
+        wait_until(lambda: len(decoders(proc.proc.pid)) == PROCESSES, timeout=10)
+        assert proc.log().count('"event":"decoders_paced"') == 1
+
+
 def _zombie(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"

@@ -8,10 +8,13 @@ such hand-over makes the detector's batch thread and the event loop wait their t
 decoder processes no thread is involved at all: the event loop writes the encoded bytes to a
 decoder over a socket pair and receives the letterboxed uint8 pixels straight into their array.
 
-A decoder that dies (killed, out of memory) fails the image it had with a clean 500 and is
-replaced; a job given up half-way (the client left) replaces its decoder too, since its answer
-would still be on the way. Decoders exit with their server: their socket closes, and on Linux
-the kernel also sends them SIGKILL when the server process dies.
+A decoder that dies (killed, out of memory, an image that crashes a codec) fails the image it
+had with a clean 500 and is replaced: at once while deaths are rare, else one a second, so that
+a client sending images that crash a codec cannot make the server spend its CPU starting
+processes (requests wait for a decoder meanwhile). A decoder that cannot be started (out of
+processes or memory) is retried once a second the same way. A job whose
+caller left finishes anyway and gives its decoder back. Decoders exit with their server: their
+socket closes, and on Linux the kernel also sends them SIGKILL when the server process dies.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -40,6 +44,9 @@ ANSWER = struct.Struct("<BdiiiiI")
 OK, INVALID, FAILED = 0, 1, 2
 PR_SET_PDEATHSIG = 1
 SOCKET_BUFFER = 4 * 1024 * 1024  # a 640x640 answer fits in one go
+# Past as many deaths as the pool has decoders within this window, replacements are paced.
+RESPAWN_WINDOW_S = 10.0
+RESPAWN_DELAY_S = 1.0
 
 
 class DecoderPool:
@@ -47,9 +54,13 @@ class DecoderPool:
 
     def __init__(self, count: int, name: str) -> None:
         self.name = name
+        self._count = count
         self._idle: asyncio.Queue[_Decoder] = asyncio.Queue()
         self._decoders: set[_Decoder] = set()
         self._closed = False
+        self._deaths: list[float] = []  # monotonic times, within the last RESPAWN_WINDOW_S
+        self._owed = 0  # decoders to start once the pace allows
+        self._respawn: asyncio.TimerHandle | None = None
         for _ in range(count):
             self._add()
 
@@ -104,6 +115,8 @@ class DecoderPool:
     def close(self) -> None:
         """Stop every decoder (jobs in progress fail)."""
         self._closed = True
+        if self._respawn is not None:
+            self._respawn.cancel()
         for decoder in list(self._decoders):
             self._retire(decoder)
 
@@ -113,13 +126,45 @@ class DecoderPool:
     def _add(self) -> None:
         if self._closed:
             return
-        decoder = _Decoder.start()
+        try:
+            decoder = _Decoder.start()
+        except OSError as exc:
+            log.error(
+                "a decoder process could not be started; retrying in a second",
+                extra={"event": "decoder_start_failed", "model": self.name, "reason": str(exc)},
+            )
+            self._owe()
+            return
         self._decoders.add(decoder)
         self._idle.put_nowait(decoder)
 
     def _replace(self, decoder: _Decoder) -> None:
+        """Retire a dead decoder and start another: at once, or paced when deaths are frequent."""
         self._retire(decoder)
-        self._add()
+        now = time.monotonic()
+        self._deaths = [t for t in self._deaths if now - t < RESPAWN_WINDOW_S] + [now]
+        if len(self._deaths) <= self._count:
+            self._add()
+            return
+        if self._respawn is None:
+            log.warning(
+                "decoder processes keep failing: starting one a second",
+                extra={"event": "decoders_paced", "model": self.name, "deaths": len(self._deaths)},
+            )
+        self._owe()
+
+    def _owe(self) -> None:
+        """One more decoder to start at the pace of one a second."""
+        self._owed += 1
+        if self._respawn is None:
+            self._respawn = asyncio.get_running_loop().call_later(RESPAWN_DELAY_S, self._paced)
+
+    def _paced(self) -> None:
+        self._respawn = None
+        self._owed -= 1
+        self._add()  # on failure it owes the decoder again
+        if self._owed and not self._closed and self._respawn is None:
+            self._respawn = asyncio.get_running_loop().call_later(RESPAWN_DELAY_S, self._paced)
 
     def _retire(self, decoder: _Decoder) -> None:
         self._decoders.discard(decoder)
