@@ -147,6 +147,11 @@ FRAME_LATENCY = Histogram(
     "Server time of a processed stream frame, from its arrival to its answer.",
     ("model",), buckets=LATENCY_BUCKETS, registry=REGISTRY,
 )  # fmt: skip
+DECODER_FAILURES = Counter(
+    "volley_decoder_failures",
+    "Decoder processes of a pipeline (decode_processes) that died under a job and were replaced.",
+    ("model",), registry=REGISTRY,
+)  # fmt: skip
 ACTIVE_STREAMS = Gauge(
     "volley_active_streams", "Open camera streams (gRPC or WebSocket), per model.", ("model",),
     registry=REGISTRY, multiprocess_mode="livesum",

@@ -20,6 +20,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import yaml
 from conftest import VolleyProcess, copy_shipped_models, serving
+from metrics_scrape import scrape
 from test_detection_pipeline import png_declaring
 from tritonclient.utils import InferenceServerException
 from vision_scenes import encode, scene_image
@@ -122,6 +123,9 @@ def test_a_killed_decoder_is_replaced(server: VolleyProcess) -> None:
     after = decoders(server.proc.pid)
     assert len(after) == PROCESSES and not set(after) & set(before)
     assert '"event":"decoder_failed"' in server.log()
+    samples = scrape(f"http://127.0.0.1:{server.metrics_port}/metrics")
+    failures = samples[("volley_decoder_failures_total", frozenset({("model", "detect_procs")}))]
+    assert failures == outcomes.count(-1) > 0
 
 
 def test_callers_that_leave_cost_no_decoder(server: VolleyProcess) -> None:

@@ -32,6 +32,7 @@ import time
 
 import numpy as np
 
+from server import metrics
 from server.errors import ErrorKind, VolleyError, internal, new_request_id
 from server.pipelines.images import Letterboxed, decode_image, letterbox
 
@@ -99,6 +100,7 @@ class DecoderPool:
             self._replace(decoder)
             if self._closed:
                 raise self._unloading() from None
+            metrics.DECODER_FAILURES.labels(self.name).inc()
             request_id = new_request_id()
             log.warning(
                 "a decoder process failed and was replaced",
