@@ -208,8 +208,14 @@ class _Decoder:
         )
         if status != OK:
             message = (await _receive(loop, self.sock, size)).decode()
-            kind = ErrorKind.INVALID_ARGUMENT if status == INVALID else ErrorKind.INTERNAL
-            raise VolleyError(kind, message)
+            if status == INVALID:
+                raise VolleyError(ErrorKind.INVALID_ARGUMENT, message)
+            request_id = new_request_id()  # the client gets the id, the log the details
+            log.error(
+                "decoding failed in a decoder process",
+                extra={"event": "unexpected_error", "request_id": request_id, "reason": message},
+            )
+            raise internal(f"{what}: decoding failed", request_id)
         pixels = np.empty((height, width, 3), dtype=np.uint8)
         await _receive_into(loop, self.sock, memoryview(pixels).cast("B"))
         return Letterboxed(pixels, scale, pad_x, pad_y, w, h)
@@ -255,7 +261,7 @@ def serve(sock: socket.socket) -> None:
             _answer_error(sock, INVALID, exc.message)
             continue
         except Exception as exc:  # noqa: BLE001 - any other failure is this image's 500
-            _answer_error(sock, FAILED, f"{what}: decoding failed ({type(exc).__name__})")
+            _answer_error(sock, FAILED, f"{what}: {type(exc).__name__}: {exc}")
             continue
         answer = ANSWER.pack(OK, boxed.scale, boxed.pad_x, boxed.pad_y, boxed.width,
                              boxed.height, 0)  # fmt: skip
