@@ -190,7 +190,7 @@ def test_decoders_end_with_unload_and_with_their_server(tmp_path: Path) -> None:
         assert len(started) == PROCESSES
         proc.proc.kill()  # SIGKILL: no drain, no cleanup; the decoders must still go
         proc.proc.wait()
-        wait_until(lambda: not any(Path(f"/proc/{pid}").exists() and not _zombie(pid)
+        wait_until(lambda: not any(Path(f"/proc/{pid}").exists() and not zombie(pid)
                                    for pid in started))  # fmt: skip
 
 
@@ -207,7 +207,7 @@ def test_decoders_that_keep_dying_are_replaced_at_a_pace(tmp_path: Path) -> None
             killed = decoders(proc.proc.pid)
             for pid in killed:
                 os.kill(pid, signal.SIGKILL)
-            wait_until(lambda killed=killed: all(_zombie(pid) for pid in killed))
+            wait_until(lambda killed=killed: all(zombie(pid) for pid in killed))
             for _ in killed:
                 with pytest.raises(InferenceServerException) as caught:
                     detect(proc, "detect", [good])
@@ -220,7 +220,7 @@ def test_decoders_that_keep_dying_are_replaced_at_a_pace(tmp_path: Path) -> None
         assert proc.log().count('"event":"decoders_paced"') == 1
 
 
-def _zombie(pid: int) -> bool:
+def zombie(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:

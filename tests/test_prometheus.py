@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import signal
@@ -30,6 +31,8 @@ import requests
 import tritonclient.grpc as grpcclient
 import yaml
 from conftest import ROOT, VolleyProcess, copy_shipped_models, free_port, serving
+from test_decode_processes import decoders, wait_until, zombie
+from tritonclient.utils import InferenceServerException
 from websockets.sync.client import connect
 
 PROMETHEUS = ROOT / "deploy" / "prometheus"
@@ -57,8 +60,14 @@ def prometheus_installed() -> None:
 
 @pytest.fixture(scope="module")
 def volley(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VolleyProcess]:
-    """The shipped models plus `slow` (one request at a time, a queue of 2) to fill a queue."""
+    """The shipped models plus `slow` (one request at a time, a queue of 2) to fill a queue,
+    and `detect_procs` (`detect` with one decoder process, which the load kills)."""
     repository = copy_shipped_models(tmp_path_factory.mktemp("prometheus"))
+    detect = yaml.safe_load((repository / "detect" / "config.yaml").read_text())
+    (repository / "detect_procs").mkdir()
+    (repository / "detect_procs" / "config.yaml").write_text(
+        yaml.safe_dump({**detect, "decode_processes": 1})
+    )
     onnx_models.slow(repository / "slow" / "1" / "model.onnx", iterations=30000)
     onnx_models.write_config(
         repository / "slow",
@@ -136,6 +145,13 @@ def send_load(volley: VolleyProcess) -> None:
     jpeg = grpcclient.InferInput("images", [1], "BYTES")
     jpeg.set_data_from_numpy(np.array([(SAMPLES / "street-1.jpg").read_bytes()], np.object_))
     assert client.infer("detect", [jpeg]).as_numpy("num_detections")[0] > 0
+    killed = decoders(volley.proc.pid)
+    for pid in killed:  # the image it gets next fails, and it is replaced
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: all(zombie(pid) for pid in killed))
+    with pytest.raises(InferenceServerException, match="decoder process failed"):
+        client.infer("detect_procs", [jpeg])
+    assert client.infer("detect_procs", [jpeg]).as_numpy("num_detections")[0] > 0
     client.close()
 
     frames = [(SAMPLES / name).read_bytes() for name in ("street-1.jpg", "street-2.jpg")] * 10
@@ -326,6 +342,7 @@ def test_alert_conditions_match_what_the_load_did(prometheus: str, loaded: float
     assert holds_for("VolleyDown") == set()
     assert holds_for("VolleyModelNotReady") == set()
     assert holds_for("VolleyQueueSaturated") == {"slow"}
+    assert holds_for("VolleyDecodersFailing") == {"detect_procs"}
     assert "slow" in holds_for("VolleyHighErrorRatio")
     assert "fraud" not in holds_for("VolleyHighErrorRatio") | holds_for("VolleyHighP99Latency")
 
