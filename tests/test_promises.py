@@ -207,8 +207,9 @@ def status(url: str) -> int:
 
 def test_configured_warmup_gates_readiness(tmp_path: Path) -> None:
     """A model whose configured warmup takes about 2 s of compute is not ready, and neither is
-    the server, until the warmup has run. The model is loaded on request, so the test knows
-    when loading began; nothing may look ready in the first quarter of the warmup's compute."""
+    the server, until the warmup has run. The model is loaded on request, so the test sees
+    loading begin; from then on nothing may look ready for at least a quarter of the warmup's
+    compute."""
     root = tmp_path / "models"
     per_run, runs = 0.25, 8
     timed_slow(root / "warm" / "1" / "model.onnx", seconds=per_run)
@@ -231,6 +232,12 @@ def test_configured_warmup_gates_readiness(tmp_path: Path) -> None:
             assert load.result().status_code == 200, load.result().text
         seen.append((time.monotonic() - start, [status(u) for u in urls]))
     assert seen[-1][1] == [200, 200]
-    warming = [s for t, s in seen if t < 0.25 * per_run * runs]  # margin for a busy machine
-    assert warming, seen
-    assert all(s == [503, 503] for s in warming), seen
+    # Until the server takes the load request nothing has changed ([503, 200]); then neither the
+    # model nor the server is ready ([503, 503]) until the warmup has run; then both are. (The
+    # first samples may come before the request reaches the server: CI once saw one.)
+    phases = [[503, 200], [503, 503], [200, 200]]
+    assert all(s in phases for _, s in seen), seen
+    ranks = [phases.index(s) for _, s in seen]
+    assert ranks == sorted(ranks), seen
+    gated = [t for t, s in seen if s == [503, 503]]
+    assert gated and gated[-1] - gated[0] >= 0.25 * per_run * runs, seen  # margin for a busy box
