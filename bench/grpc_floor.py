@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import requests
-from serving import ROOT, free_port, machine, perf_analyzer, repository_copy, start, stop
+from serving import ROOT, machine, perf_analyzer, repository_copy, start_volley, stop
 
 VARIANTS = ("canned", "decode", "loop-hop", "thread-hop", "volley")
 
@@ -86,19 +86,13 @@ def serve(variant: str, argv: list[str]) -> int:
 
 def row(variant: str, repository: Path, seconds: float) -> str:
     """One table row: serve `repository` with the stand-in `variant`, load it, stop it."""
-    http, grpc = free_port(), free_port()
-    cmd = [sys.executable, __file__, "--serve", variant, "--model-repository", str(repository),
-           "--host", "127.0.0.1", "--http-port", str(http), "--grpc-port", str(grpc),
-           "--metrics-port", "0", "--log-level", "warning"]  # fmt: skip
-    proc = start(cmd, f"http://127.0.0.1:{http}/v2/health/ready")
+    volley = start_volley(repository, serve=(__file__, "--serve", variant))
     try:
         # -x 1: name the version, as the stand-ins answer without checking the request
-        rps, p50, p99 = perf_analyzer(
-            "fraud", f"127.0.0.1:{grpc}", "grpc", 64, ["-x", "1"], seconds
-        )
-        stats = requests.get(f"http://127.0.0.1:{http}/v2/models/fraud/stats", timeout=5).json()
+        rps, p50, p99 = perf_analyzer("fraud", volley.grpc, "grpc", 64, ["-x", "1"], seconds)
+        stats = requests.get(f"http://{volley.http}/v2/models/fraud/stats", timeout=5).json()
     finally:
-        stop(proc)
+        stop(volley.proc)
     model = stats["model_stats"][0]
     rows = model["inference_count"] / model["execution_count"] if model["execution_count"] else 0
     batch = f"{rows:.1f}" if rows else "-"

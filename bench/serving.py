@@ -168,11 +168,17 @@ class Volley:
     grpc: str
 
 
-def start_volley(repository: Path, *flags: str, env: dict | None = None) -> Volley:
-    """`python -m server serve` over `repository` on free loopback ports (metrics on the
-    HTTP port), once ready; extra command-line `flags` are passed on, `env` added."""
+def start_volley(
+    repository: Path,
+    *flags: str,
+    env: dict | None = None,
+    serve: tuple[str, ...] = ("-m", "server", "serve"),
+) -> Volley:
+    """`python -m server serve` (or `python *serve`) over `repository` on free loopback ports
+    (metrics on the HTTP port), once ready; extra command-line `flags` are passed on, `env`
+    added."""
     http, grpc = free_port(), free_port()
-    cmd = [sys.executable, "-m", "server", "serve", "--model-repository", str(repository),
+    cmd = [sys.executable, *serve, "--model-repository", str(repository),
            "--host", "127.0.0.1", "--http-port", str(http), "--grpc-port", str(grpc),
            "--metrics-port", "0", "--log-level", "warning", *flags]  # fmt: skip
     proc = start(cmd, f"http://127.0.0.1:{http}/v2/health/ready", env)
