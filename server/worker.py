@@ -9,7 +9,6 @@ one before it is answered), statistics (summed over the workers), repository pol
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import pickle
@@ -19,6 +18,7 @@ import sys
 from pathlib import Path
 
 from server import ipc
+from server.child_process import die_with_parent
 from server.dataplane import DataPlane
 from server.errors import VolleyError, unavailable
 from server.ipc import CONTROL_SOCKET, worker_socket
@@ -27,8 +27,6 @@ from server.repository import CONTROL_REFUSED, ModelRepository
 from server.stats import merge_stats
 
 log = logging.getLogger(__name__)
-
-PR_SET_PDEATHSIG = 1
 
 
 class Worker:
@@ -157,8 +155,7 @@ def main() -> int:
     from server.app import serve
 
     args = pickle.loads(sys.stdin.buffer.read())  # written by our own supervisor
-    if sys.platform == "linux":  # a supervisor killed outright takes its workers with it
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    die_with_parent(signal.SIGTERM)  # a supervisor killed outright takes its workers with it
     if os.getppid() != args["supervisor"]:
         return 1  # it died before that
     logs.configure(args["log_level"])

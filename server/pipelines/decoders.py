@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import signal
 import socket
@@ -33,6 +32,7 @@ import time
 import numpy as np
 
 from server import metrics
+from server.child_process import die_with_parent
 from server.errors import ErrorKind, VolleyError, internal, new_request_id
 from server.pipelines.images import Letterboxed, decode_image, letterbox
 
@@ -43,7 +43,6 @@ JOB = struct.Struct("<HHBQII")
 # An answer: status, scale, pad_x, pad_y, original width and height, size of the error message.
 ANSWER = struct.Struct("<BdiiiiI")
 OK, INVALID, FAILED = 0, 1, 2
-PR_SET_PDEATHSIG = 1
 SOCKET_BUFFER = 4 * 1024 * 1024  # a 640x640 answer fits in one go
 # Past as many deaths as the pool has decoders within this window, replacements are paced.
 RESPAWN_WINDOW_S = 10.0
@@ -291,8 +290,7 @@ def _read(sock: socket.socket, size: int) -> bytes:
 def main() -> int:
     """Entry point: `python -m server.pipelines.decoders FD`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the server's to handle
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    die_with_parent(signal.SIGKILL)
     sock = socket.socket(fileno=int(sys.argv[1]))
     with contextlib.suppress(EOFError, ConnectionError):  # the server is gone
         serve(sock)
