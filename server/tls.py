@@ -6,10 +6,8 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import grpc
+import grpc
 
 
 @dataclass(frozen=True)
@@ -43,8 +41,6 @@ class TlsFiles:
 
     def grpc_credentials(self) -> grpc.ServerCredentials:
         """gRPC server credentials from the same files."""
-        import grpc  # here, so that a supervisor checking the files never loads grpc
-
         ca = self.client_ca.read_bytes() if self.client_ca is not None else None
         return grpc.ssl_server_credentials(
             [(self.key.read_bytes(), self.cert.read_bytes())],
