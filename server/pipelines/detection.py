@@ -305,7 +305,8 @@ class DetectionPipeline:
                 if not isinstance(item, bytes):
                     raise invalid(f"{what}: expected encoded image bytes")
             if self.decoders is not None:
-                return [self._decode_elsewhere(item, what, *settings) for item, what in items]
+                decode = self._decode_elsewhere
+                return [decode(item, what, max_pixels, *settings) for item, what in items]
             return [
                 loop.run_in_executor(
                     self._pool, _prepare_encoded, item, what, max_pixels, *settings
@@ -320,13 +321,17 @@ class DetectionPipeline:
         ]
 
     async def _decode_elsewhere(
-        self, data: bytes, what: str, plan: DetectorPlan, pad: int, scale: float | None
+        self,
+        data: bytes,
+        what: str,
+        max_pixels: int,
+        plan: DetectorPlan,
+        pad: int,
+        scale: float | None,
     ) -> Prepared:
-        """An encoded image decoded and letterboxed by a decoder process."""
+        """`_prepare_encoded`, with the decode and letterbox in a decoder process."""
         assert self.decoders is not None
-        boxed = await self.decoders.letterbox(
-            data, what, plan.height, plan.width, pad, self.detection.max_image_pixels
-        )
+        boxed = await self.decoders.letterbox(data, what, plan.height, plan.width, pad, max_pixels)
         if scale is None:
             return Prepared(boxed.pixels, boxed)
         loop = asyncio.get_running_loop()
