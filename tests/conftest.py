@@ -214,6 +214,35 @@ def server(repository: Path) -> Iterator[VolleyProcess]:
         yield proc
 
 
+def child_processes(pid: int, marker: bytes) -> set[int]:
+    """Child processes of `pid` whose command line contains `marker` (zombies included)."""
+    out = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            except FileNotFoundError:  # it exited meanwhile
+                continue
+            if marker in cmdline:
+                out.add(int(child))
+    return out
+
+
+def running(pid: int) -> bool:
+    """Whether any thread of process `pid` is still alive (not a zombie).
+
+    Every thread counts: a SIGKILLed process whose main thread is already a zombie can still
+    hold its sockets open until its last thread has exited.
+    """
+    states = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+        except FileNotFoundError:
+            continue
+    return any(state != "Z" for state in states)
+
+
 def copy_shipped_models(folder: Path) -> Path:
     """A copy of the shipped model repository (`models/`) inside `folder`, for a test to serve."""
     repository = folder / "models"

@@ -19,9 +19,10 @@ import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import yaml
-from conftest import VolleyProcess, copy_shipped_models, serving
+from conftest import VolleyProcess, child_processes, copy_shipped_models, running, serving
 from metrics_scrape import scrape
 from test_detection_pipeline import png_declaring
+from test_repository import wait_for
 from tritonclient.utils import InferenceServerException
 from vision_scenes import encode, scene_image
 
@@ -40,21 +41,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VolleyProcess]:
         yield proc
 
 
-def decoders(server_pid: int) -> list[int]:
-    """The decoder processes the server started (its children running the decoder module)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        mine = int(stat[1]) == server_pid and b"server.pipelines.decoders" in cmdline
-        if mine and stat[0] != "Z":
-            found.append(int(entry.name))
-    return found
+def decoders(server_pid: int) -> set[int]:
+    """The live decoder processes the server started (its children running the decoder module)."""
+    children = child_processes(server_pid, b"server.pipelines.decoders")
+    return {pid for pid in children if running(pid)}
 
 
 def detect(proc: VolleyProcess, model: str, blobs: list[bytes]) -> httpclient.InferResult:
@@ -121,7 +111,7 @@ def test_a_killed_decoder_is_replaced(server: VolleyProcess) -> None:
     assert outcomes.count(-1) <= PROCESSES
     assert all(n > 0 for n in outcomes[PROCESSES:])
     after = decoders(server.proc.pid)
-    assert len(after) == PROCESSES and not set(after) & set(before)
+    assert len(after) == PROCESSES and not after & before
     assert '"event":"decoder_failed"' in server.log()
     samples = scrape(f"http://127.0.0.1:{server.metrics_port}/metrics")
     failures = samples[("volley_decoder_failures_total", frozenset({("model", "detect_procs")}))]
@@ -131,7 +121,7 @@ def test_a_killed_decoder_is_replaced(server: VolleyProcess) -> None:
 def test_callers_that_leave_cost_no_decoder(server: VolleyProcess) -> None:
     """gRPC calls whose deadline passes while their images decode are cancelled in the server;
     the decoders finish those jobs and serve the next request: none is restarted."""
-    before = sorted(decoders(server.proc.pid))
+    before = decoders(server.proc.pid)
     blob = encode(scene_image(4, (320, 240), 4.0).image)  # 1280x960: several ms to decode
     client = grpcclient.InferenceServerClient(server.grpc)
     tensor = grpcclient.InferInput("images", [8], "BYTES")
@@ -145,7 +135,7 @@ def test_callers_that_leave_cost_no_decoder(server: VolleyProcess) -> None:
         client.close()
     time.sleep(0.5)
     assert detect(server, "detect_procs", [blob] * 4).as_numpy("num_detections").min() > 0
-    assert sorted(decoders(server.proc.pid)) == before
+    assert decoders(server.proc.pid) == before
 
 
 def test_streams_use_the_decoders(server: VolleyProcess) -> None:
@@ -183,15 +173,14 @@ def test_decoders_end_with_unload_and_with_their_server(tmp_path: Path) -> None:
         assert len(decoders(proc.proc.pid)) == PROCESSES
         r = requests.post(f"{proc.url}/v2/repository/models/detect/unload", timeout=30)
         assert r.status_code == 200
-        wait_until(lambda: not decoders(proc.proc.pid))
+        wait_for(lambda: not decoders(proc.proc.pid), "decoders to exit", timeout=10)
         r = requests.post(f"{proc.url}/v2/repository/models/detect/load", timeout=60)
         assert r.status_code == 200
         started = decoders(proc.proc.pid)
         assert len(started) == PROCESSES
         proc.proc.kill()  # SIGKILL: no drain, no cleanup; the decoders must still go
         proc.proc.wait()
-        wait_until(lambda: not any(Path(f"/proc/{pid}").exists() and not zombie(pid)
-                                   for pid in started))  # fmt: skip
+        wait_for(lambda: not any(running(pid) for pid in started), "orphans to exit", timeout=10)
 
 
 def test_decoders_that_keep_dying_are_replaced_at_a_pace(tmp_path: Path) -> None:
@@ -207,28 +196,14 @@ def test_decoders_that_keep_dying_are_replaced_at_a_pace(tmp_path: Path) -> None
             killed = decoders(proc.proc.pid)
             for pid in killed:
                 os.kill(pid, signal.SIGKILL)
-            wait_until(lambda killed=killed: all(zombie(pid) for pid in killed))
+            wait_for(lambda killed=killed: not any(map(running, killed)), "kills", timeout=10)
             for _ in killed:
                 with pytest.raises(InferenceServerException) as caught:
                     detect(proc, "detect", [good])
                 assert caught.value.status() == "500", caught.value.message()
-        assert decoders(proc.proc.pid) == []  # none started at once the second time
+        assert decoders(proc.proc.pid) == set()  # none started at once the second time
         started = time.monotonic()
         assert detect(proc, "detect", [good]).as_numpy("num_detections")[0] > 0  # it waits
         assert 0.5 < time.monotonic() - started < 5
-        wait_until(lambda: len(decoders(proc.proc.pid)) == PROCESSES, timeout=10)
+        wait_for(lambda: len(decoders(proc.proc.pid)) == PROCESSES, "replacements", timeout=10)
         assert proc.log().count('"event":"decoders_paced"') == 1
-
-
-def zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
-def wait_until(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)

@@ -21,7 +21,7 @@ import orjson
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
-from conftest import VolleyProcess, copy_shipped_models, serving
+from conftest import VolleyProcess, child_processes, copy_shipped_models, running, serving
 
 SENDER = r"""
 import os, sys, time, numpy as np, orjson, requests
@@ -171,28 +171,7 @@ def test_control_bodies_are_bounded(volley: VolleyProcess) -> None:
 def decoders(pid: int) -> set[int]:
     """The server's child processes that are spawned multiprocessing workers (not the
     resource tracker multiprocessing starts beside them)."""
-    out = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
-            if b"spawn_main" in cmdline:
-                out.add(int(child))
-    return out
-
-
-def running(pid: int) -> bool:
-    """Whether any thread of process `pid` is still alive (not a zombie).
-
-    Every thread counts: a SIGKILLed process whose main thread is already a zombie can still
-    hold its sockets open until its last thread has exited.
-    """
-    states = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
-        except FileNotFoundError:
-            continue
-    return any(state != "Z" for state in states)
+    return child_processes(pid, b"spawn_main")
 
 
 def large_fraud_body(rows: int = 1024) -> bytes:

@@ -30,8 +30,9 @@ import pytest
 import requests
 import tritonclient.grpc as grpcclient
 import yaml
-from conftest import ROOT, VolleyProcess, copy_shipped_models, free_port, serving
-from test_decode_processes import decoders, wait_until, zombie
+from conftest import ROOT, VolleyProcess, copy_shipped_models, free_port, running, serving
+from test_decode_processes import decoders
+from test_repository import wait_for
 from tritonclient.utils import InferenceServerException
 from websockets.sync.client import connect
 
@@ -148,7 +149,7 @@ def send_load(volley: VolleyProcess) -> None:
     killed = decoders(volley.proc.pid)
     for pid in killed:  # the image it gets next fails, and it is replaced
         os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: all(zombie(pid) for pid in killed))
+    wait_for(lambda: not any(map(running, killed)), "the killed decoder", timeout=10)
     with pytest.raises(InferenceServerException, match="decoder process failed"):
         client.infer("detect_procs", [jpeg])
     assert client.infer("detect_procs", [jpeg]).as_numpy("num_detections")[0] > 0
