@@ -20,15 +20,16 @@ import multiprocessing
 import os
 import pickle
 import secrets
+import signal
 import socket
 import struct
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from server.child_process import die_with_parent
 from server.errors import ErrorKind, VolleyError, unexpected
 from server.protocol import http_codec
 from server.types import InferenceRequest
@@ -169,8 +170,10 @@ async def _receive_result(loop: asyncio.AbstractEventLoop, sock: socket.socket) 
 def serve_decoder(address: str, server_pid: int) -> None:
     """The decoder process: one job per connection, one at a time, until it is terminated or
     the server process is gone (even SIGKILLed: no decoder outlives its server)."""
+    die_with_parent(signal.SIGKILL)
+    if os.getppid() != server_pid:
+        return  # the server died before the line above
     os.nice(WORKER_NICENESS)
-    threading.Thread(target=_exit_with, args=(server_pid,), daemon=True).start()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(address)
     listener.listen(16)
@@ -181,12 +184,6 @@ def serve_decoder(address: str, server_pid: int) -> None:
                 _serve_job(connection)
             except (ConnectionError, EOFError):
                 continue  # the server gave up on this body (client gone, body too large)
-
-
-def _exit_with(server_pid: int) -> None:
-    while os.getppid() == server_pid:
-        time.sleep(1.0)
-    os._exit(0)
 
 
 def _serve_job(connection: socket.socket) -> None:
