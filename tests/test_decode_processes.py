@@ -207,3 +207,37 @@ def test_decoders_that_keep_dying_are_replaced_at_a_pace(tmp_path: Path) -> None
         assert 0.5 < time.monotonic() - started < 5
         wait_for(lambda: len(decoders(proc.proc.pid)) == PROCESSES, "replacements", timeout=10)
         assert proc.log().count('"event":"decoders_paced"') == 1
+
+
+def test_a_stuck_decoder_is_killed_and_replaced(tmp_path: Path) -> None:
+    """A decoder that stops answering (here SIGSTOPped, as a codec stuck on an image would be)
+    fails its image with a 500 once `decode_timeout_ms` has passed, and is killed and replaced:
+    it holds no decoder, and no request, for longer than that."""
+    repository = copy_shipped_models(tmp_path)
+    config_file = repository / "detect" / "config.yaml"
+    config = yaml.safe_load(config_file.read_text())
+    stuck_config = {**config, "decode_processes": 1, "decode_timeout_ms": 1000}
+    config_file.write_text(yaml.safe_dump(stuck_config))
+    good = encode(scene_image(6, (320, 240), 2.0).image)
+    with serving(repository) as proc:
+        (stuck,) = decoders(proc.proc.pid)
+        os.kill(stuck, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(InferenceServerException) as caught:
+            detect(proc, "detect", [good])
+        waited = time.monotonic() - started
+        assert caught.value.status() == "500"
+        assert (
+            "image 0: not decoded within 1 s; its decoder process was replaced"
+            in caught.value.message()
+        )
+        assert "request id" in caught.value.message()
+        assert 0.9 < waited < 5
+        wait_for(lambda: not running(stuck), "the stuck decoder to be killed", timeout=5)
+        assert detect(proc, "detect", [good]).as_numpy("num_detections")[0] > 0
+        (replacement,) = decoders(proc.proc.pid)
+        assert replacement != stuck
+        assert "no answer in 1 s" in proc.log()
+        samples = scrape(f"http://127.0.0.1:{proc.metrics_port}/metrics")
+        failures = samples[("volley_decoder_failures_total", frozenset({("model", "detect")}))]
+        assert failures == 1

@@ -49,6 +49,13 @@ class DetectionConfig(_Strict):
         description="processes that decode and letterbox encoded images, outside the server "
         "process; 0 = decode on the pipeline's threads",
     )
+    decode_timeout_ms: int = Field(
+        10_000,
+        ge=1,
+        description="with decode_processes: an image not decoded within this time fails with "
+        "500 and its decoder process is killed and replaced (a codec stuck on a hostile image "
+        "cannot hold a decoder forever)",
+    )
     max_queue_size: int = Field(
         64, ge=1, description="requests in progress (decode, detector, NMS) before 429"
     )

@@ -8,7 +8,8 @@ such hand-over makes the detector's batch thread and the event loop wait their t
 decoder processes no thread is involved at all: the event loop writes the encoded bytes to a
 decoder over a socket pair and receives the letterboxed uint8 pixels straight into their array.
 
-A decoder that dies (killed, out of memory, an image that crashes a codec) fails the image it
+A decoder that dies (killed, out of memory, an image that crashes a codec) or does not answer
+within `decode_timeout_ms` (a codec stuck on an image; the decoder is killed) fails the image it
 had with a clean 500 and is replaced: at once while deaths are rare, else one a second, so that
 a client sending images that crash a codec cannot make the server spend its CPU starting
 processes (requests wait for a decoder meanwhile). A decoder that cannot be started (out of
@@ -52,9 +53,10 @@ RESPAWN_DELAY_S = 1.0
 class DecoderPool:
     """`count` decoder processes, each doing one job at a time, shared by a pipeline's requests."""
 
-    def __init__(self, count: int, name: str) -> None:
+    def __init__(self, count: int, name: str, timeout_s: float = 10.0) -> None:
         self.name = name
         self._count = count
+        self._timeout_s = timeout_s
         self._idle: asyncio.Queue[_Decoder] = asyncio.Queue()
         self._decoders: set[_Decoder] = set()
         self._closed = False
@@ -91,22 +93,27 @@ class DecoderPool:
         max_pixels: int,
     ) -> Letterboxed:
         try:
-            boxed = await decoder.run(data, what, height, width, pad, max_pixels)
+            boxed = await asyncio.wait_for(
+                decoder.run(data, what, height, width, pad, max_pixels), self._timeout_s
+            )
         except VolleyError:
             self._idle.put_nowait(decoder)  # a bad image: the decoder is fine
             raise
-        except (OSError, EOFError) as exc:  # the decoder died under this job
+        except (OSError, EOFError, TimeoutError) as exc:  # the decoder died, or is stuck
             self._replace(decoder)
             if self._closed:
                 raise self._unloading() from None
             metrics.DECODER_FAILURES.labels(self.name).inc()
             request_id = new_request_id()
+            stuck = isinstance(exc, TimeoutError)
             log.warning(
                 "a decoder process failed and was replaced",
-                extra={"event": "decoder_failed", "model": self.name, "reason": str(exc),
-                       "request_id": request_id},
+                extra={"event": "decoder_failed", "model": self.name, "request_id": request_id,
+                       "reason": f"no answer in {self._timeout_s:g} s" if stuck else str(exc)},
             )  # fmt: skip
-            raise internal(f"{what}: the decoder process failed", request_id) from None
+            replaced = f"not decoded within {self._timeout_s:g} s; its decoder process was replaced"
+            message = f"{what}: {replaced}" if stuck else f"{what}: the decoder process failed"
+            raise internal(message, request_id) from None
         except BaseException:
             self._replace(decoder)
             raise

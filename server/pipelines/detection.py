@@ -143,7 +143,9 @@ class DetectionPipeline:
         self._host_only: weakref.WeakSet[OnnxModel] = weakref.WeakSet()
         plan = self.plan()  # refuse to load while the detector is missing or does not fit
         self.decoders = (  # only once it loads: a refused pipeline leaves no process behind
-            DecoderPool(config.decode_processes, config.name) if config.decode_processes else None
+            DecoderPool(config.decode_processes, config.name, config.decode_timeout_ms / 1000)
+            if config.decode_processes
+            else None
         )
         self._warming = asyncio.get_running_loop().create_task(self._warm(plan))
 
