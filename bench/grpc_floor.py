@@ -11,6 +11,12 @@ perf_analyzer over gRPC at concurrency 64:
   (the shape of the batcher's hand-back, without ONNX Runtime);
 - `volley`: the real `ModelInfer`.
 
+Two more rows leave Volley out: a bare grpcio server that answers every method with bytes
+Volley gave for it (captured in the same run), no protobuf decoding, no servicer class:
+
+- `bare-aio`: grpcio's asyncio server (what Volley is built on);
+- `bare-sync`: grpcio's thread-pool server (16 threads), the other server grpcio offers.
+
     python bench/grpc_floor.py [--seconds 4]
 
 The last column is the mean number of requests per detector batch, from the model's statistics.
@@ -20,16 +26,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import pickle
 import queue
+import subprocess
 import sys
 import threading
 from pathlib import Path
 
+import grpc
 import numpy as np
 import requests
-from serving import ROOT, machine, perf_analyzer, repository_copy, start_volley, stop
+from serving import (
+    ROOT,
+    free_port,
+    machine,
+    perf_analyzer,
+    repository_copy,
+    start_volley,
+    stop,
+)
 
-VARIANTS = ("canned", "decode", "loop-hop", "thread-hop", "volley")
+VARIANTS = ("canned", "decode", "loop-hop", "thread-hop", "volley", "bare-aio", "bare-sync")
+SERVICE = "/inference.GRPCInferenceService/"
 
 
 def patch(variant: str) -> None:
@@ -99,9 +117,103 @@ def row(variant: str, repository: Path, seconds: float) -> str:
     return f"| {variant} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {batch} |"
 
 
+def capture(repository: Path, answers_file: Path) -> None:
+    """Volley's answers to what perf_analyzer asks (metadata, config, one inference), as bytes."""
+    from tritonclient.grpc import service_pb2 as pb
+
+    volley = start_volley(repository)
+    requests_by_method = {
+        "ServerLive": pb.ServerLiveRequest(),
+        "ServerReady": pb.ServerReadyRequest(),
+        "ServerMetadata": pb.ServerMetadataRequest(),
+        "ModelReady": pb.ModelReadyRequest(name="fraud"),
+        "ModelMetadata": pb.ModelMetadataRequest(name="fraud"),
+        "ModelConfig": pb.ModelConfigRequest(name="fraud"),
+        "ModelStatistics": pb.ModelStatisticsRequest(name="fraud"),
+        "SystemSharedMemoryStatus": pb.SystemSharedMemoryStatusRequest(),
+        "SystemSharedMemoryUnregister": pb.SystemSharedMemoryUnregisterRequest(),
+        "CudaSharedMemoryStatus": pb.CudaSharedMemoryStatusRequest(),
+        "CudaSharedMemoryUnregister": pb.CudaSharedMemoryUnregisterRequest(),
+    }
+    infer = pb.ModelInferRequest(model_name="fraud")
+    infer.inputs.add(name="features", datatype="FP32", shape=[1, 17])
+    infer.raw_input_contents.append(np.zeros(17, np.float32).tobytes())
+    requests_by_method["ModelInfer"] = infer
+    try:
+        with grpc.insecure_channel(volley.grpc) as channel:
+            answers = {
+                SERVICE + method: channel.unary_unary(SERVICE + method)(
+                    request.SerializeToString(), timeout=10
+                )
+                for method, request in requests_by_method.items()
+            }
+    finally:
+        stop(volley.proc)
+    answers_file.write_bytes(pickle.dumps(answers))
+
+
+def serve_bare(kind: str, port: int, answers_file: Path) -> int:
+    """A grpcio server that answers each known method with its captured bytes."""
+    answers = pickle.loads(answers_file.read_bytes())
+
+    def handler(answer: bytes) -> grpc.RpcMethodHandler:
+        async def async_answer(request: bytes, context: object) -> bytes:
+            return answer
+
+        def sync_answer(request: bytes, context: object) -> bytes:
+            return answer
+
+        function = async_answer if kind == "aio" else sync_answer
+        return grpc.unary_unary_rpc_method_handler(function, lambda b: b, lambda b: b)
+
+    handlers = {method: handler(answer) for method, answer in answers.items()}
+    generic = grpc.method_handlers_generic_handler("inference.GRPCInferenceService", {
+        method.removeprefix(SERVICE): h for method, h in handlers.items()
+    })  # fmt: skip
+    if kind == "aio":
+        import uvloop
+
+        async def run() -> None:
+            server = grpc.aio.server()
+            server.add_generic_rpc_handlers((generic,))
+            server.add_insecure_port(f"127.0.0.1:{port}")
+            await server.start()
+            await server.wait_for_termination()
+
+        uvloop.run(run())
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        server = grpc.server(ThreadPoolExecutor(max_workers=16))
+        server.add_generic_rpc_handlers((generic,))
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        server.start()
+        server.wait_for_termination()
+    return 0
+
+
+def bare_row(kind: str, answers_file: Path, seconds: float) -> str:
+    """One row for a bare grpcio server (`aio` or `sync`)."""
+    port = free_port()
+    cmd = [sys.executable, __file__, "--bare", kind, str(port), str(answers_file)]
+    server = subprocess.Popen(cmd)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+        rps, p50, p99 = perf_analyzer(
+            "fraud", f"127.0.0.1:{port}", "grpc", 64, ["-x", "1"], seconds
+        )
+    finally:
+        server.kill()
+        server.wait()
+    return f"| bare-{kind} (no Volley) | {rps:,.0f} | {p50:.2f} | {p99:.2f} | - |"
+
+
 def main() -> int:
     if len(sys.argv) > 2 and sys.argv[1] == "--serve":
         return serve(sys.argv[2], sys.argv[3:])
+    if len(sys.argv) == 5 and sys.argv[1] == "--bare":
+        return serve_bare(sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=Path, default=ROOT / "models")
     parser.add_argument("--seconds", type=float, default=4.0, help="per perf_analyzer window")
@@ -118,8 +230,14 @@ def main() -> int:
     with repository_copy(
         args.models, "fraud", dynamic_batching=batching, instance_count=2, intra_op_threads=1
     ) as repository:
+        answers_file = repository.parent / "answers.pickle"
         for variant in args.variants.split(","):
-            lines.append(row(variant, repository, args.seconds))
+            if variant.startswith("bare-"):
+                if not answers_file.exists():
+                    capture(repository, answers_file)
+                lines.append(bare_row(variant.removeprefix("bare-"), answers_file, args.seconds))
+            else:
+                lines.append(row(variant, repository, args.seconds))
             print(f"  {lines[-1]}", file=sys.stderr, flush=True)
     print("\n".join(lines))
     return 0
