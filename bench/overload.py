@@ -31,7 +31,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import orjson
-from serving import machine, repository_copy, rss_mb, start_volley, stop
+from serving import machine, repository_copy, rss_mb, start_volley, stop, switch_interval
 from tritonclient.grpc import service_pb2 as pb
 from vision import camera_frames, ceiling
 
@@ -49,6 +49,7 @@ class Step:
     rss_start_mb: float
     rss_peak_mb: float
     server_cpu_s: float = 0.0  # CPU time the server process used during the step
+    generator_cpu_s: float = 0.0  # and this process, the load generator (same machine)
 
     def row(self) -> str:
         ok = np.array(self.accepted_ms or [np.nan])
@@ -60,7 +61,8 @@ class Step:
             f"{np.percentile(ok, 99):.1f} | {np.percentile(refused, 50):.1f} / "
             f"{np.percentile(refused, 99):.1f} | {errors} | "
             f"{self.rss_start_mb:.0f} -> {self.rss_peak_mb:.0f} | "
-            f"{self.server_cpu_s / self.seconds * 100:.0f} % |"
+            f"{self.server_cpu_s / self.seconds * 100:.0f} % | "
+            f"{self.generator_cpu_s / self.seconds * 100:.0f} % |"
         )
 
 
@@ -175,7 +177,7 @@ async def watch_memory(pid: int, step: Step, done: asyncio.Event) -> None:
 async def closed_loop(load: GrpcLoad | HttpLoad, inflight: int, seconds: float, pid: int):
     """`inflight` clients, each sending its next request when its answer comes."""
     step = Step("capacity (closed loop)", 0.0, seconds, [], [], {}, rss_mb(pid), rss_mb(pid))
-    cpu = cpu_seconds(pid)
+    cpu, own = cpu_seconds(pid), time.process_time()
     end = time.monotonic() + seconds
     done = asyncio.Event()
 
@@ -190,6 +192,7 @@ async def closed_loop(load: GrpcLoad | HttpLoad, inflight: int, seconds: float, 
     done.set()
     await memory
     step.server_cpu_s = cpu_seconds(pid) - cpu
+    step.generator_cpu_s = time.process_time() - own
     step.offered = len(step.accepted_ms) / seconds
     return step
 
@@ -198,7 +201,7 @@ async def open_loop(load: GrpcLoad | HttpLoad, rate: float, seconds: float, pid:
                     name: str) -> Step:  # fmt: skip
     """Requests leave every 1/rate seconds, whatever happened to the ones before."""
     step = Step(name, rate, seconds, [], [], {}, rss_mb(pid), rss_mb(pid))
-    cpu = cpu_seconds(pid)
+    cpu, own = cpu_seconds(pid), time.process_time()
     done = asyncio.Event()
     memory = asyncio.create_task(watch_memory(pid, step, done))
     tasks = []
@@ -211,12 +214,14 @@ async def open_loop(load: GrpcLoad | HttpLoad, rate: float, seconds: float, pid:
     step.offered = len(tasks) / (time.perf_counter() - start_at)  # what the generator reached
     await asyncio.gather(*tasks)
     step.server_cpu_s = cpu_seconds(pid) - cpu
+    step.generator_cpu_s = time.process_time() - own
     done.set()
     await memory
     return step
 
 
-def report(ceiling_fps: float, steps: list[Step], queue: int, seconds: float, protocol: str) -> str:
+def report(ceiling_fps: float, steps: list[Step], args: argparse.Namespace) -> str:
+    queue, seconds, protocol = args.queue, args.seconds, args.protocol
     capacity, at_1x, first_3x, at_3x = steps
     p99_cap = np.percentile(capacity.accepted_ms, 99)
     p99_3x = np.percentile(at_3x.accepted_ms, 99) if at_3x.accepted_ms else float("inf")
@@ -225,15 +230,19 @@ def report(ceiling_fps: float, steps: list[Step], queue: int, seconds: float, pr
     # The first 3x step fills the working set (ONNX Runtime's arena grows to full batches);
     # flat means the second one's peak is no higher than the first one's.
     growth = at_3x.rss_peak_mb - first_3x.rss_peak_mb
+    switch = (
+        f", GIL switch interval {args.switch_interval_ms:g} ms" if args.switch_interval_ms else ""
+    )
     lines = [
         f"Machine: {machine()}",
         f"detect pipeline (640x480 JPEG -> boxes), {PROTOCOLS[protocol]}, max_queue_size {queue}, "
-        f"{seconds:g} s per step; in-process ceiling (one loop, no server): {ceiling_fps:.1f} "
-        "images/s",
+        f"{seconds:g} s per step{switch}; in-process ceiling (one loop, no server): "
+        f"{ceiling_fps:.1f} images/s",
         "",
         "| step | offered req/s | accepted req/s | refused req/s | p50 accepted ms | "
-        "p99 accepted ms | p50 / p99 refused ms | other errors | RSS MB | server CPU |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "p99 accepted ms | p50 / p99 refused ms | other errors | RSS MB | server CPU | "
+        "generator CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *(s.row() for s in steps),
         "",
         "| target | measured | met |",
@@ -253,8 +262,11 @@ def report(ceiling_fps: float, steps: list[Step], queue: int, seconds: float, pr
 
 
 async def run(args: argparse.Namespace, frames: list[bytes]) -> list[Step]:
-    with repository_copy(args.models, "detect", max_queue_size=args.queue) as repository:
-        volley = start_volley(repository)
+    with (
+        repository_copy(args.models, "detect", max_queue_size=args.queue) as repository,
+        switch_interval(args.switch_interval_ms) as env,
+    ):
+        volley = start_volley(repository, env=env)
         proc = volley.proc
         if args.nice:
             os.nice(19)  # from here on this process (the load generator) yields to the server
@@ -292,11 +304,16 @@ def main() -> int:
         help="run the load generator at the lowest CPU priority, as clients on other machines "
         "would not take the server's cores (the offered rate it reaches is reported)",
     )
+    parser.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        help="the server's GIL switch interval (default: Python's 5 ms)",
+    )
     args = parser.parse_args()
     frames = camera_frames()
     ceiling_fps, _ = ceiling(args.models / "detector" / "1" / "model.onnx", frames, 6)
     steps = asyncio.run(run(args, frames))
-    print(report(ceiling_fps, steps, args.queue, args.seconds, args.protocol))
+    print(report(ceiling_fps, steps, args))
     return 0
 
 
