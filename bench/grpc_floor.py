@@ -2,7 +2,7 @@
 
 Each row starts Volley on the fraud model (the peer benchmark's batching: 100 us queue delay,
 two single-thread instances) with `ModelInfer` replaced by a stand-in, then drives it with
-perf_analyzer over gRPC at concurrency 64:
+perf_analyzer over gRPC at concurrency 64 (`--concurrency`):
 
 - `canned`: answers a prebuilt response at once (grpc.aio's own cost per call: the floor);
 - `decode`: decodes the request into numpy first (adds the codec);
@@ -102,12 +102,14 @@ def serve(variant: str, argv: list[str]) -> int:
     return main(["serve", *argv])
 
 
-def row(variant: str, repository: Path, seconds: float) -> str:
+def row(variant: str, repository: Path, seconds: float, concurrency: int) -> str:
     """One table row: serve `repository` with the stand-in `variant`, load it, stop it."""
     volley = start_volley(repository, serve=(__file__, "--serve", variant))
     try:
         # -x 1: name the version, as the stand-ins answer without checking the request
-        rps, p50, p99 = perf_analyzer("fraud", volley.grpc, "grpc", 64, ["-x", "1"], seconds)
+        rps, p50, p99 = perf_analyzer(
+            "fraud", volley.grpc, "grpc", concurrency, ["-x", "1"], seconds
+        )
         stats = requests.get(f"http://{volley.http}/v2/models/fraud/stats", timeout=5).json()
     finally:
         stop(volley.proc)
@@ -192,7 +194,7 @@ def serve_bare(kind: str, port: int, answers_file: Path) -> int:
     return 0
 
 
-def bare_row(kind: str, answers_file: Path, seconds: float) -> str:
+def bare_row(kind: str, answers_file: Path, seconds: float, concurrency: int) -> str:
     """One row for a bare grpcio server (`aio` or `sync`)."""
     port = free_port()
     cmd = [sys.executable, __file__, "--bare", kind, str(port), str(answers_file)]
@@ -201,7 +203,7 @@ def bare_row(kind: str, answers_file: Path, seconds: float) -> str:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             grpc.channel_ready_future(channel).result(timeout=30)
         rps, p50, p99 = perf_analyzer(
-            "fraud", f"127.0.0.1:{port}", "grpc", 64, ["-x", "1"], seconds
+            "fraud", f"127.0.0.1:{port}", "grpc", concurrency, ["-x", "1"], seconds
         )
     finally:
         server.kill()
@@ -218,11 +220,12 @@ def main() -> int:
     parser.add_argument("--models", type=Path, default=ROOT / "models")
     parser.add_argument("--seconds", type=float, default=4.0, help="per perf_analyzer window")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--concurrency", type=int, default=64, help="perf_analyzer's")
     args = parser.parse_args()
     batching = {"max_queue_delay_us": 100, "max_queue_size": 4096}
     lines = [
         f"Machine: {machine()}",
-        "fraud, single-row requests, perf_analyzer gRPC c=64",
+        f"fraud, single-row requests, perf_analyzer gRPC c={args.concurrency}",
         "",
         "| ModelInfer | req/s | p50 ms | p99 ms | requests per batch |",
         "|---|---:|---:|---:|---:|",
@@ -235,9 +238,10 @@ def main() -> int:
             if variant.startswith("bare-"):
                 if not answers_file.exists():
                     capture(repository, answers_file)
-                lines.append(bare_row(variant.removeprefix("bare-"), answers_file, args.seconds))
+                kind = variant.removeprefix("bare-")
+                lines.append(bare_row(kind, answers_file, args.seconds, args.concurrency))
             else:
-                lines.append(row(variant, repository, args.seconds))
+                lines.append(row(variant, repository, args.seconds, args.concurrency))
             print(f"  {lines[-1]}", file=sys.stderr, flush=True)
     print("\n".join(lines))
     return 0
