@@ -218,10 +218,14 @@ def child_processes(pid: int, marker: bytes) -> set[int]:
     """Child processes of `pid` whose command line contains `marker` (zombies included)."""
     out = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
+        try:
+            children = (task / "children").read_text().split()
+        except (FileNotFoundError, ProcessLookupError):  # the thread exited meanwhile
+            continue
+        for child in children:
             try:
                 cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
-            except FileNotFoundError:  # it exited meanwhile
+            except (FileNotFoundError, ProcessLookupError):  # it exited meanwhile
                 continue
             if marker in cmdline:
                 out.add(int(child))
@@ -238,7 +242,7 @@ def running(pid: int) -> bool:
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
             states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # the thread exited meanwhile (ESRCH)
             continue
     return any(state != "Z" for state in states)
 
