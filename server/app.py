@@ -29,6 +29,7 @@ from server.http_api import HttpFrontEnd, metrics_app
 from server.ratelimit import RateLimiter
 from server.repository import ModelRepository
 from server.settings import ServeSettings, StartupError
+from server.shm import SystemSharedMemory
 from server.tls import TlsFiles
 
 if TYPE_CHECKING:
@@ -108,6 +109,8 @@ async def serve(settings: ServeSettings, worker: Worker | None = None) -> int:
         dataplane = DataPlane(repository, settings.strict_readiness, limiter)
     else:
         dataplane = worker.dataplane(repository, settings.strict_readiness, limiter)
+    if settings.allow_client_shm:
+        dataplane.shared_memory = SystemSharedMemory(settings.max_request_bytes)
     metrics.enable_gpu_metrics()
 
     keys = ApiKeys.load(settings.api_keys) if settings.api_keys is not None else None

@@ -113,6 +113,13 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         help="requests a client may send at once above --rate-limit (0: one second's worth)",
     )
     p.add_argument(
+        "--allow-client-shm",
+        action="store_true",
+        help="let clients on this host register system shared-memory regions (Triton's "
+        "extension) and pass tensors in them; only for clients trusted as the server's user, "
+        "and with --workers 1",
+    )
+    p.add_argument(
         "--shutdown-timeout",
         type=float,
         default=30.0,
@@ -402,6 +409,7 @@ def _serve(args: argparse.Namespace) -> int:
         rate_burst=args.rate_burst,
         shutdown_timeout=args.shutdown_timeout,
         workers=args.workers,
+        allow_client_shm=args.allow_client_shm,
     )
     try:
         check_startup(settings)

@@ -12,11 +12,19 @@ import time
 from functools import lru_cache
 
 from server import metrics
-from server.errors import ErrorKind, VolleyError, invalid, unavailable
+from server.datatypes import tensor_from_bytes, tensor_to_bytes
+from server.errors import (
+    ErrorKind,
+    VolleyError,
+    invalid,
+    shared_memory_unsupported,
+    unavailable,
+)
 from server.ratelimit import RateLimiter
 from server.repository import ModelRepository
 from server.servable import FramePolicy
-from server.types import InferenceRequest, InferenceResponse
+from server.shm import SystemSharedMemory
+from server.types import InferenceRequest, InferenceResponse, InferTensor, SharedMemoryRef
 
 OUTCOMES = {
     ErrorKind.INVALID_ARGUMENT: "invalid",
@@ -55,6 +63,8 @@ class DataPlane:
         self.repository = repository
         self.strict_readiness = strict_readiness
         self.rate_limiter = rate_limiter
+        # Client shared-memory regions, with --allow-client-shm (None: refused).
+        self.shared_memory: SystemSharedMemory | None = None
         self.draining = False
         self.arrivals = 0  # requests seen, refused ones included: what `quiesce` watches
         self.inflight = 0
@@ -81,10 +91,14 @@ class DataPlane:
         try:
             if self.draining:
                 raise unavailable("server is shutting down")
+            if request.shared_memory:
+                self._read_shared_inputs(request)
             served = self.repository.get(request.model, request.version)
             timeout_us = request_timeout_us(request.parameters)
             # No await between the lookup and the hand-over: a reload cannot slip in between.
             response = await served.model.infer(request, timeout_us, deadline_ns)
+            if request.shared_memory:
+                self._write_shared_outputs(request, response)
         except VolleyError as exc:
             # Label by what exists: a client must not mint series with made-up model names.
             model = request.model if request.model in self.repository.models else ""
@@ -96,6 +110,39 @@ class DataPlane:
             self.inflight -= 1
         _outcome_counter(request.model, str(served.version), protocol, "success").inc()
         return response
+
+    def _read_shared_inputs(self, request: InferenceRequest) -> None:
+        """Fill in the inputs that lie in the client's shared-memory regions."""
+        regions = self._regions()
+        for tensor in request.inputs:
+            if tensor.shared_memory is not None:
+                what = f"input '{tensor.name}'"
+                raw = regions.read(tensor.shared_memory, what)
+                try:
+                    tensor.data = tensor_from_bytes(raw, tensor.datatype, tensor.shape)
+                except VolleyError as exc:
+                    raise invalid(f"{what} in shared memory: {exc.message}") from None
+                except ValueError as exc:
+                    raise invalid(f"{what} in shared memory: {exc}") from None
+
+    def _write_shared_outputs(self, request: InferenceRequest, response: InferenceResponse) -> None:
+        """Write the outputs the client wants in its shared-memory regions there."""
+        regions = self._regions()
+        wanted = {o.name: o.shared_memory for o in request.outputs if o.shared_memory}
+        for i, tensor in enumerate(response.outputs):
+            ref = wanted.get(tensor.name)
+            if ref is not None:
+                data = tensor_to_bytes(tensor.data)
+                regions.write(ref, data, f"output '{tensor.name}'")
+                placed = SharedMemoryRef(ref.region, len(data), ref.offset)
+                response.outputs[i] = InferTensor(
+                    tensor.name, tensor.datatype, tensor.shape, tensor.data[:0], placed
+                )
+
+    def _regions(self) -> SystemSharedMemory:
+        if self.shared_memory is None:
+            raise shared_memory_unsupported()
+        return self.shared_memory
 
     async def quiesce(self, quiet_seconds: float, timeout: float) -> bool:
         """Wait, while draining, until nothing is in flight and no request has arrived for

@@ -62,13 +62,21 @@ def unavailable(message: str) -> VolleyError:
     return VolleyError(ErrorKind.UNAVAILABLE, message)
 
 
-def shared_memory_unsupported() -> VolleyError:
-    """Triton's shared-memory extensions are not implemented: say so plainly."""
-    return VolleyError(
-        ErrorKind.UNSUPPORTED,
-        "shared memory is not supported by Volley: send tensor data in the request body "
-        "(binary tensor data on HTTP, raw_input_contents on gRPC)",
+def shared_memory_unsupported(kind: str = "system") -> VolleyError:
+    """Shared memory a client may not use: CUDA shared memory (not implemented), or system
+    shared memory on a server started without --allow-client-shm."""
+    instead = (
+        "send tensor data in the request body (binary tensor data on HTTP, raw_input_contents "
+        "on gRPC)"
     )
+    if kind == "cuda":
+        message = f"CUDA shared memory is not supported by Volley: {instead}"
+    else:
+        message = (
+            "system shared memory is off in this server: start it with --allow-client-shm to "
+            f"let clients on its host register regions, or {instead}"
+        )
+    return VolleyError(ErrorKind.UNSUPPORTED, message)
 
 
 def new_request_id() -> str:

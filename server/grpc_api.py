@@ -69,7 +69,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             await _abort(context, exc)
 
     async def ServerMetadata(self, request, context):
-        return json_format.ParseDict(server_metadata(__version__), pb.ServerMetadataResponse())
+        return json_format.ParseDict(
+            server_metadata(__version__, self.dataplane.shared_memory is not None),
+            pb.ServerMetadataResponse(),
+        )
 
     async def ModelMetadata(self, request, context):
         try:
@@ -237,13 +240,34 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     # Shared memory is not supported: status lists no region, unregister has nothing to do,
     # register says so plainly (clients such as perf_analyzer unregister everything at start).
     async def SystemSharedMemoryStatus(self, request, context):
-        return pb.SystemSharedMemoryStatusResponse()
+        answer = pb.SystemSharedMemoryStatusResponse()
+        if self.dataplane.shared_memory is None:
+            return answer  # none can be registered
+        try:
+            regions = self.dataplane.shared_memory.status(request.name)
+        except VolleyError as exc:
+            await _abort(context, exc)
+        for region in regions:
+            status = answer.regions[region["name"]]
+            status.name, status.key = region["name"], region["key"]
+            status.offset, status.byte_size = region["offset"], region["byte_size"]
+        return answer
 
     async def SystemSharedMemoryUnregister(self, request, context):
+        if self.dataplane.shared_memory is not None:
+            self.dataplane.shared_memory.unregister(request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 
     async def SystemSharedMemoryRegister(self, request, context):
-        await _abort(context, shared_memory_unsupported())
+        try:
+            if self.dataplane.shared_memory is None:
+                raise shared_memory_unsupported()
+            self.dataplane.shared_memory.register(
+                request.name, request.key, request.offset, request.byte_size
+            )
+        except VolleyError as exc:
+            await _abort(context, exc)
+        return pb.SystemSharedMemoryRegisterResponse()
 
     async def CudaSharedMemoryStatus(self, request, context):
         return pb.CudaSharedMemoryStatusResponse()
@@ -252,7 +276,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.CudaSharedMemoryUnregisterResponse()
 
     async def CudaSharedMemoryRegister(self, request, context):
-        await _abort(context, shared_memory_unsupported())
+        await _abort(context, shared_memory_unsupported("cuda"))
 
 
 class Malformed:

@@ -343,7 +343,7 @@ def control_app(dataplane: DataPlane, max_body_bytes: int) -> FastAPI:
 
     @app.get("/v2")
     async def metadata() -> Response:
-        return json_response(server_metadata(__version__))
+        return json_response(server_metadata(__version__, dataplane.shared_memory is not None))
 
     @app.get("/v2/models/stats")
     async def all_stats() -> Response:
@@ -393,22 +393,42 @@ def control_app(dataplane: DataPlane, max_body_bytes: int) -> FastAPI:
 
     @app.get("/v2/systemsharedmemory/status")
     @app.get("/v2/systemsharedmemory/region/{region}/status")
-    @app.get("/v2/cudasharedmemory/status")
-    @app.get("/v2/cudasharedmemory/region/{region}/status")
-    async def shared_memory_status(region: str = "") -> Response:
-        return json_response([])  # no region is ever registered
+    async def system_shared_memory_status(region: str = "") -> Response:
+        regions = dataplane.shared_memory
+        if regions is None:
+            return json_response([])  # none can be registered
+        return json_response(regions.status(region))
 
     @app.post("/v2/systemsharedmemory/unregister")
     @app.post("/v2/systemsharedmemory/region/{region}/unregister")
-    @app.post("/v2/cudasharedmemory/unregister")
-    @app.post("/v2/cudasharedmemory/region/{region}/unregister")
-    async def shared_memory_unregister(region: str = "") -> Response:
-        return json_response({})  # nothing to unregister
+    async def system_shared_memory_unregister(region: str = "") -> Response:
+        if dataplane.shared_memory is not None:
+            dataplane.shared_memory.unregister(region)
+        return json_response({})
 
     @app.post("/v2/systemsharedmemory/region/{region}/register")
+    async def system_shared_memory_register(region: str, request: Request) -> Response:
+        if dataplane.shared_memory is None:
+            raise shared_memory_unsupported()
+        doc = await _json_body(request, max_body_bytes)
+        dataplane.shared_memory.register(
+            region, doc.get("key"), doc.get("offset", 0), doc.get("byte_size")
+        )
+        return json_response({})
+
+    @app.get("/v2/cudasharedmemory/status")
+    @app.get("/v2/cudasharedmemory/region/{region}/status")
+    async def cuda_shared_memory_status(region: str = "") -> Response:
+        return json_response([])  # no region is ever registered
+
+    @app.post("/v2/cudasharedmemory/unregister")
+    @app.post("/v2/cudasharedmemory/region/{region}/unregister")
+    async def cuda_shared_memory_unregister(region: str = "") -> Response:
+        return json_response({})  # nothing to unregister
+
     @app.post("/v2/cudasharedmemory/region/{region}/register")
-    async def shared_memory_register(region: str) -> Response:
-        raise shared_memory_unsupported()
+    async def cuda_shared_memory_register(region: str) -> Response:
+        raise shared_memory_unsupported("cuda")
 
     @app.websocket("/v2/models/{model}/stream")
     async def frame_stream(websocket: WebSocket, model: str) -> None:

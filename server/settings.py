@@ -39,6 +39,7 @@ class ServeSettings:
     rate_burst: float = 0.0  # bucket size (0: one second's worth)
     shutdown_timeout: float = 30.0
     workers: int = 1  # server processes sharing the ports (server/supervisor.py)
+    allow_client_shm: bool = False  # clients may register system shared memory (server/shm.py)
 
 
 class StartupError(Exception):
@@ -60,6 +61,11 @@ def check_startup(settings: ServeSettings) -> None:
             raise StartupError(str(exc)) from None
     elif settings.metrics_tls:
         raise StartupError("--metrics-tls needs --tls-cert and --tls-key")
+    if settings.allow_client_shm and settings.workers > 1:
+        raise StartupError(
+            "--allow-client-shm needs --workers 1: a region is registered in the one process "
+            "that answers the call"
+        )
     if not settings.model_repository.is_dir():
         raise StartupError(
             f"model repository '{settings.model_repository}' does not exist "

@@ -7,22 +7,36 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+@dataclass(frozen=True)
+class SharedMemoryRef:
+    """Where a tensor lies in a client's registered shared-memory region (`server.shm`)."""
+
+    region: str
+    byte_size: int
+    offset: int = 0
+
+
 @dataclass
 class InferTensor:
-    """A named tensor with the datatype and shape the client declared."""
+    """A named tensor with the datatype and shape the client declared. A request's input named
+    by `shared_memory` has no data until the data plane reads it; a response's output with one
+    was written there and carries no data."""
 
     name: str
     datatype: str
     shape: tuple[int, ...]
     data: np.ndarray
+    shared_memory: SharedMemoryRef | None = None
 
 
 @dataclass
 class RequestedOutput:
-    """An output the client asked for; `binary` is the HTTP binary-data choice (None: default)."""
+    """An output the client asked for; `binary` is the HTTP binary-data choice (None: default),
+    `shared_memory` where to put it instead of the response."""
 
     name: str
     binary: bool | None = None
+    shared_memory: SharedMemoryRef | None = None
 
 
 @dataclass
@@ -35,6 +49,7 @@ class InferenceRequest:
     id: str = ""
     outputs: list[RequestedOutput] = field(default_factory=list)
     parameters: dict = field(default_factory=dict)
+    shared_memory: bool = False  # some input or output names a shared-memory region
 
 
 @dataclass

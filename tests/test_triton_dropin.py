@@ -267,23 +267,24 @@ def test_raw_and_typed_contents_together_are_refused(explicit: VolleyProcess) ->
     channel.close()
 
 
-def test_shared_memory_calls_get_a_clear_not_supported(explicit: VolleyProcess) -> None:
+def test_shared_memory_calls_get_a_clear_refusal_unless_allowed(explicit: VolleyProcess) -> None:
     http, grpc_client = clients(explicit)
     assert http.get_system_shared_memory_status() == []
     assert http.get_cuda_shared_memory_status() == []
     http.unregister_system_shared_memory()
     assert len(grpc_client.get_system_shared_memory_status().regions) == 0
     grpc_client.unregister_cuda_shared_memory()
+    # System shared memory is off unless --allow-client-shm (tests/test_shared_memory.py).
     raises(lambda: http.register_system_shared_memory("r", "/volley_r", 64), "501",
-           "shared memory is not supported by Volley")  # fmt: skip
+           "system shared memory is off in this server")  # fmt: skip
     raises(lambda: grpc_client.register_system_shared_memory("r", "/volley_r", 64),
-           "StatusCode.UNIMPLEMENTED", "shared memory is not supported by Volley")  # fmt: skip
+           "StatusCode.UNIMPLEMENTED", "start it with --allow-client-shm")  # fmt: skip
     raises(lambda: grpc_client.register_cuda_shared_memory("r", b"aGFuZGxl", 0, 64),
-           "StatusCode.UNIMPLEMENTED", "shared memory is not supported by Volley")  # fmt: skip
+           "StatusCode.UNIMPLEMENTED", "CUDA shared memory is not supported by Volley")  # fmt: skip
     grpc_unimplemented = "StatusCode.UNIMPLEMENTED"
     for client, module, code in ((http, httpclient, "501"),
                                  (grpc_client, grpcclient, grpc_unimplemented)):  # fmt: skip
         x = module.InferInput("input", [1, 8], "FP32")
         x.set_shared_memory("r", 32)
-        raises(lambda c=client, x=x: c.infer("alpha", [x]), code, "shared memory is not supported")
+        raises(lambda c=client, x=x: c.infer("alpha", [x]), code, "shared memory is off")
         client.close()

@@ -15,8 +15,17 @@ from server.datatypes import (
     tensor_from_bytes,
     tensor_to_bytes,
 )
-from server.errors import invalid, shared_memory_unsupported
-from server.types import InferenceRequest, InferenceResponse, InferTensor, RequestedOutput
+from server.errors import invalid
+from server.shm import NAME_PARAMETER, OFFSET_PARAMETER, SIZE_PARAMETER, shared_memory_ref
+from server.types import (
+    InferenceRequest,
+    InferenceResponse,
+    InferTensor,
+    RequestedOutput,
+    SharedMemoryRef,
+)
+
+NO_DATA = np.empty(0, dtype=np.uint8)  # an input that lies in shared memory
 
 CONTENTS_FIELD = {
     "BOOL": "bool_contents",
@@ -43,34 +52,54 @@ def parameter_value(param: pb.InferParameter) -> object:
 def decode_request(request: pb.ModelInferRequest) -> InferenceRequest:
     """Decode raw or typed input contents into numpy arrays, checking every size."""
     raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
+    in_request = [i for i in request.inputs if NAME_PARAMETER not in i.parameters]
+    if raw and len(raw) != len(in_request):
         raise invalid(
-            f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs: give one per input"
+            f"{len(raw)} raw_input_contents for {len(in_request)} inputs: give one per input "
+            "(none for an input in shared memory)"
         )
     tensors = []
-    for i, item in enumerate(request.inputs):
+    raw_index = 0
+    for item in request.inputs:
         shape = tuple(item.shape)
         check_shape(shape, item.datatype, item.name)
-        if "shared_memory_region" in item.parameters:
-            raise shared_memory_unsupported()
+        shared = _shared_memory(item.parameters, f"input '{item.name}'")
+        if shared is not None:
+            if item.HasField("contents") and item.contents.ByteSize():
+                raise invalid(f"input '{item.name}' lies in shared memory: it takes no contents")
+            tensors.append(InferTensor(item.name, item.datatype, shape, NO_DATA, shared))
+            continue
         if raw and item.HasField("contents") and item.contents.ByteSize():
             raise invalid(
                 "contents field must not be specified when using raw_input_contents for "
                 f"'{item.name}' for model '{request.model_name}'"
             )
         if raw:
-            data = tensor_from_bytes(raw[i], item.datatype, shape)
+            data = tensor_from_bytes(raw[raw_index], item.datatype, shape)
+            raw_index += 1
         else:
             data = _from_contents(item, shape)
         tensors.append(InferTensor(item.name, item.datatype, shape, data))
+    outputs = [
+        RequestedOutput(o.name, None, _shared_memory(o.parameters, f"output '{o.name}'"))
+        for o in request.outputs
+    ]
     return InferenceRequest(
         model=request.model_name,
         version=request.model_version,
         inputs=tensors,
         id=request.id,
-        outputs=[RequestedOutput(o.name) for o in request.outputs],
+        outputs=outputs,
         parameters={k: parameter_value(v) for k, v in request.parameters.items()},
+        shared_memory=any(t.shared_memory for t in tensors)
+        or any(o.shared_memory for o in outputs),
     )
+
+
+def _shared_memory(parameters, what: str) -> SharedMemoryRef | None:
+    if NAME_PARAMETER not in parameters:
+        return None
+    return shared_memory_ref({k: parameter_value(v) for k, v in parameters.items()}, what)
 
 
 INT64_MIN, INT64_MAX, UINT64_MAX = -(2**63), 2**63 - 1, 2**64 - 1
@@ -127,6 +156,14 @@ def encode_response(response: InferenceResponse) -> pb.ModelInferResponse:
     for key, value in response.parameters.items():
         set_parameter(message.parameters[key], value)
     for tensor in response.outputs:
-        message.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
-        message.raw_output_contents.append(tensor_to_bytes(tensor.data))
+        output = message.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        if tensor.shared_memory is None:
+            message.raw_output_contents.append(tensor_to_bytes(tensor.data))
+            continue
+        # Written to shared memory: an empty entry keeps raw_output_contents one per output.
+        message.raw_output_contents.append(b"")
+        output.parameters[NAME_PARAMETER].string_param = tensor.shared_memory.region
+        output.parameters[SIZE_PARAMETER].int64_param = tensor.shared_memory.byte_size
+        if tensor.shared_memory.offset:
+            output.parameters[OFFSET_PARAMETER].int64_param = tensor.shared_memory.offset
     return message

@@ -18,8 +18,16 @@ from server.datatypes import (
     tensor_from_bytes,
     tensor_to_bytes,
 )
-from server.errors import invalid, shared_memory_unsupported
-from server.types import InferenceRequest, InferenceResponse, InferTensor, RequestedOutput
+from server.errors import invalid
+from server.shm import shared_memory_ref
+from server.types import (
+    InferenceRequest,
+    InferenceResponse,
+    InferTensor,
+    RequestedOutput,
+)
+
+NO_DATA = np.empty(0, dtype=np.uint8)  # an input that lies in shared memory
 
 
 def decode_request(
@@ -55,13 +63,16 @@ def decode_request(
             f"{len(binary) - offset} bytes of binary data are not claimed by any input's "
             "binary_data_size"
         )
+    outputs = _decode_outputs(doc.get("outputs", []))
     return InferenceRequest(
         model=model,
         version=version,
         inputs=tensors,
         id=_string(doc.get("id", ""), "id"),
-        outputs=_decode_outputs(doc.get("outputs", [])),
+        outputs=outputs,
         parameters=_object(doc.get("parameters", {}), "parameters"),
+        shared_memory=any(t.shared_memory for t in tensors)
+        or any(o.shared_memory for o in outputs),
     )
 
 
@@ -80,9 +91,12 @@ def _decode_input(item: object, binary: memoryview) -> tuple[InferTensor, int]:
     shape = tuple(shape)
     check_shape(shape, datatype, name)
     parameters = _object(item.get("parameters", {}), f"parameters of input '{name}'")
-    if "shared_memory_region" in parameters:
-        raise shared_memory_unsupported()
     size = parameters.get("binary_data_size")
+    shared = shared_memory_ref(parameters, f"input '{name}'")
+    if shared is not None:
+        if "data" in item or size is not None:
+            raise invalid(f"input '{name}' lies in shared memory: it takes no data")
+        return InferTensor(name, datatype, shape, NO_DATA, shared), 0
     if size is not None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise invalid(f"binary_data_size of input '{name}' must be a non-negative integer")
@@ -160,7 +174,9 @@ def _decode_outputs(outputs: object) -> list[RequestedOutput]:
         binary = params.get("binary_data")
         if binary is not None and not isinstance(binary, bool):
             raise invalid(f"binary_data of output '{name}' must be true or false")
-        requested.append(RequestedOutput(name, binary))
+        requested.append(
+            RequestedOutput(name, binary, shared_memory_ref(params, f"output '{name}'"))
+        )
     return requested
 
 
@@ -189,7 +205,11 @@ def encode_response(
         if binary is None:
             binary = default_binary
         entry: dict = {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape}
-        if binary:
+        if tensor.shared_memory is not None:
+            # Written to the client's region: no data, and no parameters (Triton's C++ client
+            # takes an output with parameters to carry binary data).
+            pass
+        elif binary:
             blob = tensor_to_bytes(tensor.data)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)

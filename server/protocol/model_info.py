@@ -91,20 +91,20 @@ def _version_policy(config: ModelConfig) -> dict:
     return {"all": {}}
 
 
-def server_metadata(version: str) -> dict:
-    """The v2 server metadata; `extensions` lists only what Volley implements."""
-    return {
-        "name": "volley",
-        "version": version,
-        "extensions": [
-            "binary_tensor_data",
-            "model_configuration",
-            "model_repository",
-            "statistics",
-            "schedule_policy",
-            "parameters",
-        ],
-    }
+def server_metadata(version: str, shared_memory: bool = False) -> dict:
+    """The v2 server metadata; `extensions` lists only what Volley implements (and system
+    shared memory only where `--allow-client-shm` turned it on)."""
+    extensions = [
+        "binary_tensor_data",
+        "model_configuration",
+        "model_repository",
+        "statistics",
+        "schedule_policy",
+        "parameters",
+    ]
+    if shared_memory:
+        extensions.append("system_shared_memory")
+    return {"name": "volley", "version": version, "extensions": extensions}
 
 
 def load_override(model: str, parameters: dict) -> dict | None:

@@ -1,0 +1,233 @@
+"""Triton's system shared-memory extension (`volley serve --allow-client-shm`): a client on the
+same host leaves tensors in POSIX shared memory, registers the region, and names it instead of
+sending the bytes; Triton's own client utilities and perf_analyzer drive it unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+import tritonclient.utils.shared_memory as shm
+from conftest import VolleyProcess, copy_shipped_models, serving
+from test_perf_analyzer import perf_analyzer  # noqa: F401 - a fixture
+from tritonclient.utils import InferenceServerException, serialize_byte_tensor
+from vision_scenes import encode, scene_image
+
+ROWS = 8
+FEATURES = 17
+MAX_REQUEST_BYTES = 1_000_000  # also the most one input may take from shared memory
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VolleyProcess]:
+    repository = copy_shipped_models(tmp_path_factory.mktemp("shm"))
+    limit = ("--max-request-bytes", str(MAX_REQUEST_BYTES))
+    with serving(repository, "--allow-client-shm", *limit) as proc:
+        yield proc
+
+
+@pytest.fixture
+def regions() -> Iterator[list]:
+    """Shared-memory objects a test creates, destroyed after it."""
+    made: list = []
+    yield made
+    for handle in made:
+        shm.destroy_shared_memory_region(handle)
+
+
+def region(made: list, size: int) -> tuple[str, str, object]:
+    """A new shared-memory object of `size` bytes: (region name, key, handle)."""
+    name = f"volley-test-{uuid.uuid4().hex[:8]}"
+    handle = shm.create_shared_memory_region(name, f"/{name}", size)
+    made.append(handle)
+    return name, f"/{name}", handle
+
+
+def features(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(ROWS, FEATURES)).astype(np.float32)
+
+
+def client(proc: VolleyProcess, protocol: str):
+    if protocol == "http":
+        return httpclient, httpclient.InferenceServerClient(proc.http)
+    return grpcclient, grpcclient.InferenceServerClient(proc.grpc)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_inputs_and_outputs_travel_through_shared_memory(
+    server: VolleyProcess, regions: list, protocol: str
+) -> None:
+    module, c = client(server, protocol)
+    rows = features(1)
+    in_name, in_key, in_handle = region(regions, rows.nbytes)
+    out_name, out_key, out_handle = region(regions, 64 + ROWS * 4)
+    shm.set_shared_memory_region(in_handle, [rows])
+    try:
+        c.register_system_shared_memory(in_name, in_key, rows.nbytes)
+        c.register_system_shared_memory(out_name, out_key, 64 + ROWS * 4)
+        tensor = module.InferInput("features", [ROWS, FEATURES], "FP32")
+        tensor.set_shared_memory(in_name, rows.nbytes)
+        score = module.InferRequestedOutput("score")
+        score.set_shared_memory(out_name, ROWS * 4, offset=64)
+        flagged = module.InferRequestedOutput("is_fraud")
+        result = c.infer("fraud", [tensor], outputs=[score, flagged])
+        # The score went to shared memory (the response only names it), is_fraud came back.
+        written = shm.get_contents_as_numpy(out_handle, np.float32, [ROWS, 1], offset=64)
+        plain = module.InferInput("features", [ROWS, FEATURES], "FP32")
+        plain.set_data_from_numpy(rows)
+        expected = c.infer("fraud", [plain])
+        np.testing.assert_allclose(written, expected.as_numpy("score"), rtol=1e-6)
+        np.testing.assert_array_equal(result.as_numpy("is_fraud"), expected.as_numpy("is_fraud"))
+        output = result.get_output("score")
+        if protocol == "http":  # no data, and no parameters, as Triton's C++ client expects
+            assert output == {"name": "score", "datatype": "FP32", "shape": [ROWS, 1]}
+        else:
+            assert output.parameters["shared_memory_region"].string_param == out_name
+            assert output.parameters["shared_memory_byte_size"].int64_param == ROWS * 4
+        status = c.get_system_shared_memory_status()
+        listed = (
+            {r["name"]: r for r in status}
+            if protocol == "http"
+            else {n: {"key": r.key, "byte_size": r.byte_size} for n, r in status.regions.items()}
+        )
+        assert listed[in_name]["key"] == in_key
+        assert listed[in_name]["byte_size"] == rows.nbytes
+    finally:
+        c.unregister_system_shared_memory(in_name)
+        c.unregister_system_shared_memory(out_name)
+        c.close()
+    assert requests.get(f"{server.url}/v2/systemsharedmemory/status", timeout=5).json() == []
+
+
+def test_images_for_detect_come_from_shared_memory(server: VolleyProcess, regions: list) -> None:
+    blobs = [encode(scene_image(seed, (320, 240), 2.0).image) for seed in (3, 4)]
+    serialized = serialize_byte_tensor(np.array(blobs, dtype=np.object_)).item()
+    name, key, handle = region(regions, len(serialized))
+    shm.set_shared_memory_region(handle, [np.frombuffer(serialized, dtype=np.uint8)])
+    c = grpcclient.InferenceServerClient(server.grpc)
+    try:
+        c.register_system_shared_memory(name, key, len(serialized))
+        tensor = grpcclient.InferInput("images", [2], "BYTES")
+        tensor.set_shared_memory(name, len(serialized))
+        from_shm = c.infer("detect", [tensor])
+        plain = grpcclient.InferInput("images", [2], "BYTES")
+        plain.set_data_from_numpy(np.array(blobs, dtype=np.object_))
+        expected = c.infer("detect", [plain])
+        counts = expected.as_numpy("num_detections")
+        assert counts.min() > 0
+        np.testing.assert_array_equal(from_shm.as_numpy("num_detections"), counts)
+        np.testing.assert_allclose(from_shm.as_numpy("boxes"), expected.as_numpy("boxes"))
+    finally:
+        c.unregister_system_shared_memory(name)
+        c.close()
+
+
+def refused(call, status: str, text: str) -> None:
+    with pytest.raises(InferenceServerException) as caught:
+        call()
+    assert caught.value.status() == status, caught.value.message()
+    assert text in caught.value.message(), caught.value.message()
+
+
+def test_bad_regions_and_references_are_refused(server: VolleyProcess, regions: list) -> None:
+    c = httpclient.InferenceServerClient(server.http)
+    g = grpcclient.InferenceServerClient(server.grpc)
+    rows = features(2)
+    name, key, handle = region(regions, rows.nbytes)
+    shm.set_shared_memory_region(handle, [rows])
+    try:
+        refused(lambda: c.register_system_shared_memory("r", "/volley-missing-object", 64),
+                "400", "Unable to open shared memory region: '/volley-missing-object'")  # fmt: skip
+        refused(lambda: g.register_system_shared_memory("r", "/../etc/passwd", 64),
+                "StatusCode.INVALID_ARGUMENT", "is not a shared-memory object name")  # fmt: skip
+        refused(lambda: c.register_system_shared_memory("r", key, rows.nbytes, offset=8),
+                "400", f"exceeds the {rows.nbytes} bytes of '{key}'")  # fmt: skip
+        c.register_system_shared_memory(name, key, rows.nbytes)
+        duplicate = f"shared memory region '{name}' already in manager"
+        refused(lambda: g.register_system_shared_memory(name, key, 16),
+                "StatusCode.INVALID_ARGUMENT", duplicate)  # fmt: skip
+
+        def infer(region_name: str, size: int, offset: int = 0, out_size: int | None = None):
+            tensor = httpclient.InferInput("features", [ROWS, FEATURES], "FP32")
+            tensor.set_shared_memory(region_name, size, offset)
+            outputs = None
+            if out_size is not None:
+                output = httpclient.InferRequestedOutput("score")
+                output.set_shared_memory(name, out_size)
+                outputs = [output]
+            return c.infer("fraud", [tensor], outputs=outputs)
+
+        refused(lambda: infer("nope", rows.nbytes), "400",
+                "Unable to find shared memory region: 'nope'")  # fmt: skip
+        refused(lambda: infer(name, rows.nbytes, offset=4), "400",
+                f"exceed shared memory region '{name}' ({rows.nbytes} bytes)")  # fmt: skip
+        refused(lambda: infer(name, rows.nbytes - 4), "400", "input 'features' in shared memory")
+        refused(lambda: infer(name, rows.nbytes, out_size=4), "400",
+                "shared memory size specified with the request for output 'score' (4 bytes) "
+                f"should be at least {ROWS * 4} bytes to hold the results")  # fmt: skip
+        big_name, big_key, _ = region(regions, MAX_REQUEST_BYTES + 4)
+        c.register_system_shared_memory(big_name, big_key, MAX_REQUEST_BYTES + 4)
+        refused(lambda: infer(big_name, MAX_REQUEST_BYTES + 4), "413",
+                f"exceed {MAX_REQUEST_BYTES} bytes (--max-request-bytes)")  # fmt: skip
+        # A client that shrinks its object after registering gets an error, not a dead server.
+        os.truncate(f"/dev/shm/{key.lstrip('/')}", 16)
+        refused(lambda: infer(name, rows.nbytes), "400", f"region '{name}' was truncated")
+        assert c.is_server_live() and c.is_model_ready("fraud")
+        unknown = "Unable to find system shared memory region: 'nope'"
+        refused(lambda: g.get_system_shared_memory_status("nope"),
+                "StatusCode.NOT_FOUND", unknown)  # fmt: skip
+    finally:
+        c.unregister_system_shared_memory()
+        c.close()
+        g.close()
+
+
+def test_off_unless_allowed_and_refused_with_workers(tmp_path: Path) -> None:
+    """Without --allow-client-shm a region cannot be registered (501) and the server does not
+    list the extension; with --workers 2 the flag is refused at start."""
+    repository = copy_shipped_models(tmp_path)
+    with serving(repository) as proc:
+        c = httpclient.InferenceServerClient(proc.http)
+        assert "system_shared_memory" not in c.get_server_metadata()["extensions"]
+        refused(lambda: c.register_system_shared_memory("r", "/volley_r", 64), "501",
+                "start it with --allow-client-shm")  # fmt: skip
+        c.close()
+    run = subprocess.run(
+        ["volley", "serve", "--model-repository", str(repository), "--allow-client-shm",
+         "--workers", "2", "--http-port", "0", "--grpc-port", "0"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 1
+    assert "--allow-client-shm needs --workers 1" in run.stderr
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_perf_analyzer_runs_with_system_shared_memory(
+    perf_analyzer: Path,  # noqa: F811 - the fixture imported above
+    server: VolleyProcess,
+    tmp_path: Path,
+    protocol: str,
+) -> None:
+    url = server.http if protocol == "http" else server.grpc
+    csv = tmp_path / "out.csv"
+    run = subprocess.run(
+        [str(perf_analyzer), "-m", "fraud", "-u", url, "-i", protocol,
+         "--shared-memory", "system", "--output-shared-memory-size", "64",
+         "--concurrency-range", "2", "--measurement-interval", "1000",
+         "--max-trials", "10", "--stability-percentage", "999", "-f", str(csv)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "error" not in run.stdout.lower()
+    assert float(csv.read_text().splitlines()[1].split(",")[1]) > 0
+    status = requests.get(f"{server.url}/v2/systemsharedmemory/status", timeout=5).json()
+    assert status == []  # perf_analyzer unregisters what it registered
