@@ -6,6 +6,9 @@ on this machine. Prints a markdown table (req/s, p50, p99) and which targets are
     python bench/serving.py                       # the shipped fraud model
     python bench/serving.py --model-dir models/fraud --concurrency 1 8 64
     python bench/serving.py --model-dir models/detector --targets http-binary grpc
+    python bench/serving.py --model-dir models/detector --targets grpc grpc-shm --concurrency 1 4
+
+The `-shm` targets pass tensors through system shared memory (`volley serve --allow-client-shm`).
 
 On a GPU machine the ceiling and Volley both use CUDA when onnxruntime-gpu is installed.
 """
@@ -37,7 +40,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 PERF_ANALYZER = [str(ROOT.parent / "shared" / "tools" / "perf_analyzer")]
 NUMPY_OF = {"tensor(float)": np.float32, "tensor(int64)": np.int64}
-TARGETS = ("naive", "http-json", "http-binary", "grpc", "grpc-stream")
+TARGETS = ("naive", "http-json", "http-binary", "grpc", "grpc-stream", "http-shm", "grpc-shm")
+SHARED_MEMORY = ["--shared-memory", "system"]  # perf_analyzer's tensors in /dev/shm regions
 
 
 @dataclass
@@ -239,7 +243,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "models"
         shutil.copytree(model_dir, repo / name)
-        volley = start_volley(repo)
+        volley = start_volley(repo, "--allow-client-shm")
         try:
             targets = {
                 "http-json": ("Volley, HTTP JSON", volley.http, "http", json_fmt),
@@ -251,6 +255,8 @@ def run(args: argparse.Namespace) -> list[Row]:
                     "grpc",
                     ["--streaming"],
                 ),
+                "http-shm": ("Volley, HTTP, shared memory", volley.http, "http", SHARED_MEMORY),
+                "grpc-shm": ("Volley, gRPC, shared memory", volley.grpc, "grpc", SHARED_MEMORY),
             }
             for key in TARGETS[1:]:
                 if key not in args.targets:
@@ -287,6 +293,8 @@ def report(rows: list[Row], concurrency: list[int]) -> str:
         "Volley, HTTP binary",
         "Volley, gRPC",
         "Volley, gRPC stream",
+        "Volley, HTTP, shared memory",
+        "Volley, gRPC, shared memory",
     ):
         high, one = find(label, top), find(label, 1)
         if high and naive:
