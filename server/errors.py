@@ -5,25 +5,30 @@ from __future__ import annotations
 import logging
 import secrets
 from enum import Enum
+from typing import TYPE_CHECKING
 
-import grpc
+if TYPE_CHECKING:
+    import grpc
 
 log = logging.getLogger(__name__)
 
 
 class ErrorKind(Enum):
-    """What went wrong, as the client should see it: (HTTP status, gRPC status code)."""
+    """What went wrong, as the client should see it: (HTTP status, gRPC status code name).
 
-    INVALID_ARGUMENT = (400, grpc.StatusCode.INVALID_ARGUMENT)
-    NOT_FOUND = (404, grpc.StatusCode.NOT_FOUND)
-    TOO_LARGE = (413, grpc.StatusCode.RESOURCE_EXHAUSTED)
-    QUEUE_FULL = (429, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    The gRPC code is named, not imported: image decoder processes raise these errors too, and
+    need not load grpc for it."""
+
+    INVALID_ARGUMENT = (400, "INVALID_ARGUMENT")
+    NOT_FOUND = (404, "NOT_FOUND")
+    TOO_LARGE = (413, "RESOURCE_EXHAUSTED")
+    QUEUE_FULL = (429, "RESOURCE_EXHAUSTED")
     # the same codes as QUEUE_FULL; the third element keeps it a distinct member
-    RATE_LIMITED = (429, grpc.StatusCode.RESOURCE_EXHAUSTED, "rate")
-    INTERNAL = (500, grpc.StatusCode.INTERNAL)
-    UNSUPPORTED = (501, grpc.StatusCode.UNIMPLEMENTED)
-    UNAVAILABLE = (503, grpc.StatusCode.UNAVAILABLE)
-    TIMEOUT = (504, grpc.StatusCode.DEADLINE_EXCEEDED)
+    RATE_LIMITED = (429, "RESOURCE_EXHAUSTED", "rate")
+    INTERNAL = (500, "INTERNAL")
+    UNSUPPORTED = (501, "UNIMPLEMENTED")
+    UNAVAILABLE = (503, "UNAVAILABLE")
+    TIMEOUT = (504, "DEADLINE_EXCEEDED")
 
     @property
     def http_status(self) -> int:
@@ -31,7 +36,9 @@ class ErrorKind(Enum):
 
     @property
     def grpc_code(self) -> grpc.StatusCode:
-        return self.value[1]
+        import grpc  # loaded already wherever a gRPC answer is made
+
+        return grpc.StatusCode[self.value[1]]
 
 
 class VolleyError(Exception):

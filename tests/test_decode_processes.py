@@ -43,7 +43,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VolleyProcess]:
 
 def decoders(server_pid: int) -> set[int]:
     """The live decoder processes the server started (its children running the decoder module)."""
-    children = child_processes(server_pid, b"server.pipelines.decoders")
+    children = child_processes(server_pid, b"server.pipelines.decoder_process")
     return {pid for pid in children if running(pid)}
 
 

@@ -21,11 +21,8 @@ socket closes, and on Linux the kernel also sends them SIGKILL when the server p
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -33,17 +30,12 @@ import time
 import numpy as np
 
 from server import metrics
-from server.child_process import die_with_parent
 from server.errors import ErrorKind, VolleyError, internal, new_request_id
-from server.pipelines.images import Letterboxed, decode_image, letterbox
+from server.pipelines.decoder_process import ANSWER, INVALID, JOB, OK
+from server.pipelines.images import Letterboxed
 
 log = logging.getLogger(__name__)
 
-# A job: detector height, width, padding value, pixel limit, then the sizes of `what` and data.
-JOB = struct.Struct("<HHBQII")
-# An answer: status, scale, pad_x, pad_y, original width and height, size of the error message.
-ANSWER = struct.Struct("<BdiiiiI")
-OK, INVALID, FAILED = 0, 1, 2
 SOCKET_BUFFER = 4 * 1024 * 1024  # a 640x640 answer fits in one go
 # Past as many deaths as the pool has decoders within this window, replacements are paced.
 RESPAWN_WINDOW_S = 10.0
@@ -193,7 +185,7 @@ class _Decoder:
             end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
             end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
         process = subprocess.Popen(
-            [sys.executable, "-P", "-m", "server.pipelines.decoders", str(theirs.fileno())],
+            [sys.executable, "-P", "-m", "server.pipelines.decoder_process", str(theirs.fileno())],
             pass_fds=(theirs.fileno(),),
             stdin=subprocess.DEVNULL,
         )
@@ -252,57 +244,3 @@ def _retrieve(job: asyncio.Future) -> None:
     """Mark a job's error as seen: its caller may have left before it ended."""
     if not job.cancelled():
         job.exception()
-
-
-def serve(sock: socket.socket) -> None:
-    """The decoder process: one job at a time until its socket closes."""
-    while header := _read(sock, JOB.size):
-        height, width, pad, max_pixels, label_size, data_size = JOB.unpack(header)
-        what = _read(sock, label_size).decode()
-        data = _read(sock, data_size)
-        try:
-            decoded = decode_image(data, what, max_pixels, fit=(height, width))
-            boxed = letterbox(decoded.rgb, height, width, pad, (decoded.width, decoded.height))
-        except VolleyError as exc:
-            _answer_error(sock, INVALID, exc.message)
-            continue
-        except Exception as exc:  # noqa: BLE001 - any other failure is this image's 500
-            _answer_error(sock, FAILED, f"{what}: {type(exc).__name__}: {exc}")
-            continue
-        answer = ANSWER.pack(OK, boxed.scale, boxed.pad_x, boxed.pad_y, boxed.width,
-                             boxed.height, 0)  # fmt: skip
-        sock.sendall(answer)
-        sock.sendall(np.ascontiguousarray(boxed.pixels).data)
-
-
-def _answer_error(sock: socket.socket, status: int, message: str) -> None:
-    encoded = message.encode()
-    sock.sendall(ANSWER.pack(status, 0.0, 0, 0, 0, 0, len(encoded)) + encoded)
-
-
-def _read(sock: socket.socket, size: int) -> bytes:
-    """Exactly `size` bytes; b"" at end-of-file before the first byte (the server is gone)."""
-    buffer = bytearray(size)
-    view = memoryview(buffer)
-    while view:
-        count = sock.recv_into(view)
-        if count == 0:
-            if len(view) == size:
-                return b""
-            raise EOFError("the server closed the socket mid-job")
-        view = view[count:]
-    return bytes(buffer)
-
-
-def main() -> int:
-    """Entry point: `python -m server.pipelines.decoders FD`."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the server's to handle
-    die_with_parent(signal.SIGKILL)
-    sock = socket.socket(fileno=int(sys.argv[1]))
-    with contextlib.suppress(EOFError, ConnectionError):  # the server is gone
-        serve(sock)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
