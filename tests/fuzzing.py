@@ -164,8 +164,9 @@ def watchdog_fixtures(server: str) -> tuple[Callable, Callable]:
     def still_serving(
         request: pytest.FixtureRequest, baseline: tuple[list, list]
     ) -> Iterator[None]:
+        proc = request.getfixturevalue(server)  # before the test: pytest wants it so
         yield
-        assert_still_serving(request.getfixturevalue(server), baseline)
+        assert_still_serving(proc, baseline)
 
     return baseline, still_serving
 

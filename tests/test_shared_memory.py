@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import requests
@@ -18,7 +19,20 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
 from conftest import VolleyProcess, copy_shipped_models, serving
+from fuzzing import (
+    DATATYPES,
+    ITEMSIZE,
+    assert_grpc_client_error,
+    assert_http_answer_or_client_error,
+    assert_http_client_error,
+    fuzz_settings,
+    json_values,
+    watchdog_fixtures,
+)
+from hypothesis import given
+from hypothesis import strategies as st
 from test_perf_analyzer import perf_analyzer  # noqa: F401 - a fixture
+from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 from vision_scenes import encode, scene_image
 
@@ -50,6 +64,9 @@ def region(made: list, size: int) -> tuple[str, str, object]:
     handle = shm.create_shared_memory_region(name, f"/{name}", size)
     made.append(handle)
     return name, f"/{name}", handle
+
+
+baseline, still_serving = watchdog_fixtures("server")  # after each test: still serving
 
 
 def features(seed: int) -> np.ndarray:
@@ -231,3 +248,103 @@ def test_perf_analyzer_runs_with_system_shared_memory(
     assert float(csv.read_text().splitlines()[1].split(",")[1]) > 0
     status = requests.get(f"{server.url}/v2/systemsharedmemory/status", timeout=5).json()
     assert status == []  # perf_analyzer unregisters what it registered
+
+
+FUZZ_REGION = "fuzz-region"
+FUZZ_BYTES = 4096
+sizes = st.integers(-3, 2**70) | json_values
+
+
+@pytest.fixture(scope="module")
+def fuzz_region(server: VolleyProcess) -> Iterator[str]:
+    """A registered region of random bytes that hostile requests point into."""
+    handle = shm.create_shared_memory_region(FUZZ_REGION, f"/volley-{FUZZ_REGION}", FUZZ_BYTES)
+    noise = np.random.default_rng(0).integers(0, 256, FUZZ_BYTES, dtype=np.uint8)
+    shm.set_shared_memory_region(handle, [noise])
+    c = httpclient.InferenceServerClient(server.http)
+    c.register_system_shared_memory(FUZZ_REGION, f"/volley-{FUZZ_REGION}", FUZZ_BYTES)
+    yield FUZZ_REGION
+    c.unregister_system_shared_memory(FUZZ_REGION)
+    c.close()
+    shm.destroy_shared_memory_region(handle)
+
+
+@fuzz_settings(60)
+@given(
+    region_name=st.sampled_from([FUZZ_REGION, FUZZ_REGION]) | st.text(max_size=20) | json_values,
+    byte_size=st.integers(0, FUZZ_BYTES + 8) | sizes,
+    offset=st.integers(0, FUZZ_BYTES + 8) | sizes,
+    datatype=st.sampled_from(DATATYPES),
+    shape=st.lists(st.integers(0, 40), max_size=3),
+    output_in_shm=st.booleans(),
+    model=st.sampled_from(["fraud", "detect"]),
+    exact=st.booleans(),
+)
+def test_hostile_shared_memory_references_get_client_errors(
+    server: VolleyProcess, fuzz_region: str, region_name, byte_size, offset, datatype, shape,
+    output_in_shm: bool, model: str, exact: bool,
+) -> None:  # fmt: skip
+    """Any region name, size, offset, datatype and shape over HTTP and gRPC: an answer, or a
+    4xx / client-error code with a message; random bytes read as tensors or images included
+    (`exact`: the size a tensor of that shape and datatype takes, so the bytes are read)."""
+    if exact:
+        region_name = FUZZ_REGION
+        byte_size = int(np.prod(shape)) * ITEMSIZE.get(datatype, 1)
+        offset = offset if isinstance(offset, int) and 0 <= offset <= FUZZ_BYTES else 0
+    parameters = {"shared_memory_region": region_name, "shared_memory_byte_size": byte_size,
+                  "shared_memory_offset": offset}  # fmt: skip
+    name = "features" if model == "fraud" else "images"
+    body = {"inputs": [{"name": name, "datatype": datatype, "shape": shape,
+                        "parameters": parameters}]}  # fmt: skip
+    if output_in_shm:
+        output = "score" if model == "fraud" else "boxes"
+        body["outputs"] = [{"name": output, "parameters": parameters}]
+    response = requests.post(f"{server.url}/v2/models/{model}/infer", json=body, timeout=60)
+    assert_http_answer_or_client_error(response, model)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (byte_size, offset)):
+        return  # gRPC parameters are typed: these cannot be sent
+    if not isinstance(region_name, str) or not 0 <= byte_size < 2**63 or not 0 <= offset < 2**63:
+        return
+    request = pb.ModelInferRequest(model_name=model)
+    tensor = request.inputs.add(name=name, datatype=datatype, shape=shape)
+    tensor.parameters["shared_memory_region"].string_param = region_name
+    tensor.parameters["shared_memory_byte_size"].int64_param = byte_size
+    tensor.parameters["shared_memory_offset"].int64_param = offset
+    with grpc.insecure_channel(server.grpc) as channel:
+        call = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelInferResponse.FromString,
+        )
+        try:
+            call(request, timeout=60)
+        except grpc.RpcError as exc:
+            assert_grpc_client_error(exc)
+
+
+@fuzz_settings(40)
+@given(
+    name=st.text(max_size=300),
+    key=st.text(max_size=40) | json_values,
+    offset=sizes,
+    byte_size=sizes,
+)
+def test_hostile_registrations_get_client_errors(
+    server: VolleyProcess, name: str, key, offset, byte_size
+) -> None:
+    """Any region name, key, offset and size: registered (then unregistered), or a 4xx with a
+    message; never a 5xx, and nothing outside /dev/shm is opened."""
+    response = requests.post(
+        f"{server.url}/v2/systemsharedmemory/region/{requests.utils.quote(name, safe='')}/register",
+        json={"key": key, "offset": offset, "byte_size": byte_size},
+        timeout=60,
+    )
+    if response.status_code == 200:
+        assert isinstance(key, str) and "/" not in key.lstrip("/")
+        requests.post(
+            f"{server.url}/v2/systemsharedmemory/region/{requests.utils.quote(name, safe='')}"
+            "/unregister",
+            timeout=60,
+        )
+    else:
+        assert_http_client_error(response)
