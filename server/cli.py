@@ -116,8 +116,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "--allow-client-shm",
         action="store_true",
         help="let clients on this host register system shared-memory regions (Triton's "
-        "extension) and pass tensors in them; only for clients trusted as the server's user, "
-        "and with --workers 1",
+        "extension) and pass tensors in them; only for clients trusted as the server's user",
     )
     p.add_argument(
         "--shutdown-timeout",

@@ -139,6 +139,17 @@ class DataPlane:
                     tensor.name, tensor.datatype, tensor.shape, tensor.data[:0], placed
                 )
 
+    async def register_shared_memory(
+        self, name: str, key: str, offset: int, byte_size: int
+    ) -> None:
+        """A client's registration of a system shared-memory region (`--allow-client-shm`)."""
+        self._regions().register(name, key, offset, byte_size)
+
+    async def unregister_shared_memory(self, name: str = "") -> None:
+        """Forget region `name` (every region when empty); nothing to do where shm is off."""
+        if self.shared_memory is not None:
+            self.shared_memory.unregister(name)
+
     def _regions(self) -> SystemSharedMemory:
         if self.shared_memory is None:
             raise shared_memory_unsupported()

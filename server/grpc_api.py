@@ -254,15 +254,17 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return answer
 
     async def SystemSharedMemoryUnregister(self, request, context):
-        if self.dataplane.shared_memory is not None:
-            self.dataplane.shared_memory.unregister(request.name)
+        try:
+            await self.dataplane.unregister_shared_memory(request.name)
+        except VolleyError as exc:
+            await _abort(context, exc)
         return pb.SystemSharedMemoryUnregisterResponse()
 
     async def SystemSharedMemoryRegister(self, request, context):
         try:
             if self.dataplane.shared_memory is None:
                 raise shared_memory_unsupported()
-            self.dataplane.shared_memory.register(
+            await self.dataplane.register_shared_memory(
                 request.name, request.key, request.offset, request.byte_size
             )
         except VolleyError as exc:

@@ -402,8 +402,7 @@ def control_app(dataplane: DataPlane, max_body_bytes: int) -> FastAPI:
     @app.post("/v2/systemsharedmemory/unregister")
     @app.post("/v2/systemsharedmemory/region/{region}/unregister")
     async def system_shared_memory_unregister(region: str = "") -> Response:
-        if dataplane.shared_memory is not None:
-            dataplane.shared_memory.unregister(region)
+        await dataplane.unregister_shared_memory(region)
         return json_response({})
 
     @app.post("/v2/systemsharedmemory/region/{region}/register")
@@ -411,7 +410,7 @@ def control_app(dataplane: DataPlane, max_body_bytes: int) -> FastAPI:
         if dataplane.shared_memory is None:
             raise shared_memory_unsupported()
         doc = await _json_body(request, max_body_bytes)
-        dataplane.shared_memory.register(
+        await dataplane.register_shared_memory(
             region, doc.get("key"), doc.get("offset", 0), doc.get("byte_size")
         )
         return json_response({})

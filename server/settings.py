@@ -61,11 +61,7 @@ def check_startup(settings: ServeSettings) -> None:
             raise StartupError(str(exc)) from None
     elif settings.metrics_tls:
         raise StartupError("--metrics-tls needs --tls-cert and --tls-key")
-    if settings.allow_client_shm and settings.workers > 1:
-        raise StartupError(
-            "--allow-client-shm needs --workers 1: a region is registered in the one process "
-            "that answers the call"
-        )
+
     if not settings.model_repository.is_dir():
         raise StartupError(
             f"model repository '{settings.model_repository}' does not exist "

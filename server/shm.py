@@ -43,6 +43,23 @@ def shared_memory_ref(parameters: dict, what: str) -> SharedMemoryRef | None:
     return SharedMemoryRef(region, size, offset)
 
 
+def check_registration(name: object, key: object, offset: object, byte_size: object) -> None:
+    """Refuse (400) a registration whose arguments cannot name a region, before anything is
+    opened (or, with workers, sent to the other processes)."""
+    if not isinstance(name, str) or not name or len(name) > 255:
+        raise invalid("a shared memory region needs a name of 1 to 255 characters")
+    if not isinstance(key, str) or not KEY.fullmatch(key) or key.strip("/.") == "":
+        raise invalid(
+            f"shared memory key {key!r} is not a shared-memory object name "
+            "(letters, digits, '_', '-', '.', one optional leading '/')"
+        )
+    for value, field in ((offset, "offset"), (byte_size, "byte_size")):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+            raise invalid(f"'{field}' of shared memory region '{name}' must be an integer >= 0")
+    if byte_size == 0:
+        raise invalid(f"shared memory region '{name}' has byte_size 0")
+
+
 @dataclass
 class _Region:
     name: str
@@ -65,8 +82,7 @@ class SystemSharedMemory:
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
         """Open the shared-memory object `key` and name `byte_size` bytes of it from `offset`."""
-        if not name or len(name) > 255:
-            raise invalid("a shared memory region needs a name of 1 to 255 characters")
+        check_registration(name, key, offset, byte_size)
         if name in self._regions:
             raise invalid(f"shared memory region '{name}' already in manager")
         if len(self._regions) >= self.max_regions:
@@ -75,16 +91,6 @@ class SystemSharedMemory:
                 f"{self.max_regions} shared memory regions are registered already; "
                 "unregister one first",
             )
-        if not isinstance(key, str) or not KEY.fullmatch(key) or key.strip("/.") == "":
-            raise invalid(
-                f"shared memory key {key!r} is not a shared-memory object name "
-                "(letters, digits, '_', '-', '.', one optional leading '/')"
-            )
-        for value, field in ((offset, "offset"), (byte_size, "byte_size")):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise invalid(f"'{field}' of shared memory region '{name}' must be an integer >= 0")
-        if byte_size == 0:
-            raise invalid(f"shared memory region '{name}' has byte_size 0")
         path = os.path.join(self.folder, key.lstrip("/"))
         try:
             fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)

@@ -8,7 +8,9 @@ over them. The supervisor serves no request. It
   below (removed at exit), and lists its own and the workers' pids there (`process_*`);
 - is the one way model control goes: a load or unload request a worker takes is sent to every
   worker, one request at a time, and answered once all have applied it; the last request per
-  model is kept and replayed to a worker that starts later, before it listens;
+  model is kept and replayed to a worker that starts later, before it listens; the same for
+  client shared-memory registrations (`--allow-client-shm`), so every worker can read a region
+  whichever one took the registration;
 - has every worker poll the repository at once with `--poll-repository`;
 - gathers the other workers' statistics for the worker that answers a statistics request;
 - forwards SIGTERM/SIGINT, waits for the workers to drain, and exits 0 (1 if one failed);
@@ -35,7 +37,7 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from server import ipc
 from server.cpus import WORKERS_ENV
-from server.errors import VolleyError
+from server.errors import VolleyError, invalid
 from server.ipc import CONTROL_SOCKET, worker_socket
 from server.metrics import PIDS_FILE
 from server.paths import model_folder
@@ -78,6 +80,7 @@ class Supervisor:
         self.directory = directory
         self.slots = [_Slot(index) for index in range(settings.workers)]
         self.journal: dict[str, dict] = {}  # the last load/unload request per model, in order
+        self.regions: dict[str, dict] = {}  # shared-memory registrations in force, by name
         self.control = asyncio.Lock()  # one model control request (or registration) at a time
         self.stop = asyncio.Event()
         self.stopping = False
@@ -192,6 +195,10 @@ class Supervisor:
             answers = await self._fan_out({"op": "stats", "args": message["args"]},
                                           skip=message["from"])  # fmt: skip
             return {"stats": [answer["stats"] for answer in answers if isinstance(answer, dict)]}
+        if op in ("shm_register", "shm_unregister"):
+            async with self.control:
+                await self._shared_memory(message)
+            return {}
         async with self.control:
             if self._is_model_folder(message["model"]):
                 self.journal.pop(message["model"], None)
@@ -202,12 +209,29 @@ class Supervisor:
                 raise answer
         return {}
 
+    async def _shared_memory(self, message: dict) -> None:
+        """Register or unregister a region in every worker; a registration that fails in one
+        is taken back from all (every worker opens the same object, so they agree)."""
+        name = message["name"]
+        if message["op"] == "shm_unregister":
+            for key in [name] if name else list(self.regions):
+                self.regions.pop(key, None)
+            await self._fan_out(message)
+            return
+        if name in self.regions:
+            raise invalid(f"shared memory region '{name}' already in manager")
+        errors = [a for a in await self._fan_out(message) if isinstance(a, VolleyError)]
+        if errors:
+            await self._fan_out({"op": "shm_unregister", "name": name})
+            raise errors[0]
+        self.regions[name] = message
+
     async def _register(self, slot: _Slot, pid: int) -> None:
         """Replay the journal to a starting worker, then send it every later request."""
         async with self.control:
             if slot.process is None or slot.process.pid != pid:
                 return  # an earlier process of the slot, gone meanwhile
-            for request in self.journal.values():
+            for request in [*self.journal.values(), *self.regions.values()]:
                 await self._send(slot, request)  # its outcome is the other workers' outcome
             slot.registered = True
 

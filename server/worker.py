@@ -24,6 +24,7 @@ from server.errors import VolleyError, unavailable
 from server.ipc import CONTROL_SOCKET, worker_socket
 from server.ratelimit import RateLimiter
 from server.repository import CONTROL_REFUSED, ModelRepository
+from server.shm import check_registration
 from server.stats import merge_stats
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,13 @@ class Worker:
                 await repository.poll()
             except Exception:  # as poll_forever in a single process: logged, tried again later
                 log.exception("repository poll failed", extra={"event": "poll_failed"})
+        elif op == "shm_register":
+            regions = self._dataplane.shared_memory
+            regions.register(
+                message["name"], message["key"], message["offset"], message["byte_size"]
+            )
+        elif op == "shm_unregister":
+            self._dataplane.shared_memory.unregister(message["name"])
         elif op == "stats":
             try:
                 return {"stats": await self._dataplane.own_statistics(**message["args"])}
@@ -133,6 +141,21 @@ class WorkerDataPlane(DataPlane):
         if self.repository.control != "explicit":
             raise unavailable(CONTROL_REFUSED)
         await ipc.call(self.worker.control, {"op": "unload", "model": model})
+
+    async def register_shared_memory(
+        self, name: str, key: str, offset: int, byte_size: int
+    ) -> None:
+        """Register the region in every worker (through the supervisor): whichever worker a
+        later request reaches can read it."""
+        self._regions()  # 501 where shm is off, before asking the others
+        check_registration(name, key, offset, byte_size)
+        message = {"name": name, "key": key, "offset": offset, "byte_size": byte_size}
+        await ipc.call(self.worker.control, {"op": "shm_register", **message})
+
+    async def unregister_shared_memory(self, name: str = "") -> None:
+        """Unregister in every worker (through the supervisor)."""
+        if self.shared_memory is not None:
+            await ipc.call(self.worker.control, {"op": "shm_unregister", "name": name})
 
 
 class _WorkerField(logging.Filter):

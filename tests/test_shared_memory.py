@@ -6,6 +6,7 @@ sending the bytes; Triton's own client utilities and perf_analyzer drive it unch
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
-from conftest import VolleyProcess, copy_shipped_models, serving
+from conftest import VolleyProcess, child_processes, copy_shipped_models, running, serving
 from fuzzing import (
     DATATYPES,
     ITEMSIZE,
@@ -32,6 +33,7 @@ from fuzzing import (
 from hypothesis import given
 from hypothesis import strategies as st
 from test_perf_analyzer import perf_analyzer  # noqa: F401 - a fixture
+from test_repository import wait_for
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 from vision_scenes import encode, scene_image
@@ -208,23 +210,72 @@ def test_bad_regions_and_references_are_refused(server: VolleyProcess, regions: 
         g.close()
 
 
-def test_off_unless_allowed_and_refused_with_workers(tmp_path: Path) -> None:
-    """Without --allow-client-shm a region cannot be registered (501) and the server does not
-    list the extension; with --workers 2 the flag is refused at start."""
+def test_off_unless_allowed(tmp_path: Path) -> None:
+    """Without --allow-client-shm a region cannot be registered (501), an inference naming one
+    is refused, and the server does not list the extension."""
     repository = copy_shipped_models(tmp_path)
     with serving(repository) as proc:
         c = httpclient.InferenceServerClient(proc.http)
         assert "system_shared_memory" not in c.get_server_metadata()["extensions"]
         refused(lambda: c.register_system_shared_memory("r", "/volley_r", 64), "501",
                 "start it with --allow-client-shm")  # fmt: skip
+        tensor = httpclient.InferInput("features", [ROWS, FEATURES], "FP32")
+        tensor.set_shared_memory("r", ROWS * FEATURES * 4)
+        refused(lambda: c.infer("fraud", [tensor]), "501", "system shared memory is off")
         c.close()
-    run = subprocess.run(
-        ["volley", "serve", "--model-repository", str(repository), "--allow-client-shm",
-         "--workers", "2", "--http-port", "0", "--grpc-port", "0"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert run.returncode == 1
-    assert "--allow-client-shm needs --workers 1" in run.stderr
+
+
+def fresh_infer(proc: VolleyProcess, region_name: str, size: int) -> requests.Response:
+    """One fraud inference from a region, on a new connection (so on any worker)."""
+    body = {"inputs": [{"name": "features", "datatype": "FP32", "shape": [ROWS, FEATURES],
+                        "parameters": {"shared_memory_region": region_name,
+                                       "shared_memory_byte_size": size}}]}  # fmt: skip
+    return requests.post(f"{proc.url}/v2/models/fraud/infer", json=body, timeout=60)
+
+
+def test_regions_reach_every_worker(tmp_path: Path, regions: list) -> None:
+    """With --workers 2 a registration taken by one worker is made in every worker (and replayed
+    to one that restarts), so requests on any connection read the region; an unregistration
+    reaches them all too."""
+    rows = features(3)
+    name, key, handle = region(regions, rows.nbytes)
+    shm.set_shared_memory_region(handle, [rows])
+    repository = copy_shipped_models(tmp_path)
+    with serving(repository, "--allow-client-shm", "--workers", "2") as proc:
+        c = httpclient.InferenceServerClient(proc.http)
+        c.register_system_shared_memory(name, key, rows.nbytes)
+        plain = httpclient.InferInput("features", [ROWS, FEATURES], "FP32")
+        plain.set_data_from_numpy(rows)
+        expected = c.infer("fraud", [plain]).as_numpy("score").reshape(-1)
+        c.close()
+        for _ in range(16):  # the kernel spreads new connections over both workers
+            answer = fresh_infer(proc, name, rows.nbytes)
+            assert answer.status_code == 200, answer.text
+            np.testing.assert_allclose(answer.json()["outputs"][0]["data"], expected, rtol=1e-6)
+        again = {"key": key, "byte_size": rows.nbytes}
+        duplicate = requests.post(
+            f"{proc.url}/v2/systemsharedmemory/region/{name}/register", json=again, timeout=60
+        )
+        assert duplicate.status_code == 400 and "already in manager" in duplicate.text
+        workers = [int(p) for p in child_processes_pids(proc)]
+        os.kill(workers[0], signal.SIGKILL)  # its replacement must get the registration
+        wait_for(lambda: len(child_processes_pids(proc)) == 2 and workers[0] not in
+                 child_processes_pids(proc) and proc.log().count('"event":"worker_ready"') >= 3,
+                 "the replacement worker", timeout=60)  # fmt: skip
+        for _ in range(16):
+            answer = fresh_infer(proc, name, rows.nbytes)
+            assert answer.status_code == 200, answer.text
+        requests.post(f"{proc.url}/v2/systemsharedmemory/region/{name}/unregister", timeout=60)
+        for _ in range(8):
+            answer = fresh_infer(proc, name, rows.nbytes)
+            assert (
+                answer.status_code == 400 and "Unable to find shared memory region" in answer.text
+            )
+
+
+def child_processes_pids(proc: VolleyProcess) -> set[int]:
+    """The live worker processes of a `--workers` server."""
+    return {pid for pid in child_processes(proc.proc.pid, b"server.worker") if running(pid)}
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
