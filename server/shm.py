@@ -50,7 +50,7 @@ def check_registration(name: object, key: object, offset: object, byte_size: obj
         raise invalid("a shared memory region needs a name of 1 to 255 characters")
     if not isinstance(key, str) or not KEY.fullmatch(key) or key.strip("/.") == "":
         raise invalid(
-            f"shared memory key {key!r} is not a shared-memory object name "
+            f"shared memory key {str(key)[:80]!r} is not a shared-memory object name "
             "(letters, digits, '_', '-', '.', one optional leading '/')"
         )
     for value, field in ((offset, "offset"), (byte_size, "byte_size")):
@@ -159,7 +159,3 @@ class SystemSharedMemory:
                 f"'{ref.region}' ({region.byte_size} bytes)"
             )
         return region, region.offset + ref.offset
-
-    def close(self) -> None:
-        """Unregister every region."""
-        self.unregister()
