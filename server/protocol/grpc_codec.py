@@ -52,12 +52,13 @@ def parameter_value(param: pb.InferParameter) -> object:
 def decode_request(request: pb.ModelInferRequest) -> InferenceRequest:
     """Decode raw or typed input contents into numpy arrays, checking every size."""
     raw = request.raw_input_contents
-    in_request = [i for i in request.inputs if NAME_PARAMETER not in i.parameters]
-    if raw and len(raw) != len(in_request):
-        raise invalid(
-            f"{len(raw)} raw_input_contents for {len(in_request)} inputs: give one per input "
-            "(none for an input in shared memory)"
-        )
+    if raw and len(raw) != len(request.inputs):
+        in_request = sum(NAME_PARAMETER not in i.parameters for i in request.inputs)
+        if len(raw) != in_request:
+            raise invalid(
+                f"{len(raw)} raw_input_contents for {in_request} inputs: give one per input "
+                "(none for an input in shared memory)"
+            )
     tensors = []
     raw_index = 0
     for item in request.inputs:
