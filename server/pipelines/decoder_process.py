@@ -19,6 +19,7 @@ import numpy as np
 from server.child_process import die_with_parent
 from server.errors import VolleyError
 from server.pipelines.images import decode_image, letterbox
+from server.sockets import read_exactly
 
 # A job: detector height, width, padding value, pixel limit, then the sizes of `what` and data.
 JOB = struct.Struct("<HHBQII")
@@ -28,11 +29,13 @@ OK, INVALID, FAILED = 0, 1, 2
 
 
 def serve(sock: socket.socket) -> None:
-    """The decoder process: one job at a time until its socket closes."""
-    while header := _read(sock, JOB.size):
-        height, width, pad, max_pixels, label_size, data_size = JOB.unpack(header)
-        what = _read(sock, label_size).decode()
-        data = _read(sock, data_size)
+    """The decoder process: one job at a time until its socket closes (EOFError)."""
+    while True:
+        height, width, pad, max_pixels, label_size, data_size = JOB.unpack(
+            read_exactly(sock, JOB.size)
+        )
+        what = read_exactly(sock, label_size).decode()
+        data = read_exactly(sock, data_size)
         try:
             decoded = decode_image(data, what, max_pixels, fit=(height, width))
             boxed = letterbox(decoded.rgb, height, width, pad, (decoded.width, decoded.height))
@@ -51,20 +54,6 @@ def serve(sock: socket.socket) -> None:
 def _answer_error(sock: socket.socket, status: int, message: str) -> None:
     encoded = message.encode()
     sock.sendall(ANSWER.pack(status, 0.0, 0, 0, 0, 0, len(encoded)) + encoded)
-
-
-def _read(sock: socket.socket, size: int) -> bytes:
-    """Exactly `size` bytes; b"" at end-of-file before the first byte (the server is gone)."""
-    buffer = bytearray(size)
-    view = memoryview(buffer)
-    while view:
-        count = sock.recv_into(view)
-        if count == 0:
-            if len(view) == size:
-                return b""
-            raise EOFError("the server closed the socket mid-job")
-        view = view[count:]
-    return bytes(buffer)
 
 
 def main() -> int:

@@ -33,6 +33,7 @@ from server import metrics
 from server.errors import ErrorKind, VolleyError, internal, new_request_id
 from server.pipelines.decoder_process import ANSWER, INVALID, JOB, OK
 from server.pipelines.images import Letterboxed
+from server.sockets import receive_exactly, receive_into
 
 log = logging.getLogger(__name__)
 
@@ -202,10 +203,10 @@ class _Decoder:
         await loop.sock_sendall(self.sock, job + label)
         await loop.sock_sendall(self.sock, data)
         status, scale, pad_x, pad_y, w, h, size = ANSWER.unpack(
-            await _receive(loop, self.sock, ANSWER.size)
+            await receive_exactly(loop, self.sock, ANSWER.size)
         )
         if status != OK:
-            message = (await _receive(loop, self.sock, size)).decode()
+            message = (await receive_exactly(loop, self.sock, size)).decode()
             if status == INVALID:
                 raise VolleyError(ErrorKind.INVALID_ARGUMENT, message)
             request_id = new_request_id()  # the client gets the id, the log the details
@@ -215,29 +216,13 @@ class _Decoder:
             )
             raise internal(f"{what}: decoding failed", request_id)
         pixels = np.empty((height, width, 3), dtype=np.uint8)
-        await _receive_into(loop, self.sock, memoryview(pixels).cast("B"))
+        await receive_into(loop, self.sock, memoryview(pixels).cast("B"))
         return Letterboxed(pixels, scale, pad_x, pad_y, w, h)
 
     def stop(self) -> None:
         self.sock.close()  # the decoder reads end-of-file and exits
         self.process.kill()
         self.process.wait()
-
-
-async def _receive(loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int) -> bytes:
-    buffer = bytearray(size)
-    await _receive_into(loop, sock, memoryview(buffer))
-    return bytes(buffer)
-
-
-async def _receive_into(
-    loop: asyncio.AbstractEventLoop, sock: socket.socket, view: memoryview
-) -> None:
-    while view:
-        count = await loop.sock_recv_into(sock, view)
-        if count == 0:
-            raise EOFError("the decoder process closed its socket")
-        view = view[count:]
 
 
 def _retrieve(job: asyncio.Future) -> None:

@@ -32,6 +32,7 @@ from pathlib import Path
 from server.child_process import die_with_parent
 from server.errors import ErrorKind, VolleyError, unexpected
 from server.protocol import http_codec
+from server.sockets import read_exactly, receive_exactly
 from server.types import InferenceRequest
 
 log = logging.getLogger(__name__)
@@ -140,27 +141,15 @@ class JsonOffload:
         self._process = None
 
 
-async def _receive_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int):
-    buffer = bytearray(size)
-    view = memoryview(buffer)
-    received = 0
-    while received < size:
-        count = await loop.sock_recv_into(sock, view[received:])
-        if count == 0:
-            raise EOFError("the decoder closed the connection")
-        received += count
-    return buffer
-
-
 async def _receive_result(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> object:
     """A pickle and its out-of-band buffers, each received straight into its own memory."""
-    (size,) = _SIZE.unpack(await _receive_exactly(loop, sock, _SIZE.size))
-    data = await _receive_exactly(loop, sock, size)
-    (count,) = _COUNT.unpack(await _receive_exactly(loop, sock, _COUNT.size))
+    (size,) = _SIZE.unpack(await receive_exactly(loop, sock, _SIZE.size))
+    data = await receive_exactly(loop, sock, size)
+    (count,) = _COUNT.unpack(await receive_exactly(loop, sock, _COUNT.size))
     buffers = []
     for _ in range(count):
-        (length,) = _SIZE.unpack(await _receive_exactly(loop, sock, _SIZE.size))
-        buffers.append(await _receive_exactly(loop, sock, length))
+        (length,) = _SIZE.unpack(await receive_exactly(loop, sock, _SIZE.size))
+        buffers.append(await receive_exactly(loop, sock, length))
     return pickle.loads(data, buffers=buffers)
 
 
@@ -187,12 +176,12 @@ def serve_decoder(address: str, server_pid: int) -> None:
 
 
 def _serve_job(connection: socket.socket) -> None:
-    header_length, model_size, version_size = _JOB.unpack(_read(connection, _JOB.size))
-    model = _read(connection, model_size).decode()
-    version = _read(connection, version_size).decode()
+    header_length, model_size, version_size = _JOB.unpack(read_exactly(connection, _JOB.size))
+    model = read_exactly(connection, model_size).decode()
+    version = read_exactly(connection, version_size).decode()
     body = bytearray()
-    while size := _SIZE.unpack(_read(connection, _SIZE.size))[0]:
-        body += _read(connection, size)
+    while size := _SIZE.unpack(read_exactly(connection, _SIZE.size))[0]:
+        body += read_exactly(connection, size)
     try:
         result: object = http_codec.decode_request(
             body, None if header_length < 0 else header_length, model, version
@@ -208,13 +197,3 @@ def _serve_job(connection: socket.socket) -> None:
         raw = buffer.raw()
         connection.sendall(_SIZE.pack(raw.nbytes))
         connection.sendall(raw)
-
-
-def _read(connection: socket.socket, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = connection.recv(min(size - len(data), 1 << 20))
-        if not chunk:
-            raise EOFError("the server closed the connection")
-        data += chunk
-    return bytes(data)
