@@ -24,7 +24,13 @@ from server.ratelimit import RateLimiter
 from server.repository import ModelRepository
 from server.servable import FramePolicy
 from server.shm import SystemSharedMemory
-from server.types import InferenceRequest, InferenceResponse, InferTensor, SharedMemoryRef
+from server.types import (
+    NO_DATA,
+    InferenceRequest,
+    InferenceResponse,
+    InferTensor,
+    SharedMemoryRef,
+)
 
 OUTCOMES = {
     ErrorKind.INVALID_ARGUMENT: "invalid",
@@ -122,8 +128,6 @@ class DataPlane:
                     tensor.data = tensor_from_bytes(raw, tensor.datatype, tensor.shape)
                 except VolleyError as exc:
                     raise invalid(f"{what} in shared memory: {exc.message}") from None
-                except ValueError as exc:
-                    raise invalid(f"{what} in shared memory: {exc}") from None
 
     def _write_shared_outputs(self, request: InferenceRequest, response: InferenceResponse) -> None:
         """Write the outputs the client wants in its shared-memory regions there."""
@@ -136,7 +140,7 @@ class DataPlane:
                 regions.write(ref, data, f"output '{tensor.name}'")
                 placed = SharedMemoryRef(ref.region, len(data), ref.offset)
                 response.outputs[i] = InferTensor(
-                    tensor.name, tensor.datatype, tensor.shape, tensor.data[:0], placed
+                    tensor.name, tensor.datatype, tensor.shape, NO_DATA, placed
                 )
 
     async def register_shared_memory(

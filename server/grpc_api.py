@@ -237,8 +237,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             await _abort(context, exc)
         return pb.RepositoryModelUnloadResponse()
 
-    # Shared memory is not supported: status lists no region, unregister has nothing to do,
-    # register says so plainly (clients such as perf_analyzer unregister everything at start).
+    # System shared memory is the data plane's (`server/shm.py`, with --allow-client-shm; off,
+    # status lists no region and register says so). CUDA shared memory is not supported: status
+    # lists no region, unregister has nothing to do (perf_analyzer unregisters all at start),
+    # register says so plainly.
     async def SystemSharedMemoryStatus(self, request, context):
         answer = pb.SystemSharedMemoryStatusResponse()
         if self.dataplane.shared_memory is None:
@@ -262,8 +264,6 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def SystemSharedMemoryRegister(self, request, context):
         try:
-            if self.dataplane.shared_memory is None:
-                raise shared_memory_unsupported()
             await self.dataplane.register_shared_memory(
                 request.name, request.key, request.offset, request.byte_size
             )

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+NO_DATA = np.empty(0, dtype=np.uint8)  # the data of a tensor that lies in shared memory
+
 
 @dataclass(frozen=True)
 class SharedMemoryRef:

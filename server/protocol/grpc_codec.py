@@ -18,14 +18,13 @@ from server.datatypes import (
 from server.errors import invalid
 from server.shm import NAME_PARAMETER, OFFSET_PARAMETER, SIZE_PARAMETER, shared_memory_ref
 from server.types import (
+    NO_DATA,
     InferenceRequest,
     InferenceResponse,
     InferTensor,
     RequestedOutput,
     SharedMemoryRef,
 )
-
-NO_DATA = np.empty(0, dtype=np.uint8)  # an input that lies in shared memory
 
 CONTENTS_FIELD = {
     "BOOL": "bool_contents",

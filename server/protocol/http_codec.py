@@ -21,13 +21,12 @@ from server.datatypes import (
 from server.errors import invalid
 from server.shm import shared_memory_ref
 from server.types import (
+    NO_DATA,
     InferenceRequest,
     InferenceResponse,
     InferTensor,
     RequestedOutput,
 )
-
-NO_DATA = np.empty(0, dtype=np.uint8)  # an input that lies in shared memory
 
 
 def decode_request(
