@@ -407,7 +407,7 @@ def control_app(dataplane: DataPlane, max_body_bytes: int) -> FastAPI:
 
     @app.post("/v2/systemsharedmemory/region/{region}/register")
     async def system_shared_memory_register(region: str, request: Request) -> Response:
-        if dataplane.shared_memory is None:
+        if dataplane.shared_memory is None:  # refused before its body is read
             raise shared_memory_unsupported()
         doc = await _json_body(request, max_body_bytes)
         await dataplane.register_shared_memory(
