@@ -1,5 +1,7 @@
-"""Peer comparison in one run: Volley, Triton 2.51 and a naive FastAPI server on the same fraud
-model and batching settings, against the in-process ONNX Runtime ceiling.
+"""Peer comparison in one run: Volley, Triton 2.51, a naive FastAPI server and the batched
+raw-ASGI floor (bench/batched_floor.py: what one Python process reaches doing nothing but
+batching) on the same fraud model and batching settings, against the in-process ONNX Runtime
+ceiling.
 
 Each server is measured alone under `wrk` (single-row v2 JSON, one thread, 64 connections) and
 `perf_analyzer` (HTTP binary tensors and gRPC, concurrency 64 and 1). Each row records the load
@@ -13,7 +15,8 @@ against what the machine was doing.
 Triton comes from ../shared/tools/triton/setup (its python backend runs the same ONNX model
 with onnxruntime, under Triton's own dynamic batcher: max_batch_size 1024, 100 us delay, two
 instances); Volley gets the same settings. `wrk` is Debian's package (apt-get install wrk). All
-load generators run on the same machine as the server and take CPU from it.
+load generators run on the same machine as the server and take CPU from it. The floor runs
+under wrk only (it speaks no more of the protocol than a JSON infer).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ TRITON = ROOT.parent / "shared" / "tools" / "triton"
 FEATURES = 17
 BATCHING = {"max_queue_delay_us": 100, "max_queue_size": 4096}
 INSTANCES = 2
+FLOOR = "batched raw-ASGI floor"  # bench/batched_floor.py: one process, nothing but batching
 
 
 @dataclass
@@ -197,6 +201,20 @@ def run_naive(model_dir: Path, body: bytes, seconds: float) -> list[Row]:
         stop(proc)
 
 
+def run_floor(model_file: Path, body: bytes, seconds: float) -> list[Row]:
+    port = free_port()
+    proc = start(
+        [sys.executable, "bench/batched_floor.py", str(model_file), str(port)],
+        f"http://127.0.0.1:{port}/v2/health/ready",
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}/v2/models/fraud/infer"
+        return measure(FLOOR, proc.pid, {"HTTP JSON, wrk c=64": lambda: wrk(
+            url, body, seconds)}, seconds)  # fmt: skip
+    finally:
+        stop(proc)
+
+
 def report(ceiling_rps: float, ceiling_p50: float, rows: list[Row], seconds: float) -> str:
     def find(server: str, load: str) -> Row | None:
         return next((r for r in rows if r.server == server and r.load == load), None)
@@ -216,6 +234,10 @@ def report(ceiling_rps: float, ceiling_p50: float, rows: list[Row], seconds: flo
     if volley_json and triton_json:
         ratio = volley_json.rps / triton_json.rps
         checks.append(("HTTP JSON (wrk) >= 1.2x Triton", f"{ratio:.2f}x", ratio >= 1.2))
+    floor_json = find(FLOOR, "HTTP JSON, wrk c=64")
+    if volley_json and floor_json:
+        ratio = volley_json.rps / floor_json.rps
+        checks.append((f"HTTP JSON (wrk) >= 90 % of the {FLOOR}", f"{ratio:.0%}", ratio >= 0.9))
     for load in ("HTTP binary, perf_analyzer c=64", "gRPC, perf_analyzer c=64"):
         mine, theirs = find("Volley", load), find("Triton 2.51", load)
         if mine and theirs:
@@ -248,6 +270,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--skip-triton", action="store_true")
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--skip-floor", action="store_true")
     parser.add_argument(
         "--volley-workers",
         default="1",
@@ -272,6 +295,8 @@ def main() -> int:
             rows += run_triton(model_file, tmp, body, args.seconds)
         if not args.skip_naive:
             rows += run_naive(model_dir, body, args.seconds)
+        if not args.skip_floor:
+            rows += run_floor(model_file, body, args.seconds)
     print(report(first.rps, first.p50_ms, rows, args.seconds))
     return 0
 

@@ -20,12 +20,14 @@ import time
 from typing import TYPE_CHECKING
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from server import metrics
 from server.auth import ApiKeys
 from server.dataplane import DataPlane
 from server.grpc_api import InferenceServicer, create_grpc_server
 from server.http_api import HttpFrontEnd, metrics_app
+from server.http_connection import protocol_for
 from server.ratelimit import RateLimiter
 from server.repository import ModelRepository
 from server.settings import ServeSettings, StartupError
@@ -56,12 +58,13 @@ def _listener(
     timeout: float,
     max_message_bytes: int = 16 * 1024 * 1024,
     tls: TlsFiles | None = None,
+    http: type[HttpToolsProtocol] | str = "httptools",
 ) -> _Listener:
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
-        http="httptools",
+        http=http,
         lifespan="off",
         access_log=False,
         log_config=None,
@@ -138,6 +141,7 @@ async def serve(settings: ServeSettings, worker: Worker | None = None) -> int:
         settings.shutdown_timeout,
         settings.max_request_bytes,
         tls,
+        protocol_for(front_end),
     )
     grpc_server, servicer = create_grpc_server(
         dataplane,

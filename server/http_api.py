@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import re
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import parse_qs
 
 import orjson
@@ -50,6 +51,7 @@ Send = Callable[[dict], Awaitable[None]]
 STATIC = Path(__file__).parent / "static"
 INFER_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([0-9]+))?/infer$")
 JSON = "application/json"
+OCTET_STREAM = b"application/octet-stream"
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -65,8 +67,23 @@ def error_headers(error: VolleyError) -> list[tuple[bytes, bytes]]:
     return []
 
 
+class Answer(NamedTuple):
+    """An HTTP response to write: what `HttpFrontEnd.answer_infer` returns."""
+
+    status: int
+    body: bytes
+    content_type: bytes = b"application/json"
+    headers: Sequence[tuple[bytes, bytes]] = ()
+    close: bool = False  # the body was left unread: close the connection after this answer
+
+
 class HttpFrontEnd:
-    """The ASGI application: the infer fast path in front of the FastAPI control routes."""
+    """The ASGI application: the infer fast path in front of the FastAPI control routes.
+
+    Infer requests normally never reach it as ASGI: the HTTP connection protocol
+    (`server.http_connection`) calls `answer_infer` directly. Through ASGI they get the same
+    answer, so the application also works behind any ASGI server.
+    """
 
     def __init__(
         self,
@@ -83,66 +100,81 @@ class HttpFrontEnd:
         self.control = control_app(dataplane, max_json_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.dataplane.draining and scope["type"] == "http":
+            send = _closing(send)
+        infer = INFER_ROUTE.match(scope["path"]) if scope["type"] == "http" else None
+        if infer and scope["method"] == "POST":
+            client = (scope.get("client") or ("?",))[0]
+            answer = await self.answer_infer(scope["path"], dict(scope["headers"]), client, receive)
+            await _send_answer(send, answer)
+            return
         guarded = self.keys is not None and scope["type"] in ("http", "websocket")
         if guarded and not await self._authorized(scope, receive, send):
             return
-        if self.dataplane.draining and scope["type"] == "http":
-            send = _closing(send)
-        if scope["type"] == "http":
-            match = INFER_ROUTE.match(scope["path"])
-            if match and scope["method"] == "POST":
-                await self._infer(scope, receive, send, match[1], match[2] or "")
-                return
-            if match:
-                body = error_body("Method Not Allowed: infer takes POST")
-                await _send(send, 405, body, JSON, [(b"allow", b"POST")])
-                return
+        if infer:
+            body = error_body("Method Not Allowed: infer takes POST")
+            await _send(send, 405, body, JSON, [(b"allow", b"POST")])
+            return
         await self.control(scope, receive, send)
 
     async def _authorized(self, scope: Scope, receive: Receive, send: Send) -> bool:
         """Whether the call's API key reaches its route; if not, the refusal is sent."""
-        needed = auth.http_scope(scope["path"])
-        if needed is None:
-            return True
-        header = dict(scope["headers"]).get(b"authorization")
-        presented = auth.bearer(header.decode("latin-1") if header is not None else None)
+        presented = _bearer(dict(scope["headers"]))
         if presented is None and scope["type"] == "websocket":  # browsers cannot set headers
             query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
             presented = query.get("api_key", [None])[0]
-        refused = auth.refusal(self.keys, presented, needed)
+        client = (scope.get("client") or ("?",))[0]
+        refused = self._refusal(scope["path"], presented, client)
         if refused is None:
             return True
-        authenticated, message = refused
-        infer = INFER_ROUTE.match(scope["path"])
-        if infer is not None:
-            outcome = FORBIDDEN if authenticated else UNAUTHENTICATED
-            self.dataplane.count_rejected(infer[1], "http", outcome)
-        client = (scope.get("client") or ("?",))[0]
-        log.warning(
-            "call refused",
-            extra={"event": "auth_refused", "path": scope["path"], "client": client,
-                   "reason": message},
-        )  # fmt: skip
+        status, message = refused
         if scope["type"] == "websocket":
             await receive()  # the connect event; then refuse the handshake
             await send({"type": "websocket.close", "code": 1008, "reason": message[:120]})
-        elif authenticated:
-            await _send(send, 403, error_body(message), JSON)
         else:
-            await _send(send, 401, error_body(message), JSON, [(b"www-authenticate", b"Bearer")])
+            await _send_answer(send, _refusal_answer(status, message))
         return False
 
-    async def _infer(
-        self, scope: Scope, receive: Receive, send: Send, model: str, version: str
-    ) -> None:
-        headers = dict(scope["headers"])
+    def _refusal(self, path: str, presented: str | None, client: str) -> tuple[int, str] | None:
+        """(401 or 403, why) for a call whose API key does not reach `path` (logged), or None."""
+        needed = auth.http_scope(path)
+        if needed is None:
+            return None
+        refused = auth.refusal(self.keys, presented, needed)
+        if refused is None:
+            return None
+        authenticated, message = refused
+        log.warning(
+            "call refused",
+            extra={"event": "auth_refused", "path": path, "client": client, "reason": message},
+        )
+        return (403 if authenticated else 401), message
+
+    async def answer_infer(
+        self, path: str, headers: dict[bytes, bytes], client: str, receive: Receive
+    ) -> Answer:
+        """Answer one `POST /v2/models/{model}[/versions/{version}]/infer`; never raises.
+
+        `receive` yields the body as ASGI `http.request` messages; `client` is the peer's
+        address (for the rate limit and the log).
+        """
+        route = INFER_ROUTE.match(path)
+        model, version = route[1], route[2] or ""
+        if self.keys is not None:
+            refused = self._refusal(path, _bearer(headers), client)
+            if refused is not None:
+                status, message = refused
+                outcome = FORBIDDEN if status == 403 else UNAUTHENTICATED
+                self.dataplane.count_rejected(model, "http", outcome)
+                return _refusal_answer(status, message)
         body_read = reached = False
         try:
-            self.dataplane.admit((scope.get("client") or ("?",))[0])
+            self.dataplane.admit(client)
             header_length, large = self._check_headers(headers)
             if large:  # streamed to the decoder process as it arrives
                 try:
-                    chunks = self._body_chunks(headers, receive)
+                    self._check_declared_size(headers)
+                    chunks = self._body_chunks(receive)
                     request = await self.offload.decode(chunks, header_length, model, version)
                 finally:
                     self.offload.release()
@@ -157,16 +189,17 @@ class HttpFrontEnd:
             error = exc if isinstance(exc, VolleyError) else unexpected(exc, model=model)
             if not reached:
                 self.dataplane.count_rejected(model, "http", OUTCOMES[error.kind])
-            extra = error_headers(error)
-            if not body_read:  # the rest of the body is not worth reading: let it go
-                extra.append((b"connection", b"close"))
-            await _send(send, error.kind.http_status, error_body(error.message), JSON, extra)
-            return
+            # Without the whole body read, the rest is not worth reading: close after.
+            return Answer(
+                error.kind.http_status,
+                error_body(error.message),
+                headers=error_headers(error),
+                close=not body_read,
+            )
         if json_length is None:
-            await _send(send, 200, payload, JSON)
-        else:
-            extra = [(b"inference-header-content-length", str(json_length).encode())]
-            await _send(send, 200, payload, "application/octet-stream", extra)
+            return Answer(200, payload)
+        length = str(json_length).encode()
+        return Answer(200, payload, OCTET_STREAM, [(b"inference-header-content-length", length)])
 
     def _check_headers(self, headers: dict[bytes, bytes]) -> tuple[int | None, bool]:
         """Check what the headers tell before the body is read: the JSON part's size (413), and
@@ -210,8 +243,14 @@ class HttpFrontEnd:
 
     async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
         """The whole body, decompressed (gzip, deflate), within --max-request-bytes."""
-        chunks = [chunk async for chunk in self._body_chunks(headers, receive)]
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self._check_declared_size(headers)
+        first = await receive()  # most bodies arrive in one message
+        if first["type"] == "http.request" and not first.get("more_body", False):
+            body = first["body"]
+            if len(body) > self.max_request_bytes:
+                raise self._too_large()
+        else:
+            body = b"".join([chunk async for chunk in self._body_chunks(receive, first)])
         encoding = headers.get(b"content-encoding", b"identity").lower()
         if encoding in (b"gzip", b"deflate"):
             body = _decompress(body, encoding, self.max_request_bytes)
@@ -219,25 +258,35 @@ class HttpFrontEnd:
             raise invalid(f"unsupported Content-Encoding '{encoding.decode(errors='replace')}'")
         return body
 
-    async def _body_chunks(
-        self, headers: dict[bytes, bytes], receive: Receive
-    ) -> AsyncIterator[bytes]:
-        """The body as it arrives, refused (413) past --max-request-bytes."""
-        limit = self.max_request_bytes
+    def _check_declared_size(self, headers: dict[bytes, bytes]) -> None:
+        """413 for a Content-Length past --max-request-bytes, before any of the body is read."""
         declared = _int_header(headers.get(b"content-length"))
-        if declared is not None and declared > limit:
+        if declared is not None and declared > self.max_request_bytes:
             raise VolleyError(
-                ErrorKind.TOO_LARGE, f"request body of {declared} bytes exceeds {limit} bytes"
+                ErrorKind.TOO_LARGE,
+                f"request body of {declared} bytes exceeds {self.max_request_bytes} bytes",
             )
+
+    def _too_large(self) -> VolleyError:
+        return VolleyError(
+            ErrorKind.TOO_LARGE, f"request body exceeds {self.max_request_bytes} bytes"
+        )
+
+    async def _body_chunks(
+        self, receive: Receive, first: dict | None = None
+    ) -> AsyncIterator[bytes]:
+        """The body as it arrives (from message `first`, if one was read already), refused
+        (413) once past --max-request-bytes."""
         size = 0
         while True:
-            message = await receive()
+            message = first or await receive()
+            first = None
             if message["type"] == "http.disconnect":
                 raise invalid("client disconnected before sending the whole body")
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > limit:
-                raise VolleyError(ErrorKind.TOO_LARGE, f"request body exceeds {limit} bytes")
+            if size > self.max_request_bytes:
+                raise self._too_large()
             yield chunk
             if not message.get("more_body", False):
                 return
@@ -245,6 +294,16 @@ class HttpFrontEnd:
 
 async def _one(body: bytes) -> AsyncIterator[bytes]:
     yield body
+
+
+def _bearer(headers: dict[bytes, bytes]) -> str | None:
+    header = headers.get(b"authorization")
+    return auth.bearer(header.decode("latin-1") if header is not None else None)
+
+
+def _refusal_answer(status: int, message: str) -> Answer:
+    headers = [(b"www-authenticate", b"Bearer")] if status == 401 else []
+    return Answer(status, error_body(message), headers=headers)
 
 
 def _decompress(body: bytes, encoding: bytes, limit: int) -> bytes:
@@ -268,6 +327,11 @@ def _int_header(value: bytes | None) -> int | None:
         raise invalid(
             f"header value '{value.decode(errors='replace')}' is not an integer"
         ) from None
+
+
+async def _send_answer(send: Send, answer: Answer) -> None:
+    extra = [*answer.headers, (b"connection", b"close")] if answer.close else [*answer.headers]
+    await _send(send, answer.status, answer.body, answer.content_type.decode(), extra)
 
 
 async def _send(

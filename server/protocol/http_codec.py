@@ -53,66 +53,96 @@ def decode_request(
     binary = view[header_length:]
     offset = 0
     tensors = []
+    shared = False
     for item in inputs:
         tensor, used = _decode_input(item, binary[offset:])
         tensors.append(tensor)
         offset += used
+        shared = shared or tensor.shared_memory is not None
     if offset != len(binary):
         raise invalid(
             f"{len(binary) - offset} bytes of binary data are not claimed by any input's "
             "binary_data_size"
         )
-    outputs = _decode_outputs(doc.get("outputs", []))
+    outputs = _decode_outputs(doc["outputs"]) if "outputs" in doc else []
+    request_id = doc.get("id", "")
+    if not isinstance(request_id, str):
+        raise invalid("id must be a string")
+    parameters = doc.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise invalid("parameters must be a JSON object")
     return InferenceRequest(
         model=model,
         version=version,
         inputs=tensors,
-        id=_string(doc.get("id", ""), "id"),
+        id=request_id,
         outputs=outputs,
-        parameters=_object(doc.get("parameters", {}), "parameters"),
-        shared_memory=any(t.shared_memory for t in tensors)
-        or any(o.shared_memory for o in outputs),
+        parameters=parameters,
+        shared_memory=shared or any(o.shared_memory for o in outputs),
     )
 
 
 def _decode_input(item: object, binary: memoryview) -> tuple[InferTensor, int]:
     if not isinstance(item, dict):
         raise invalid("each input must be a JSON object")
-    name = _string(item.get("name"), "input name")
-    datatype = _string(item.get("datatype"), f"datatype of input '{name}'")
+    name = item.get("name")
+    if not isinstance(name, str):
+        raise invalid("input name must be a string")
+    datatype = item.get("datatype")
+    if not isinstance(datatype, str):
+        raise invalid(f"datatype of input '{name}' must be a string")
     shape = item.get("shape")
+    # orjson gives exact types: `type(d) is int` also refuses booleans
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_DIMS
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        or not all(type(d) is int and d >= 0 for d in shape)
     ):
         raise invalid(f"shape of input '{name}' must be a list of non-negative integers")
     shape = tuple(shape)
     check_shape(shape, datatype, name)
-    parameters = _object(item.get("parameters", {}), f"parameters of input '{name}'")
+    parameters = item.get("parameters")
+    if parameters is not None:
+        placed = _placed_input(item, name, datatype, shape, parameters, binary)
+        if placed is not None:
+            return placed
+    if "data" not in item:
+        raise invalid(f"input '{name}' has neither 'data' nor binary_data_size")
+    return InferTensor(name, datatype, shape, _from_json(item["data"], datatype, shape, name)), 0
+
+
+def _placed_input(
+    item: dict,
+    name: str,
+    datatype: str,
+    shape: tuple[int, ...],
+    parameters: object,
+    binary: memoryview,
+) -> tuple[InferTensor, int] | None:
+    """An input whose parameters place it in binary data or shared memory, and the bytes of
+    binary data it takes; None for an input whose data is in the JSON."""
+    parameters = _object(parameters, f"parameters of input '{name}'")
     size = parameters.get("binary_data_size")
     shared = shared_memory_ref(parameters, f"input '{name}'")
     if shared is not None:
         if "data" in item or size is not None:
             raise invalid(f"input '{name}' lies in shared memory: it takes no data")
         return InferTensor(name, datatype, shape, NO_DATA, shared), 0
-    if size is not None:
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise invalid(f"binary_data_size of input '{name}' must be a non-negative integer")
-        if size > len(binary):
-            raise invalid(
-                f"input '{name}' claims {size} bytes of binary data, only {len(binary)} remain"
-            )
-        if "data" in item:
-            raise invalid(f"input '{name}' has both 'data' and binary_data_size")
-        try:
-            data = tensor_from_bytes(binary[:size], datatype, shape)
-        except ValueError as exc:
-            raise invalid(f"input '{name}': {exc}") from None
-        return InferTensor(name, datatype, shape, data), size
-    if "data" not in item:
-        raise invalid(f"input '{name}' has neither 'data' nor binary_data_size")
-    return InferTensor(name, datatype, shape, _from_json(item["data"], datatype, shape, name)), 0
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise invalid(f"binary_data_size of input '{name}' must be a non-negative integer")
+    if size > len(binary):
+        raise invalid(
+            f"input '{name}' claims {size} bytes of binary data, only {len(binary)} remain"
+        )
+    if "data" in item:
+        raise invalid(f"input '{name}' has both 'data' and binary_data_size")
+    try:
+        data = tensor_from_bytes(binary[:size], datatype, shape)
+    except ValueError as exc:
+        raise invalid(f"input '{name}': {exc}") from None
+    return InferTensor(name, datatype, shape, data), size
 
 
 def _from_json(data: object, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray:

@@ -1,0 +1,193 @@
+"""HTTP/1.1 connections: uvicorn's httptools protocol, with infer requests answered directly.
+
+uvicorn turns every request into ASGI: a scope, receive and send message dicts, a task running
+the application through its exception wrapper, two writes per response. For `POST .../infer`,
+the hot path, that machinery took about as much of the event loop as Volley's own work (a fixed
+answer cost 31 us of loop time through ASGI, 15 us through this module; bench/RESULTS.md). So
+this protocol keeps uvicorn's parser, keep-alive, pipelining, flow control, timeouts and
+graceful shutdown, and serves infer requests with an `InferExchange`: the body as it arrives,
+`HttpFrontEnd.answer_infer`, the answer in one write. Every other request (the control routes,
+WebSocket upgrades) goes to the ASGI application as before.
+
+It leans on uvicorn's protocol internals, hence the pinned uvicorn version in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import urllib.parse
+
+import httptools
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from server.http_api import INFER_ROUTE, Answer, HttpFrontEnd
+
+log = logging.getLogger(__name__)
+SMALL_BODY = 65536  # answers up to this size go out with their head in one buffer
+
+
+def protocol_for(front_end: HttpFrontEnd) -> type[HttpToolsProtocol]:
+    """The uvicorn `http` protocol class of a listener serving `front_end`."""
+    return type("VolleyHttpProtocol", (VolleyHttpProtocol,), {"front_end": front_end})
+
+
+class VolleyHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, handing infer requests to `InferExchange`."""
+
+    front_end: HttpFrontEnd
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        if parser.get_method() == b"POST" and not parser.should_upgrade():
+            path = httptools.parse_url(self.url).path.decode("ascii")
+            if "%" in path:
+                path = urllib.parse.unquote(path)
+            if INFER_ROUTE.match(path):
+                self._start_exchange(path)
+                return
+        super().on_headers_complete()
+
+    def _start_exchange(self, path: str) -> None:
+        keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+        previous = self.cycle
+        self.cycle = InferExchange(self, path, keep_alive)
+        if previous is None or previous.response_complete:
+            self._start_asgi_task(self.cycle, self.app)
+        else:  # pipelined behind an unanswered request: started when that one is answered
+            self.flow.pause_reading()
+            self.pipeline.appendleft((self.cycle, self.app))
+
+    def on_body(self, body: bytes) -> None:
+        cycle = self.cycle
+        if type(cycle) is InferExchange:
+            cycle.add_body(body)
+        else:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        cycle = self.cycle
+        if type(cycle) is InferExchange:
+            cycle.end_body()
+        else:
+            super().on_message_complete()
+
+
+class InferExchange:
+    """One infer request and its answer, in the place of uvicorn's `RequestResponseCycle`.
+
+    The protocol reads `response_complete`, sets `keep_alive` (False on shutdown) and
+    `disconnected`, calls `message_event.set()` when the connection is lost, and starts the
+    exchange (at once, or when the request pipelined before it is answered) with `run_asgi`.
+    """
+
+    def __init__(self, protocol: VolleyHttpProtocol, path: str, keep_alive: bool) -> None:
+        self.protocol = protocol
+        self.path = path
+        self.headers = dict(protocol.headers)
+        self.keep_alive = keep_alive
+        self.expect_continue = protocol.expect_100_continue
+        self.chunks: list[bytes] = []
+        self.buffered = 0
+        self.more_body = True
+        self.response_complete = False
+        self.disconnected = False
+        self.message_event = _Wakeup()  # the protocol wakes a waiting `receive` through it
+
+    def add_body(self, chunk: bytes) -> None:
+        if self.response_complete:  # answered early (refused): the rest is not read
+            return
+        self.chunks.append(chunk)
+        self.buffered += len(chunk)
+        if self.buffered > HIGH_WATER_LIMIT:  # read on once the front end has taken it
+            self.protocol.flow.pause_reading()
+        self.message_event.set()
+
+    def end_body(self) -> None:
+        self.more_body = False
+        self.message_event.set()
+
+    async def receive(self) -> dict:
+        """The body so far as an ASGI `http.request` message (or `http.disconnect`)."""
+        transport = self.protocol.transport
+        if self.expect_continue and not transport.is_closing():
+            transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.expect_continue = False
+        while not self.chunks and self.more_body and not self.disconnected:
+            self.protocol.flow.resume_reading()
+            await self.message_event.wait(self.protocol.loop)
+        if self.disconnected:
+            return {"type": "http.disconnect"}
+        chunks, self.chunks, self.buffered = self.chunks, [], 0
+        self.protocol.flow.resume_reading()
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return {"type": "http.request", "body": body, "more_body": self.more_body}
+
+    async def run_asgi(self, _app: object) -> None:
+        """Answer the request (named after the coroutine uvicorn starts for each request)."""
+        protocol = self.protocol
+        client = protocol.client[0] if protocol.client else "?"
+        try:
+            answer = await protocol.front_end.answer_infer(
+                self.path, self.headers, client, self.receive
+            )
+            if self.disconnected:
+                return
+            keep_alive = self.keep_alive and not answer.close
+            if protocol.front_end.dataplane.draining:
+                keep_alive = False  # the next request should go to a server that is staying up
+            if protocol.flow.write_paused:
+                await protocol.flow.drain()
+            head = _head(answer, keep_alive, protocol.server_state.default_headers)
+            if len(answer.body) <= SMALL_BODY:
+                protocol.transport.write(head + answer.body)
+            else:  # not copied into one buffer
+                protocol.transport.writelines((head, answer.body))
+        except Exception:  # a bug: the client sees its connection close, the log has the cause
+            log.exception("infer exchange failed", extra={"event": "http_exchange_failed"})
+            protocol.transport.close()
+            return
+        self.response_complete = True
+        if not keep_alive:
+            protocol.transport.close()
+        protocol.on_response_complete()
+
+
+class _Wakeup:
+    """What a waiting `InferExchange.receive` sleeps on (an `asyncio.Event` costs more)."""
+
+    __slots__ = ("waiter",)
+
+    def __init__(self) -> None:
+        self.waiter: asyncio.Future | None = None
+
+    def set(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.waiter = loop.create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
+
+def _head(answer: Answer, keep_alive: bool, default_headers: list) -> bytes:
+    """The status line and headers of `answer`."""
+    head = [
+        STATUS_LINE[answer.status],
+        b"content-type: ",
+        answer.content_type,
+        b"\r\ncontent-length: ",
+        str(len(answer.body)).encode(),
+        b"\r\n",
+    ]
+    for name, value in (*default_headers, *answer.headers):
+        head += (name, b": ", value, b"\r\n")
+    if not keep_alive:
+        head.append(b"connection: close\r\n")
+    head.append(b"\r\n")
+    return b"".join(head)

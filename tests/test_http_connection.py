@@ -1,0 +1,231 @@
+"""HTTP/1.1 connection behaviour of the infer route, which Volley's own connection protocol
+serves (server/http_connection.py): pipelining, Expect: 100-continue, HTTP/1.0, bodies that
+arrive in pieces or never, large answers. Raw sockets, so every byte on the wire is checked.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx_models
+import pytest
+import requests
+import tritonclient.http as httpclient
+from conftest import VolleyProcess, build_repository, serving
+from reference import assert_close, ort_outputs
+
+MLP = "mlp/versions/1"
+SCALE_SHAPE = (256, 256)  # 256 KiB of FP32 out: past the size answered in one buffer
+
+
+@pytest.fixture(scope="module")
+def volley(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VolleyProcess]:
+    root = build_repository(tmp_path_factory.mktemp("connection") / "models")
+    onnx_models.fixed_scale(root / "scale" / "1" / "model.onnx", SCALE_SHAPE, 2.0)
+    with serving(root) as proc:
+        yield proc
+
+
+class Connection:
+    """One keep-alive TCP connection that reads HTTP/1.1 responses exactly."""
+
+    def __init__(self, server: VolleyProcess) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", server.http_port), timeout=30)
+        self.buffer = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self) -> bool:
+        chunk = self.sock.recv(65536)
+        self.buffer += chunk
+        return bool(chunk)
+
+    def response(self) -> tuple[int, dict[str, str], bytes]:
+        """The next response: status, headers (lower-case names), body."""
+        while b"\r\n\r\n" not in self.buffer:
+            assert self._fill(), f"connection closed mid-head: {self.buffer!r}"
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", 0))
+        while len(self.buffer) < length:
+            assert self._fill(), "connection closed mid-body"
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        return int(status_line.split()[1]), headers, body
+
+    def closed_by_server(self) -> bool:
+        """Whether the server closes the connection (with nothing more sent)."""
+        try:
+            return not self._fill() and not self.buffer
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def infer_request(
+    model: str, rows: np.ndarray, extra_headers: str = "", version: str = "1.1"
+) -> tuple[bytes, bytes]:
+    """The head and body of a v2 JSON infer request for the mlp test model (`model` may name a
+    version: "mlp/versions/1")."""
+    body = json.dumps(
+        {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(rows.shape),
+                     "data": rows.reshape(-1).tolist()}]}
+    ).encode()  # fmt: skip
+    head = (
+        f"POST /v2/models/{model}/infer HTTP/{version}\r\nHost: test\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{extra_headers}\r\n"
+    ).encode()
+    return head, body
+
+
+def scores(body: bytes) -> np.ndarray:
+    (output,) = json.loads(body)["outputs"]
+    return np.array(output["data"], np.float32).reshape(output["shape"])
+
+
+def rows(seed: int, count: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).random((count, 32), np.float32)
+
+
+def expected(repository: Path, data: np.ndarray) -> np.ndarray:
+    return ort_outputs(repository / "mlp" / "1" / "model.onnx", {"input": data})["score"]
+
+
+def repository_of(server: VolleyProcess) -> Path:
+    return server.log_path.parent / "models"
+
+
+def test_pipelined_requests_are_answered_in_order(volley: VolleyProcess) -> None:
+    """Requests sent back to back in one write (infer, a control route, infer, a refusal) are
+    answered one by one, in the order sent, on the same connection."""
+    first, second = rows(1), rows(2, count=3)
+    conn = Connection(volley)
+    a_head, a_body = infer_request(MLP, first)
+    b_head, b_body = infer_request(MLP, second)
+    missing_head, missing_body = infer_request("no-such-model", first)
+    ready = b"GET /v2/health/ready HTTP/1.1\r\nHost: test\r\n\r\n"
+    conn.send(a_head + a_body + ready + b_head + b_body + missing_head + missing_body)
+
+    status, headers, body = conn.response()
+    assert (status, headers["content-type"]) == (200, "application/json")
+    assert_close(scores(body), expected(repository_of(volley), first))
+    status, _, body = conn.response()
+    assert (status, json.loads(body)) == (200, {"ready": True})
+    status, _, body = conn.response()
+    assert status == 200
+    assert_close(scores(body), expected(repository_of(volley), second))
+    status, _, body = conn.response()
+    assert status == 404 and "no-such-model" in json.loads(body)["error"]
+    # and the connection stays open for more
+    conn.send(a_head + a_body)
+    assert conn.response()[0] == 200
+    conn.close()
+
+
+def test_expect_100_continue(volley: VolleyProcess) -> None:
+    """A client that asks before sending its body gets `100 Continue`, then the answer."""
+    data = rows(3)
+    head, body = infer_request(MLP, data, "Expect: 100-continue\r\n")
+    conn = Connection(volley)
+    conn.send(head)
+    while b"\r\n\r\n" not in conn.buffer:
+        assert conn._fill()
+    interim, conn.buffer = conn.buffer.split(b"\r\n\r\n", 1)
+    assert interim == b"HTTP/1.1 100 Continue"
+    conn.send(body)
+    status, _, answer = conn.response()
+    assert status == 200
+    assert_close(scores(answer), expected(repository_of(volley), data))
+    conn.close()
+
+
+def test_http_1_0_gets_its_answer_then_the_connection_closes(volley: VolleyProcess) -> None:
+    head, body = infer_request(MLP, rows(4), version="1.0")
+    conn = Connection(volley)
+    conn.send(head + body)
+    status, headers, _ = conn.response()
+    assert status == 200 and headers["connection"] == "close"
+    assert conn.closed_by_server()
+
+
+def test_a_body_that_arrives_in_pieces(volley: VolleyProcess) -> None:
+    """A body trickling in (Content-Length, then chunked transfer encoding) is read whole."""
+    data = rows(5, count=2)
+    head, body = infer_request(MLP, data)
+    conn = Connection(volley)
+    conn.send(head)
+    for start in range(0, len(body), 100):
+        time.sleep(0.01)
+        conn.send(body[start : start + 100])
+    status, _, answer = conn.response()
+    assert status == 200
+    assert_close(scores(answer), expected(repository_of(volley), data))
+
+    chunked_head = head.replace(
+        f"Content-Length: {len(body)}".encode(), b"Transfer-Encoding: chunked"
+    )
+    conn.send(chunked_head)
+    for start in range(0, len(body), 300):
+        piece = body[start : start + 300]
+        conn.send(b"%x\r\n%s\r\n" % (len(piece), piece))
+        time.sleep(0.01)
+    conn.send(b"0\r\n\r\n")
+    status, _, answer = conn.response()
+    assert status == 200
+    assert_close(scores(answer), expected(repository_of(volley), data))
+    conn.close()
+
+
+def test_a_client_gone_mid_body_costs_nothing(volley: VolleyProcess) -> None:
+    """Connections dropped halfway through a body (or right after sending it) leave the server
+    serving, with nothing in its log about them."""
+    data = rows(6)
+    head, body = infer_request(MLP, data)
+    for cut in (len(body) // 2, len(body)):
+        for _ in range(20):
+            conn = Connection(volley)
+            conn.send(head + body[:cut])
+            conn.close()
+    reply = requests.post(
+        f"{volley.url}/v2/models/{MLP}/infer", data=body, timeout=30,
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    assert reply.status_code == 200
+    assert_close(scores(reply.content), expected(repository_of(volley), data))
+    assert "Traceback" not in volley.log()
+
+
+def test_a_refusal_before_the_body_closes_the_connection(volley: VolleyProcess) -> None:
+    """A request refused before its body is read (here: a JSON part larger than the whole
+    body) is answered, then the connection closes: the unread rest is never parsed as a request."""
+    head, body = infer_request(MLP, rows(7), "Inference-Header-Content-Length: 999999\r\n")
+    conn = Connection(volley)
+    conn.send(head + body)
+    status, headers, answer = conn.response()
+    assert status == 400 and "Inference-Header-Content-Length" in json.loads(answer)["error"]
+    assert headers["connection"] == "close"
+    assert conn.closed_by_server()
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_a_large_answer_arrives_whole(volley: VolleyProcess, binary: bool) -> None:
+    """An answer far larger than a socket buffer (256 KiB binary, ~1.7 MB JSON) arrives intact."""
+    data = np.random.default_rng(8).random(SCALE_SHAPE, np.float32)
+    client = httpclient.InferenceServerClient(volley.http)
+    tensor = httpclient.InferInput("x", list(SCALE_SHAPE), "FP32")
+    tensor.set_data_from_numpy(data, binary_data=True)
+    wanted = httpclient.InferRequestedOutput("y", binary_data=binary)
+    result = client.infer("scale", [tensor], outputs=[wanted])
+    np.testing.assert_array_equal(result.as_numpy("y"), data * 2)
+    client.close()
