@@ -182,11 +182,14 @@ async def serve(settings: ServeSettings, worker: Worker | None = None) -> int:
         if settings.model_control == "poll":  # with workers, the supervisor has them poll
             poller = asyncio.create_task(repository.poll_forever(settings.poll_seconds))
     tune_garbage_collector()
+    publisher = None
     if worker is None:
         log.info("ready", extra={"event": "ready", "models": repository.index()})
     else:  # the supervisor says "ready" once every worker is
         log.info("worker ready", extra={"event": "worker_ready", "models": repository.index()})
         await worker.serving()
+        # a scrape reaches one worker: the others publish their plain-number gauges meanwhile
+        publisher = asyncio.create_task(metrics.refresh_forever())
 
     await stop.wait()
     deadline = time.monotonic() + settings.shutdown_timeout
@@ -199,6 +202,9 @@ async def serve(settings: ServeSettings, worker: Worker | None = None) -> int:
         listener.should_exit = True
     await asyncio.gather(*tasks)
     front_end.offload.close()
+    if publisher is not None:
+        publisher.cancel()
+        metrics.refresh()  # the counts as they end, for the scrapes of the other workers
     if worker is not None:
         await worker.leave()
     log.info("stopped", extra={"event": "stopped"})

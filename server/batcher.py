@@ -127,7 +127,7 @@ class Batcher:
         """`infer`, also returning how long the request queued and its batch ran (ns)."""
         now = time.perf_counter_ns()
         timeout_us = timeout_us or self._default_timeout_us
-        key = tuple(a.shape[1:] for a in inputs.values()) if self.config.batching else ()
+        key = tuple([a.shape[1:] for a in inputs.values()]) if self.config.batching else ()
         pending = Pending(
             inputs=inputs,
             rows=rows,

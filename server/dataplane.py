@@ -52,11 +52,6 @@ def _outcome_counter(model: str, version: str, protocol: str, outcome: str):
     return metrics.REQUESTS.labels(model, version, protocol, outcome)
 
 
-@lru_cache(maxsize=16)
-def _inflight_gauge(protocol: str):
-    return metrics.INFLIGHT.labels(protocol)
-
-
 class DataPlane:
     """Server-wide state the front ends share: the repository and the draining flag."""
 
@@ -74,6 +69,13 @@ class DataPlane:
         self.draining = False
         self.arrivals = 0  # requests seen, refused ones included: what `quiesce` watches
         self.inflight = 0
+        # in flight per protocol: a plain count here, published to the gauge when scraped
+        self.inflight_by_protocol: dict[str, int] = {}
+        metrics.refresh_on_scrape(self._publish_inflight)
+
+    def _publish_inflight(self) -> None:
+        for protocol, count in self.inflight_by_protocol.items():
+            metrics.INFLIGHT.labels(protocol).set(count)
 
     @property
     def ready(self) -> bool:
@@ -89,8 +91,8 @@ class DataPlane:
 
         `deadline_ns` (perf_counter) is the latest start of its batch, for stream frames.
         """
-        gauge = _inflight_gauge(protocol)
-        gauge.inc()
+        by_protocol = self.inflight_by_protocol
+        by_protocol[protocol] = by_protocol.get(protocol, 0) + 1
         self.arrivals += 1
         self.inflight += 1
         served = None
@@ -112,7 +114,7 @@ class DataPlane:
             _outcome_counter(model, version, protocol, OUTCOMES[exc.kind]).inc()
             raise
         finally:
-            gauge.dec()
+            by_protocol[protocol] -= 1
             self.inflight -= 1
         _outcome_counter(request.model, str(served.version), protocol, "success").inc()
         return response

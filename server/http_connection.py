@@ -38,6 +38,12 @@ class VolleyHttpProtocol(HttpToolsProtocol):
 
     front_end: HttpFrontEnd
 
+    def on_message_begin(self) -> None:
+        # uvicorn builds the request's ASGI scope here: only those that need one get it, below
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
+
     def on_headers_complete(self) -> None:
         parser = self.parser
         if parser.get_method() == b"POST" and not parser.should_upgrade():
@@ -47,6 +53,10 @@ class VolleyHttpProtocol(HttpToolsProtocol):
             if INFER_ROUTE.match(path):
                 self._start_exchange(path)
                 return
+        url, headers, expect_continue = self.url, self.headers, self.expect_100_continue
+        super().on_message_begin()  # the scope, around what the parser has read so far
+        self.url, self.expect_100_continue = url, expect_continue
+        self.headers = self.scope["headers"] = headers
         super().on_headers_complete()
 
     def _start_exchange(self, path: str) -> None:

@@ -14,8 +14,10 @@ that died included), gauges as their `multiprocess_mode` says (over the live wor
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -246,6 +248,32 @@ def _exposed_registry() -> CollectorRegistry:
 EXPOSED = _exposed_registry()
 
 
+# Gauges kept as plain numbers on the hot path, published by these functions: before each
+# scrape, and with --workers N also every REFRESH_SECONDS in each worker (a scrape reads the
+# other workers' values from their files).
+_refreshers: list[Callable[[], None]] = []
+REFRESH_SECONDS = 1.0
+
+
+def refresh_on_scrape(publish: Callable[[], None]) -> None:
+    """Have `publish` set its gauges before each scrape (see `_refreshers`)."""
+    _refreshers.append(publish)
+
+
+def refresh() -> None:
+    """Publish every gauge kept as a plain number."""
+    for publish in _refreshers:
+        publish()
+
+
+async def refresh_forever() -> None:
+    """Publish them every REFRESH_SECONDS (a worker's part, with --workers N)."""
+    while True:
+        refresh()
+        await asyncio.sleep(REFRESH_SECONDS)
+
+
 def exposition() -> bytes:
     """The current metrics in Prometheus text format."""
+    refresh()
     return generate_latest(EXPOSED)

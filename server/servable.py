@@ -200,13 +200,13 @@ def validate_inputs(
             )
         shape = tensor.shape
         dims = shape[1:] if config.batching else shape
-        wanted = ("-1",) * config.batching + tuple(str(d) for d in spec.dims)
         no_batch_dim = config.batching and not shape
         if (
             no_batch_dim
             or len(dims) != len(spec.dims)
             or any(d != s and s != -1 for d, s in zip(dims, spec.dims, strict=True))
         ):
+            wanted = ("-1",) * config.batching + tuple(str(d) for d in spec.dims)
             raise invalid(
                 f"input '{spec.name}' has shape {list(shape)}, model '{config.name}' expects "
                 f"[{', '.join(wanted)}]"
@@ -233,6 +233,8 @@ def validate_inputs(
 
 def check_outputs(config: ModelConfig, request: InferenceRequest) -> None:
     """Every requested output must exist (checked before the request is queued)."""
+    if not request.outputs:
+        return
     specs = {t.name for t in config.outputs}
     for output in request.outputs:
         if output.name not in specs:
@@ -246,11 +248,13 @@ def build_response(
     config: ModelConfig, version: str, request: InferenceRequest, outputs: dict[str, np.ndarray]
 ) -> InferenceResponse:
     """Pick the requested outputs (all when none are named) and describe them."""
-    specs = {t.name: t for t in config.outputs}
-    names = [o.name for o in request.outputs] or list(specs)
-    tensors = []
-    for name in names:
-        spec = specs[name]
-        value = outputs[name]
-        tensors.append(InferTensor(name, spec.datatype, tuple(value.shape), value))
+    if request.outputs:
+        specs = {t.name: t for t in config.outputs}
+        chosen = [specs[o.name] for o in request.outputs]
+    else:
+        chosen = config.outputs
+    tensors = [
+        InferTensor(spec.name, spec.datatype, outputs[spec.name].shape, outputs[spec.name])
+        for spec in chosen
+    ]
     return InferenceResponse(config.name, version, request.id, tensors)
