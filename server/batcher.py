@@ -76,6 +76,7 @@ class Batcher:
         self._loop = asyncio.get_running_loop()
         self._cond = threading.Condition(threading.Lock())
         self._queue: deque[Pending] = deque()
+        self._queued_rows = 0  # rows of the requests in `_queue`
         self._running = 0
         self._draining = False
         self._stopped = False
@@ -144,8 +145,10 @@ class Batcher:
                     ErrorKind.QUEUE_FULL,
                     f"model '{self.config.name}' queue is full ({self._max_queue} requests queued)",
                 )
+            if self._wakes_a_thread(pending):
+                self._cond.notify()
             self._queue.append(pending)
-            self._cond.notify()
+            self._queued_rows += rows
         self._idle.clear()
         self.stats.queue_depth.inc()
         try:
@@ -161,6 +164,23 @@ class Batcher:
             raise
         self.stats.record_success(time.perf_counter_ns() - now)
         return outputs, pending.start_ns - pending.arrival_ns, pending.compute_ns
+
+    def _wakes_a_thread(self, pending: Pending) -> bool:
+        """Whether a new request can change what a waiting instance thread does (with the lock
+        held, before it is queued): only then is one woken, so a batch costs its threads a
+        wake-up or two rather than one per request.
+
+        A thread sleeps either on an empty queue (any request is news) or until the oldest
+        request's delay runs out (news only if the batch may now be full or at a preferred
+        size). Requests with a queue timeout and the test hook always wake one.
+        """
+        return (
+            not self._queue
+            or self._queued_rows + pending.rows >= self._max_rows
+            or bool(self._preferred)
+            or pending.deadline_ns is not None
+            or self._hold_until > 0
+        )
 
     async def _wait_with_timeout(self, pending: Pending, timeout_us: int) -> Tensors:
         """Wait for the result; past the deadline a still-queued request fails with a timeout.
@@ -194,6 +214,7 @@ class Batcher:
                 self._queue.remove(pending)
             except ValueError:
                 return False
+            self._queued_rows -= pending.rows
         self.stats.queue_depth.dec()
         self._check_idle()
         return True
@@ -213,6 +234,7 @@ class Batcher:
         """Fail every queued request with `error` and stop; running batches finish unobserved."""
         with self._cond:
             queued, self._queue = list(self._queue), deque()
+            self._queued_rows = 0
             self._draining = self._stopped = True
             self._cond.notify_all()
         self.stats.queue_depth.dec(len(queued))
@@ -281,6 +303,9 @@ class Batcher:
                     pending.started = True
                 taken = set(map(id, picked))
                 self._queue = deque(p for p in self._queue if id(p) not in taken)
+                self._queued_rows -= rows
+                if self._queue:  # left behind (other shapes, no room): another thread may start
+                    self._cond.notify()
                 self._running += 1
                 self.stats.queue_depth.dec(len(picked))
                 return Batch(picked, rows, reason, now)
@@ -316,6 +341,7 @@ class Batcher:
         expired = [p for p in self._queue if p.deadline_ns is not None and now >= p.deadline_ns]
         for pending in expired:
             self._queue.remove(pending)
+            self._queued_rows -= pending.rows
             self.stats.queue_depth.dec()
             self._loop.call_soon_threadsafe(self._expired, pending)
 

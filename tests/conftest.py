@@ -215,20 +215,22 @@ def server(repository: Path) -> Iterator[VolleyProcess]:
 
 
 def child_processes(pid: int, marker: bytes) -> set[int]:
-    """Child processes of `pid` whose command line contains `marker` (zombies included)."""
+    """Child processes of `pid` whose command line contains `marker`.
+
+    Found by their parent pid in /proc/*/stat: `/proc/<pid>/task/*/children` misses a child
+    while the thread that started it exits and the child moves to another thread's list.
+    """
     out = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            children = (task / "children").read_text().split()
-        except (FileNotFoundError, ProcessLookupError):  # the thread exited meanwhile
-            continue
-        for child in children:
-            try:
-                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
-            except (FileNotFoundError, ProcessLookupError):  # it exited meanwhile
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if parent != pid:
                 continue
-            if marker in cmdline:
-                out.add(int(child))
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):  # exited meanwhile
+            continue
+        if marker in cmdline:
+            out.add(int(stat.parent.name))
     return out
 
 
