@@ -150,8 +150,14 @@ def test_expect_100_continue(volley: VolleyProcess) -> None:
     conn.close()
 
 
-def test_http_1_0_gets_its_answer_then_the_connection_closes(volley: VolleyProcess) -> None:
-    head, body = infer_request(MLP, rows(4), version="1.0")
+@pytest.mark.parametrize(
+    ("version", "extra"), [("1.0", ""), ("1.1", "Connection: close\r\n")], ids=["1.0", "close"]
+)
+def test_the_connection_closes_after_the_answer_when_asked(
+    volley: VolleyProcess, version: str, extra: str
+) -> None:
+    """HTTP/1.0 without keep-alive, or a client's `Connection: close`: answer, then close."""
+    head, body = infer_request(MLP, rows(4), extra, version=version)
     conn = Connection(volley)
     conn.send(head + body)
     status, headers, _ = conn.response()
