@@ -6,6 +6,7 @@ arrive in pieces or never, large answers. Raw sockets, so every byte on the wire
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -235,3 +236,25 @@ def test_a_large_answer_arrives_whole(volley: VolleyProcess, binary: bool) -> No
     result = client.infer("scale", [tensor], outputs=[wanted])
     np.testing.assert_array_equal(result.as_numpy("y"), data * 2)
     client.close()
+
+
+def test_draining_answers_close_their_connection(tmp_path: Path) -> None:
+    """After SIGTERM an infer request on a kept-alive connection is refused with 503 and the
+    connection closes, so the client's next request goes to a server that is staying up."""
+    root = build_repository(tmp_path / "models")
+    with serving(root) as proc:
+        head, body = infer_request(MLP, rows(9))
+        conn = Connection(proc)
+        conn.send(head + body)
+        status, headers, _ = conn.response()
+        assert status == 200 and "connection" not in headers
+        proc.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while requests.get(f"{proc.url}/v2/health/ready", timeout=5).status_code == 200:
+            assert time.monotonic() < deadline, "readiness never went false"
+            time.sleep(0.02)
+        conn.send(head + body)
+        status, headers, answer = conn.response()
+        assert status == 503 and "shutting down" in json.loads(answer)["error"]
+        assert headers["connection"] == "close"
+        assert conn.closed_by_server()
