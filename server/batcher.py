@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 Tensors = dict[str, np.ndarray]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Pending:
     """A request waiting for, or running in, a batch."""
 
