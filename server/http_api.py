@@ -1,7 +1,8 @@
 """HTTP front end: the KServe v2 REST protocol with Triton's extensions.
 
-`POST .../infer` is served by a small raw-ASGI handler, because it is the hot path and FastAPI's
-per-request routing and response machinery cost more than the whole fraud model (measured in
+`POST .../infer` is answered by `HttpFrontEnd.answer_infer`, which the HTTP connection protocol
+(`server.http_connection`) calls without ASGI, because it is the hot path and FastAPI's routing
+and uvicorn's ASGI machinery cost more than the whole fraud model (measured in
 bench/RESULTS.md). Every other route is a FastAPI route. Both only translate between HTTP and
 the data plane; errors are always `{"error": "..."}` with the status of their kind.
 """
