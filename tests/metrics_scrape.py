@@ -6,9 +6,10 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 
-def scrape(url: str) -> dict[tuple[str, frozenset], float]:
-    """Every sample of a /metrics page, keyed by (sample name, labels)."""
-    text = requests.get(url, timeout=10).text
+def scrape(url: str, session: requests.Session | None = None) -> dict[tuple[str, frozenset], float]:
+    """Every sample of a /metrics page, keyed by (sample name, labels); through `session` (one
+    kept-alive connection, as Prometheus scrapes) when given, else on a new connection."""
+    text = (session or requests).get(url, timeout=10).text
     samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

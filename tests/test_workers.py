@@ -18,9 +18,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import onnx_models
 import pytest
 import requests
 import test_repository
@@ -140,6 +142,36 @@ def test_the_supervisor_stays_small(cluster: VolleyProcess) -> None:
     (ready,) = events(cluster, "ready")
     worker = int(Path(f"/proc/{ready['workers'][0]}/statm").read_text().split()[1]) * pages
     assert rss < 80 * 2**20 and rss < worker / 2, (rss, worker)
+
+
+def test_requests_in_flight_are_seen_whichever_worker_is_scraped(tmp_path: Path) -> None:
+    """`volley_inflight_requests` is a plain count in each worker, published when scraped and
+    every second: scrapes on one kept-alive connection (as Prometheus makes them), so always
+    answered by the same worker, see the requests in flight in both, and zero once answered."""
+    onnx_models.slow(
+        tmp_path / "models" / "slower" / "1" / "model.onnx", iterations=100_000
+    )  # ~2 s a run
+    onnx_models.write_config(
+        tmp_path / "models" / "slower",
+        {"max_batch_size": 1, "dynamic_batching": {"max_queue_size": 4}, "intra_op_threads": 1},
+    )
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 512], "data": [0.1] * 512}]}
+    with serving(tmp_path / "models", *WORKERS) as proc:
+        url = f"http://127.0.0.1:{proc.metrics_port}/metrics"
+        scraper = requests.Session()
+
+        def in_flight() -> float:
+            return total(scrape(url, scraper), "volley_inflight_requests", protocol="http")
+
+        def slow_request() -> int:
+            reply = requests.post(f"{proc.url}/v2/models/slower/infer", json=body, timeout=TIMEOUT)
+            return reply.status_code
+
+        with ThreadPoolExecutor(3) as pool:  # on new connections, so over both workers
+            held = [pool.submit(slow_request) for _ in range(3)]
+            wait_for(lambda: in_flight() == 3, "three requests in flight")
+            assert [future.result(TIMEOUT) for future in held] == [200] * 3
+        wait_for(lambda: in_flight() == 0, "no request in flight")
 
 
 @pytest.fixture
