@@ -68,7 +68,6 @@ class DataPlane:
         self.shared_memory: SystemSharedMemory | None = None
         self.draining = False
         self.arrivals = 0  # requests seen, refused ones included: what `quiesce` watches
-        self.inflight = 0
         # in flight per protocol: a plain count here, published to the gauge when scraped
         self.inflight_by_protocol: dict[str, int] = {}
         metrics.refresh_on_scrape(self._publish_inflight)
@@ -76,6 +75,11 @@ class DataPlane:
     def _publish_inflight(self) -> None:
         for protocol, count in self.inflight_by_protocol.items():
             metrics.INFLIGHT.labels(protocol).set(count)
+
+    @property
+    def inflight(self) -> int:
+        """Inference requests being handled now, over every protocol."""
+        return sum(self.inflight_by_protocol.values())
 
     @property
     def ready(self) -> bool:
@@ -94,18 +98,18 @@ class DataPlane:
         by_protocol = self.inflight_by_protocol
         by_protocol[protocol] = by_protocol.get(protocol, 0) + 1
         self.arrivals += 1
-        self.inflight += 1
         served = None
         try:
             if self.draining:
                 raise unavailable("server is shutting down")
-            if request.shared_memory:
+            shared = request.shared_memory
+            if shared:
                 self._read_shared_inputs(request)
             served = self.repository.get(request.model, request.version)
             timeout_us = request_timeout_us(request.parameters)
             # No await between the lookup and the hand-over: a reload cannot slip in between.
             response = await served.model.infer(request, timeout_us, deadline_ns)
-            if request.shared_memory:
+            if shared:
                 self._write_shared_outputs(request, response)
         except VolleyError as exc:
             # Label by what exists: a client must not mint series with made-up model names.
@@ -115,7 +119,6 @@ class DataPlane:
             raise
         finally:
             by_protocol[protocol] -= 1
-            self.inflight -= 1
         _outcome_counter(request.model, str(served.version), protocol, "success").inc()
         return response
 

@@ -86,6 +86,12 @@ def shared_memory_unsupported(kind: str = "system") -> VolleyError:
     return VolleyError(ErrorKind.UNSUPPORTED, message)
 
 
+def region_already_registered(name: str) -> VolleyError:
+    """A shared-memory registration under a name in use (Triton's wording). Here, not in
+    `server.shm`, because the supervisor says it too and must not import numpy."""
+    return invalid(f"shared memory region '{name}' already in manager")
+
+
 def new_request_id() -> str:
     """A short random id that ties a client's error to the server's log entry."""
     return secrets.token_hex(6)

@@ -73,7 +73,7 @@ class Answer(NamedTuple):
 
     status: int
     body: bytes
-    content_type: bytes = b"application/json"
+    content_type: bytes = JSON.encode()
     headers: Sequence[tuple[bytes, bytes]] = ()
     close: bool = False  # the body was left unread: close the connection after this answer
 
@@ -106,7 +106,7 @@ class HttpFrontEnd:
         infer = INFER_ROUTE.match(scope["path"]) if scope["type"] == "http" else None
         if infer and scope["method"] == "POST":
             client = (scope.get("client") or ("?",))[0]
-            answer = await self.answer_infer(scope["path"], dict(scope["headers"]), client, receive)
+            answer = await self.answer_infer(infer, dict(scope["headers"]), client, receive)
             await _send_answer(send, answer)
             return
         guarded = self.keys is not None and scope["type"] in ("http", "websocket")
@@ -152,17 +152,17 @@ class HttpFrontEnd:
         return (403 if authenticated else 401), message
 
     async def answer_infer(
-        self, path: str, headers: dict[bytes, bytes], client: str, receive: Receive
+        self, route: re.Match, headers: dict[bytes, bytes], client: str, receive: Receive
     ) -> Answer:
-        """Answer one `POST /v2/models/{model}[/versions/{version}]/infer`; never raises.
+        """Answer one `POST /v2/models/{model}[/versions/{version}]/infer` (`route`: its path
+        matched by INFER_ROUTE); never raises.
 
         `receive` yields the body as ASGI `http.request` messages; `client` is the peer's
         address (for the rate limit and the log).
         """
-        route = INFER_ROUTE.match(path)
         model, version = route[1], route[2] or ""
         if self.keys is not None:
-            refused = self._refusal(path, _bearer(headers), client)
+            refused = self._refusal(route.string, _bearer(headers), client)
             if refused is not None:
                 status, message = refused
                 outcome = FORBIDDEN if status == 403 else UNAUTHENTICATED

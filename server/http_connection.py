@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import urllib.parse
 
 import httptools
@@ -50,8 +51,9 @@ class VolleyHttpProtocol(HttpToolsProtocol):
             path = httptools.parse_url(self.url).path.decode("ascii")
             if "%" in path:
                 path = urllib.parse.unquote(path)
-            if INFER_ROUTE.match(path):
-                self._start_exchange(path)
+            route = INFER_ROUTE.match(path)
+            if route:
+                self._start_exchange(route)
                 return
         url, headers, expect_continue = self.url, self.headers, self.expect_100_continue
         super().on_message_begin()  # the scope, around what the parser has read so far
@@ -59,10 +61,10 @@ class VolleyHttpProtocol(HttpToolsProtocol):
         self.headers = self.scope["headers"] = headers
         super().on_headers_complete()
 
-    def _start_exchange(self, path: str) -> None:
+    def _start_exchange(self, route: re.Match) -> None:
         keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
         previous = self.cycle
-        self.cycle = InferExchange(self, path, keep_alive)
+        self.cycle = InferExchange(self, route, keep_alive)
         if previous is None or previous.response_complete:
             self._start_asgi_task(self.cycle, self.app)
         else:  # pipelined behind an unanswered request: started when that one is answered
@@ -92,9 +94,9 @@ class InferExchange:
     exchange (at once, or when the request pipelined before it is answered) with `run_asgi`.
     """
 
-    def __init__(self, protocol: VolleyHttpProtocol, path: str, keep_alive: bool) -> None:
+    def __init__(self, protocol: VolleyHttpProtocol, route: re.Match, keep_alive: bool) -> None:
         self.protocol = protocol
-        self.path = path
+        self.route = route
         self.headers = dict(protocol.headers)
         self.keep_alive = keep_alive
         self.expect_continue = protocol.expect_100_continue
@@ -140,7 +142,7 @@ class InferExchange:
         client = protocol.client[0] if protocol.client else "?"
         try:
             answer = await protocol.front_end.answer_infer(
-                self.path, self.headers, client, self.receive
+                self.route, self.headers, client, self.receive
             )
             if self.disconnected:
                 return

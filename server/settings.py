@@ -61,7 +61,6 @@ def check_startup(settings: ServeSettings) -> None:
             raise StartupError(str(exc)) from None
     elif settings.metrics_tls:
         raise StartupError("--metrics-tls needs --tls-cert and --tls-key")
-
     if not settings.model_repository.is_dir():
         raise StartupError(
             f"model repository '{settings.model_repository}' does not exist "

@@ -17,7 +17,7 @@ import re
 import stat
 from dataclasses import dataclass
 
-from server.errors import ErrorKind, VolleyError, invalid
+from server.errors import ErrorKind, VolleyError, invalid, region_already_registered
 from server.types import SharedMemoryRef
 
 SHM_FOLDER = "/dev/shm"
@@ -84,7 +84,7 @@ class SystemSharedMemory:
         """Open the shared-memory object `key` and name `byte_size` bytes of it from `offset`."""
         check_registration(name, key, offset, byte_size)
         if name in self._regions:
-            raise invalid(f"shared memory region '{name}' already in manager")
+            raise region_already_registered(name)
         if len(self._regions) >= self.max_regions:
             raise VolleyError(
                 ErrorKind.QUEUE_FULL,

@@ -37,7 +37,7 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from server import ipc
 from server.cpus import WORKERS_ENV
-from server.errors import VolleyError, invalid
+from server.errors import VolleyError, region_already_registered
 from server.ipc import CONTROL_SOCKET, worker_socket
 from server.metrics import PIDS_FILE
 from server.paths import model_folder
@@ -219,7 +219,7 @@ class Supervisor:
             await self._fan_out(message)
             return
         if name in self.regions:
-            raise invalid(f"shared memory region '{name}' already in manager")
+            raise region_already_registered(name)
         errors = [a for a in await self._fan_out(message) if isinstance(a, VolleyError)]
         if errors:
             await self._fan_out({"op": "shm_unregister", "name": name})

@@ -51,7 +51,13 @@ class InferenceRequest:
     id: str = ""
     outputs: list[RequestedOutput] = field(default_factory=list)
     parameters: dict = field(default_factory=dict)
-    shared_memory: bool = False  # some input or output names a shared-memory region
+
+    @property
+    def shared_memory(self) -> bool:
+        """Whether some input or output names a shared-memory region."""
+        return any(t.shared_memory for t in self.inputs) or any(
+            o.shared_memory for o in self.outputs
+        )
 
 
 @dataclass

@@ -25,10 +25,16 @@ SCALE_SHAPE = (256, 256)  # 256 KiB of FP32 out: past the size answered in one b
 
 
 @pytest.fixture(scope="module")
-def volley(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VolleyProcess]:
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared test repository plus `scale`, whose answers are large."""
     root = build_repository(tmp_path_factory.mktemp("connection") / "models")
     onnx_models.fixed_scale(root / "scale" / "1" / "model.onnx", SCALE_SHAPE, 2.0)
-    with serving(root) as proc:
+    return root
+
+
+@pytest.fixture(scope="module")
+def volley(models: Path) -> Iterator[VolleyProcess]:
+    with serving(models) as proc:
         yield proc
 
 
@@ -99,15 +105,12 @@ def rows(seed: int, count: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).random((count, 32), np.float32)
 
 
-def expected(repository: Path, data: np.ndarray) -> np.ndarray:
-    return ort_outputs(repository / "mlp" / "1" / "model.onnx", {"input": data})["score"]
+def expected(models: Path, data: np.ndarray) -> np.ndarray:
+    """ONNX Runtime's scores for `data` from the model MLP names."""
+    return ort_outputs(models / "mlp" / "1" / "model.onnx", {"input": data})["score"]
 
 
-def repository_of(server: VolleyProcess) -> Path:
-    return server.log_path.parent / "models"
-
-
-def test_pipelined_requests_are_answered_in_order(volley: VolleyProcess) -> None:
+def test_pipelined_requests_are_answered_in_order(volley: VolleyProcess, models: Path) -> None:
     """Requests sent back to back in one write (infer, a control route, infer, a refusal) are
     answered one by one, in the order sent, on the same connection."""
     first, second = rows(1), rows(2, count=3)
@@ -120,12 +123,12 @@ def test_pipelined_requests_are_answered_in_order(volley: VolleyProcess) -> None
 
     status, headers, body = conn.response()
     assert (status, headers["content-type"]) == (200, "application/json")
-    assert_close(scores(body), expected(repository_of(volley), first))
+    assert_close(scores(body), expected(models, first))
     status, _, body = conn.response()
     assert (status, json.loads(body)) == (200, {"ready": True})
     status, _, body = conn.response()
     assert status == 200
-    assert_close(scores(body), expected(repository_of(volley), second))
+    assert_close(scores(body), expected(models, second))
     status, _, body = conn.response()
     assert status == 404 and "no-such-model" in json.loads(body)["error"]
     # and the connection stays open for more
@@ -134,7 +137,7 @@ def test_pipelined_requests_are_answered_in_order(volley: VolleyProcess) -> None
     conn.close()
 
 
-def test_expect_100_continue(volley: VolleyProcess) -> None:
+def test_expect_100_continue(volley: VolleyProcess, models: Path) -> None:
     """A client that asks before sending its body gets `100 Continue`, then the answer."""
     data = rows(3)
     head, body = infer_request(MLP, data, "Expect: 100-continue\r\n")
@@ -147,7 +150,7 @@ def test_expect_100_continue(volley: VolleyProcess) -> None:
     conn.send(body)
     status, _, answer = conn.response()
     assert status == 200
-    assert_close(scores(answer), expected(repository_of(volley), data))
+    assert_close(scores(answer), expected(models, data))
     conn.close()
 
 
@@ -166,7 +169,7 @@ def test_the_connection_closes_after_the_answer_when_asked(
     assert conn.closed_by_server()
 
 
-def test_a_body_that_arrives_in_pieces(volley: VolleyProcess) -> None:
+def test_a_body_that_arrives_in_pieces(volley: VolleyProcess, models: Path) -> None:
     """A body trickling in (Content-Length, then chunked transfer encoding) is read whole."""
     data = rows(5, count=2)
     head, body = infer_request(MLP, data)
@@ -177,7 +180,7 @@ def test_a_body_that_arrives_in_pieces(volley: VolleyProcess) -> None:
         conn.send(body[start : start + 100])
     status, _, answer = conn.response()
     assert status == 200
-    assert_close(scores(answer), expected(repository_of(volley), data))
+    assert_close(scores(answer), expected(models, data))
 
     chunked_head = head.replace(
         f"Content-Length: {len(body)}".encode(), b"Transfer-Encoding: chunked"
@@ -190,11 +193,11 @@ def test_a_body_that_arrives_in_pieces(volley: VolleyProcess) -> None:
     conn.send(b"0\r\n\r\n")
     status, _, answer = conn.response()
     assert status == 200
-    assert_close(scores(answer), expected(repository_of(volley), data))
+    assert_close(scores(answer), expected(models, data))
     conn.close()
 
 
-def test_a_client_gone_mid_body_costs_nothing(volley: VolleyProcess) -> None:
+def test_a_client_gone_mid_body_costs_nothing(volley: VolleyProcess, models: Path) -> None:
     """Connections dropped halfway through a body (or right after sending it) leave the server
     serving, with nothing in its log about them."""
     data = rows(6)
@@ -209,7 +212,7 @@ def test_a_client_gone_mid_body_costs_nothing(volley: VolleyProcess) -> None:
         headers={"Content-Type": "application/json"},
     )  # fmt: skip
     assert reply.status_code == 200
-    assert_close(scores(reply.content), expected(repository_of(volley), data))
+    assert_close(scores(reply.content), expected(models, data))
     assert "Traceback" not in volley.log()
 
 

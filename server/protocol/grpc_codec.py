@@ -91,8 +91,6 @@ def decode_request(request: pb.ModelInferRequest) -> InferenceRequest:
         id=request.id,
         outputs=outputs,
         parameters={k: parameter_value(v) for k, v in request.parameters.items()},
-        shared_memory=any(t.shared_memory for t in tensors)
-        or any(o.shared_memory for o in outputs),
     )
 
 

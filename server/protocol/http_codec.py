@@ -53,44 +53,30 @@ def decode_request(
     binary = view[header_length:]
     offset = 0
     tensors = []
-    shared = False
     for item in inputs:
         tensor, used = _decode_input(item, binary[offset:])
         tensors.append(tensor)
         offset += used
-        shared = shared or tensor.shared_memory is not None
     if offset != len(binary):
         raise invalid(
             f"{len(binary) - offset} bytes of binary data are not claimed by any input's "
             "binary_data_size"
         )
-    outputs = _decode_outputs(doc["outputs"]) if "outputs" in doc else []
-    request_id = doc.get("id", "")
-    if not isinstance(request_id, str):
-        raise invalid("id must be a string")
-    parameters = doc.get("parameters", {})
-    if not isinstance(parameters, dict):
-        raise invalid("parameters must be a JSON object")
     return InferenceRequest(
         model=model,
         version=version,
         inputs=tensors,
-        id=request_id,
-        outputs=outputs,
-        parameters=parameters,
-        shared_memory=shared or any(o.shared_memory for o in outputs),
+        id=_string(doc.get("id", ""), "id"),
+        outputs=_decode_outputs(doc["outputs"]) if "outputs" in doc else [],
+        parameters=_object(doc.get("parameters", {}), "parameters"),
     )
 
 
 def _decode_input(item: object, binary: memoryview) -> tuple[InferTensor, int]:
     if not isinstance(item, dict):
         raise invalid("each input must be a JSON object")
-    name = item.get("name")
-    if not isinstance(name, str):
-        raise invalid("input name must be a string")
-    datatype = item.get("datatype")
-    if not isinstance(datatype, str):
-        raise invalid(f"datatype of input '{name}' must be a string")
+    name = _string(item.get("name"), "input name")
+    datatype = _string(item.get("datatype"), f"datatype of input '{name}'")
     shape = item.get("shape")
     # orjson gives exact types: `type(d) is int` also refuses booleans
     if (
