@@ -74,7 +74,9 @@ class Batcher:
         self.config = config
         self.stats = stats
         self._loop = asyncio.get_running_loop()
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()  # taken directly where no wait or notify may follow
+        self._cond = threading.Condition(self._lock)
+        self._batching = config.batching
         self._queue: deque[Pending] = deque()
         self._queued_rows = 0  # rows of the requests in `_queue`
         self._running = 0
@@ -89,6 +91,7 @@ class Batcher:
         self._max_queue = batching.max_queue_size if batching else DEFAULT_MAX_QUEUE_SIZE
         self._default_timeout_us = batching.default_timeout_us if batching else 0
         self._hold_until = 0  # test hook, see `hold_until_queued`
+        stats.count_queue(self)
         self._threads = [
             threading.Thread(
                 target=self._serve,
@@ -128,7 +131,7 @@ class Batcher:
         """`infer`, also returning how long the request queued and its batch ran (ns)."""
         now = time.perf_counter_ns()
         timeout_us = timeout_us or self._default_timeout_us
-        key = tuple([a.shape[1:] for a in inputs.values()]) if self.config.batching else ()
+        key = tuple([a.shape[1:] for a in inputs.values()]) if self._batching else ()
         pending = Pending(
             inputs=inputs,
             rows=rows,
@@ -137,7 +140,7 @@ class Batcher:
             arrival_ns=now,
             deadline_ns=now + timeout_us * 1000 if timeout_us else None,
         )
-        with self._cond:
+        with self._lock:
             if self._draining:
                 raise VolleyError(ErrorKind.UNAVAILABLE, f"model '{self.config.name}' is unloading")
             if len(self._queue) >= self._max_queue:
@@ -150,7 +153,6 @@ class Batcher:
             self._queue.append(pending)
             self._queued_rows += rows
         self._idle.clear()
-        self.stats.queue_depth.inc()
         try:
             if pending.deadline_ns is None:
                 outputs = await pending.future
@@ -207,7 +209,7 @@ class Batcher:
 
     def _forget(self, pending: Pending) -> bool:
         """Take a request nobody waits for out of the queue; False if its batch has started."""
-        with self._cond:
+        with self._lock:
             if pending.started:
                 return False
             try:
@@ -215,7 +217,6 @@ class Batcher:
             except ValueError:
                 return False
             self._queued_rows -= pending.rows
-        self.stats.queue_depth.dec()
         self._check_idle()
         return True
 
@@ -237,7 +238,6 @@ class Batcher:
             self._queued_rows = 0
             self._draining = self._stopped = True
             self._cond.notify_all()
-        self.stats.queue_depth.dec(len(queued))
         for pending in queued:
             if not pending.future.done():
                 pending.future.set_exception(error)
@@ -307,7 +307,6 @@ class Batcher:
                 if self._queue:  # left behind (other shapes, no room): another thread may start
                     self._cond.notify()
                 self._running += 1
-                self.stats.queue_depth.dec(len(picked))
                 return Batch(picked, rows, reason, now)
 
     def _pick(self) -> tuple[list[Pending], int]:
@@ -342,7 +341,6 @@ class Batcher:
         for pending in expired:
             self._queue.remove(pending)
             self._queued_rows -= pending.rows
-            self.stats.queue_depth.dec()
             self._loop.call_soon_threadsafe(self._expired, pending)
 
     # --- back on the event loop -------------------------------------------------------------
@@ -370,12 +368,12 @@ class Batcher:
         self._batch_done()
 
     def _batch_done(self) -> None:
-        with self._cond:
+        with self._lock:
             self._running -= 1
         self._check_idle()
 
     def _check_idle(self) -> None:
-        with self._cond:
+        with self._lock:
             idle = not self._queue and self._running == 0
         if idle:
             self._idle.set()

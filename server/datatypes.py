@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import struct
 
 import numpy as np
@@ -60,21 +61,16 @@ def check_shape(shape: tuple[int, ...], datatype: str, name: str) -> None:
     """A 400 for a shape no tensor can have: too many or negative dimensions, or too large."""
     if len(shape) > MAX_DIMS:
         raise invalid(f"input '{name}' has {len(shape)} dimensions, at most {MAX_DIMS} are allowed")
-    if any(dim < 0 for dim in shape):
+    if shape and min(shape) < 0:
         raise invalid(f"shape of input '{name}' must be non-negative, got {list(shape)}")
-    span = numpy_dtype(datatype).itemsize
-    for dim in shape:
-        span *= max(dim, 1)
-    if span > MAX_SPAN_BYTES:
+    dims = shape if 0 not in shape else [max(dim, 1) for dim in shape]  # a 0 hides no huge dim
+    if numpy_dtype(datatype).itemsize * math.prod(dims) > MAX_SPAN_BYTES:
         raise invalid(f"shape {list(shape)} of input '{name}' is too large for any tensor")
 
 
 def element_count(shape: tuple[int, ...]) -> int:
     """Number of elements of a tensor of this shape."""
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
+    return math.prod(shape)
 
 
 def tensor_from_bytes(raw: bytes | memoryview, datatype: str, shape: tuple[int, ...]) -> np.ndarray:

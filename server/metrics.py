@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import weakref
+from bisect import bisect_left
 from collections.abc import Callable
 from pathlib import Path
 
@@ -248,22 +250,63 @@ def _exposed_registry() -> CollectorRegistry:
 EXPOSED = _exposed_registry()
 
 
-# Gauges kept as plain numbers on the hot path, published by these functions: before each
-# scrape, and with --workers N also every REFRESH_SECONDS in each worker (a scrape reads the
-# other workers' values from their files).
-_refreshers: list[Callable[[], None]] = []
+# Values kept as plain numbers on the hot path, published by these bound methods: before each
+# scrape, and with --workers N also every REFRESH_SECONDS in each worker (a scrape reads the other
+# workers' values from their files). Held weakly: a retired model version's go with it.
+_refreshers: list[weakref.WeakMethod] = []
 REFRESH_SECONDS = 1.0
 
 
 def refresh_on_scrape(publish: Callable[[], None]) -> None:
-    """Have `publish` set its gauges before each scrape (see `_refreshers`)."""
-    _refreshers.append(publish)
+    """Have the bound method `publish` publish its values before each scrape (see above)."""
+    _refreshers.append(weakref.WeakMethod(publish))
 
 
 def refresh() -> None:
-    """Publish every gauge kept as a plain number."""
-    for publish in _refreshers:
-        publish()
+    """Publish every value kept as a plain number."""
+    alive = []
+    for ref in _refreshers:
+        publish = ref()
+        if publish is not None:
+            publish()
+            alive.append(ref)
+    _refreshers[:] = alive
+
+
+class BufferedHistogram:
+    """One histogram series observed at the cost of a list increment, for the hot path.
+
+    Observations are tallied here and added to the Prometheus series by `publish` (before each
+    scrape, see `refresh`): a scrape shows exactly what a `Histogram.observe` per value would
+    have, without its two locked updates per value. Observe and publish on one thread (the
+    event loop). The series' bounds and values are prometheus_client internals (unchanged since
+    0.4), read here so that a change fails the first model load, not a scrape.
+    """
+
+    __slots__ = ("_bounds", "_bucket_values", "_sum_value", "_counts", "_sum")
+
+    def __init__(self, series: Histogram) -> None:
+        self._bounds = tuple(series._upper_bounds)  # ascending, +Inf last
+        self._bucket_values = series._buckets  # one value per bucket (not cumulative)
+        self._sum_value = series._sum
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+
+    def observe(self, value: float) -> None:
+        """Count `value` in the first bucket whose upper bound is at least `value`."""
+        self._counts[bisect_left(self._bounds, value)] += 1
+        self._sum += value
+
+    def publish(self) -> None:
+        """Add what was observed since the last publish to the Prometheus series."""
+        counts, self._counts = self._counts, [0] * len(self._bounds)
+        if not any(counts):
+            return
+        for value, count in zip(self._bucket_values, counts, strict=True):
+            if count:
+                value.inc(count)
+        self._sum_value.inc(self._sum)
+        self._sum = 0.0
 
 
 async def refresh_forever() -> None:

@@ -406,6 +406,8 @@ class ModelRepository:
         for version in versions:
             version.stats.ready.set(0)
         await asyncio.gather(*(v.model.drain() for v in versions))
+        for version in versions:  # its last observations, before it and its stats go
+            version.stats.publish()
 
     async def poll(self) -> None:
         """One scan: load new or changed models, unload the ones whose folder is gone."""

@@ -175,18 +175,21 @@ def validate_inputs(
     config: ModelConfig, request: InferenceRequest
 ) -> tuple[dict[str, np.ndarray], int]:
     """Check names, datatypes and shapes against the config; return inputs in config order."""
-    given: dict[str, InferTensor] = {}
-    for tensor in request.inputs:
-        if tensor.name in given:
-            raise invalid(f"input '{tensor.name}' is given twice")
-        given[tensor.name] = tensor
-    expected = {t.name for t in config.inputs}
-    unknown = sorted(set(given) - expected)
-    if unknown:
+    given = {tensor.name: tensor for tensor in request.inputs}
+    if len(given) != len(request.inputs):
+        seen: set[str] = set()
+        for tensor in request.inputs:
+            if tensor.name in seen:
+                raise invalid(f"input '{tensor.name}' is given twice")
+            seen.add(tensor.name)
+    expected = {spec.name for spec in config.inputs}
+    if not expected.issuperset(given):
+        unknown = sorted(given.keys() - expected)
         raise invalid(
             f"unexpected input {unknown[0]!r} for model '{config.name}', "
             f"expected {sorted(expected)}"
         )
+    batching = config.max_batch_size > 0
     rows = -1
     inputs: dict[str, np.ndarray] = {}
     for spec in config.inputs:
@@ -199,19 +202,18 @@ def validate_inputs(
                 f"expects {spec.datatype}"
             )
         shape = tensor.shape
-        dims = shape[1:] if config.batching else shape
-        no_batch_dim = config.batching and not shape
-        if (
-            no_batch_dim
+        dims = shape[1:] if batching else shape
+        if dims != spec.dims and (
+            (batching and not shape)
             or len(dims) != len(spec.dims)
             or any(d != s and s != -1 for d, s in zip(dims, spec.dims, strict=True))
         ):
-            wanted = ("-1",) * config.batching + tuple(str(d) for d in spec.dims)
+            wanted = ("-1",) * batching + tuple(str(d) for d in spec.dims)
             raise invalid(
                 f"input '{spec.name}' has shape {list(shape)}, model '{config.name}' expects "
                 f"[{', '.join(wanted)}]"
             )
-        if config.batching:
+        if batching:
             if not 1 <= shape[0] <= config.max_batch_size:
                 raise invalid(
                     f"input '{spec.name}' has batch size {shape[0]}, model '{config.name}' "

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from server import metrics
+from server.metrics import BufferedHistogram
 
 
 @dataclass
@@ -32,8 +35,20 @@ class BatchDurations:
     compute_output: Duration = field(default_factory=Duration)
 
 
+class Queue(Protocol):
+    """What counts toward a version's `volley_queue_depth` (its batchers)."""
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting now."""
+
+
 class ModelStats:
-    """Counters and durations of one model version, in Triton's statistics shape."""
+    """Counters and durations of one model version, in Triton's statistics shape.
+
+    Its histograms and queue depth are plain numbers on the hot path, published to Prometheus
+    before each scrape (`publish`, see `metrics.refresh`); counters are updated at once.
+    """
 
     def __init__(self, model: str, version: str) -> None:
         self.model = model
@@ -51,23 +66,39 @@ class ModelStats:
         labels = (model, version)
         self._inferences = metrics.INFERENCES.labels(*labels)
         self._executions = metrics.EXECUTIONS.labels(*labels)
-        self._request_seconds = metrics.REQUEST_DURATION.labels(*labels)
-        self._queue_seconds = metrics.QUEUE_DURATION.labels(*labels)
-        self._input_seconds = metrics.COMPUTE_INPUT_DURATION.labels(*labels)
-        self._infer_seconds = metrics.COMPUTE_INFER_DURATION.labels(*labels)
-        self._output_seconds = metrics.COMPUTE_OUTPUT_DURATION.labels(*labels)
-        self._batch_size = metrics.BATCH_SIZE.labels(*labels)
-        self.queue_depth = metrics.QUEUE_DEPTH.labels(*labels)
-        self.ready = metrics.MODEL_READY.labels(*labels)
-        self.load_seconds = metrics.MODEL_LOAD_DURATION.labels(*labels)
+        self._request_seconds = BufferedHistogram(metrics.REQUEST_DURATION.labels(*labels))
+        self._queue_seconds = BufferedHistogram(metrics.QUEUE_DURATION.labels(*labels))
+        self._input_seconds = BufferedHistogram(metrics.COMPUTE_INPUT_DURATION.labels(*labels))
+        self._infer_seconds = BufferedHistogram(metrics.COMPUTE_INFER_DURATION.labels(*labels))
+        self._output_seconds = BufferedHistogram(metrics.COMPUTE_OUTPUT_DURATION.labels(*labels))
+        self._batch_size = BufferedHistogram(metrics.BATCH_SIZE.labels(*labels))
         self._stages = {
-            stage: metrics.PIPELINE_STAGE_DURATION.labels(*labels, stage)
+            stage: BufferedHistogram(metrics.PIPELINE_STAGE_DURATION.labels(*labels, stage))
             for stage in ("decode", "inference", "nms")
         }
+        self._histograms = (
+            self._request_seconds, self._queue_seconds, self._input_seconds,
+            self._infer_seconds, self._output_seconds, self._batch_size, *self._stages.values(),
+        )  # fmt: skip
+        self._queue_depth = metrics.QUEUE_DEPTH.labels(*labels)
+        self._queues: weakref.WeakSet[Queue] = weakref.WeakSet()
+        self.ready = metrics.MODEL_READY.labels(*labels)
+        self.load_seconds = metrics.MODEL_LOAD_DURATION.labels(*labels)
+        metrics.refresh_on_scrape(self.publish)
         self._releases = {
             reason: metrics.BATCH_RELEASES.labels(*labels, reason)
             for reason in ("full", "preferred", "delay", "immediate", "drain")
         }
+
+    def count_queue(self, queue: Queue) -> None:
+        """Count `queue`'s waiting requests in this version's queue depth (held weakly)."""
+        self._queues.add(queue)
+
+    def publish(self) -> None:
+        """Bring the Prometheus series up to date (before a scrape, and once retired)."""
+        for histogram in self._histograms:
+            histogram.publish()
+        self._queue_depth.set(sum(queue.queued for queue in self._queues))
 
     def record_batch(
         self, rows: int, requests: int, input_ns: int, infer_ns: int, output_ns: int, reason: str

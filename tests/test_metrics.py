@@ -354,3 +354,34 @@ def test_histograms_are_cumulative_with_the_documented_buckets(busy: VolleyProce
     assert moved("volley_compute_infer_duration_seconds", slow)[0.01] == 0
     sizes = moved("volley_batch_size", mlp)
     assert (sizes[1], sizes[2], sizes[4], sizes[math.inf]) == (1, 2, 3, 3), sizes
+
+
+def test_buffered_histogram_publishes_what_observe_would_have() -> None:
+    """The hot path's histograms (plain counts, added at scrape time) must expose exactly what
+    prometheus_client's own `observe` does, bounds included, and nothing twice."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from server.metrics import LATENCY_BUCKETS, BufferedHistogram
+
+    registry = CollectorRegistry()
+    direct = Histogram("direct", "", buckets=LATENCY_BUCKETS, registry=registry)
+    buffered = Histogram("buffered", "", buckets=LATENCY_BUCKETS, registry=registry)
+    fast = BufferedHistogram(buffered)
+    rng = np.random.default_rng(7)
+    values = [*LATENCY_BUCKETS, 0.0, 1e-9, 11.0, 1e6, *rng.exponential(0.01, 500).tolist()]
+
+    def samples(name: str) -> dict:
+        return {(s.name.replace(name, ""), s.labels.get("le")): s.value
+                for s in registry.collect() if s.name == name for s in s.samples}  # fmt: skip
+
+    for round_ in range(2):  # a second publish adds only what came after the first
+        for value in values:
+            direct.observe(value)
+            fast.observe(value)
+        fast.publish()
+        fast.publish()
+        got, want = samples("buffered"), samples("direct")
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value), (round_, key)
+        assert want[("_count", None)] == (round_ + 1) * len(values)

@@ -12,6 +12,7 @@ import orjson
 
 from server.datatypes import (
     MAX_DIMS,
+    V2_TO_NUMPY,
     check_shape,
     element_count,
     numpy_dtype,
@@ -28,6 +29,9 @@ from server.types import (
     RequestedOutput,
 )
 
+INT_ONLY = frozenset({int})
+FLOATS = frozenset({"FP16", "FP32", "FP64"})
+
 
 def decode_request(
     body: bytes, header_length: int | None, model: str, version: str
@@ -42,7 +46,7 @@ def decode_request(
         )
     view = memoryview(body)
     try:
-        doc = orjson.loads(view[:header_length])
+        doc = orjson.loads(body if header_length == len(body) else view[:header_length])
     except orjson.JSONDecodeError as exc:
         raise invalid(f"malformed JSON in request body: {exc}") from None
     if not isinstance(doc, dict):
@@ -75,14 +79,18 @@ def decode_request(
 def _decode_input(item: object, binary: memoryview) -> tuple[InferTensor, int]:
     if not isinstance(item, dict):
         raise invalid("each input must be a JSON object")
-    name = _string(item.get("name"), "input name")
-    datatype = _string(item.get("datatype"), f"datatype of input '{name}'")
+    name, datatype = item.get("name"), item.get("datatype")
+    if type(name) is not str:
+        raise invalid("input name must be a string")
+    if type(datatype) is not str:
+        raise invalid(f"datatype of input '{name}' must be a string")
     shape = item.get("shape")
-    # orjson gives exact types: `type(d) is int` also refuses booleans
+    # orjson gives exact types: a dimension of type `int` is not a boolean
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_DIMS
-        or not all(type(d) is int and d >= 0 for d in shape)
+        or not INT_ONLY.issuperset(map(type, shape))
+        or (shape and min(shape) < 0)
     ):
         raise invalid(f"shape of input '{name}' must be a list of non-negative integers")
     shape = tuple(shape)
@@ -144,6 +152,10 @@ def _from_json(data: object, datatype: str, shape: tuple[int, ...], name: str) -
             out[:] = [x.encode() if isinstance(x, str) else _bytes_item(x) for x in flat]
             return out.reshape(shape)
         array = np.asarray(data)
+        if array.dtype.kind == "f" and datatype in FLOATS:  # the common case, in short
+            if array.size != count:
+                raise ValueError(f"{array.size} elements for shape {list(shape)}")
+            return array.astype(V2_TO_NUMPY[datatype], copy=False).reshape(shape)
         if datatype == "UINT64" and array.dtype.kind == "f":
             array = _exact_uint64(data, array)
         if array.dtype.kind not in "biuf" or (datatype == "BOOL") != (array.dtype.kind == "b"):
@@ -212,7 +224,7 @@ def encode_response(
 ) -> tuple[bytes, int | None]:
     """Serialise a response; returns the body and the JSON header length if binary data follows."""
     default_binary = request.parameters.get("binary_data_output", False) is True
-    wants = {o.name: o.binary for o in request.outputs}
+    wants = {o.name: o.binary for o in request.outputs} if request.outputs else {}
     blobs: list[bytes] = []
     outputs = []
     for tensor in response.outputs:
