@@ -48,10 +48,7 @@ class VolleyHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         parser = self.parser
         if parser.get_method() == b"POST" and not parser.should_upgrade():
-            path = httptools.parse_url(self.url).path.decode("ascii")
-            if "%" in path:
-                path = urllib.parse.unquote(path)
-            route = INFER_ROUTE.match(path)
+            route = infer_route(self.url)
             if route:
                 self._start_exchange(route)
                 return
@@ -84,6 +81,26 @@ class VolleyHttpProtocol(HttpToolsProtocol):
             cycle.end_body()
         else:
             super().on_message_complete()
+
+
+def infer_route(url: bytes) -> re.Match | None:
+    """The INFER_ROUTE match of a request target (None: not an infer request), remembered for
+    the first ROUTES_KEPT targets seen (clients send the same few over and over)."""
+    try:
+        return _routes[url]
+    except KeyError:
+        pass
+    path = httptools.parse_url(url).path.decode("ascii")
+    if "%" in path:
+        path = urllib.parse.unquote(path)
+    route = INFER_ROUTE.match(path)
+    if len(_routes) < ROUTES_KEPT:
+        _routes[url] = route
+    return route
+
+
+ROUTES_KEPT = 1024
+_routes: dict[bytes, re.Match | None] = {}
 
 
 class InferExchange:
