@@ -243,7 +243,7 @@ def encode_response(
         elif tensor.datatype == "BYTES":
             entry["data"] = [_text(x) for x in tensor.data.reshape(-1)]
         else:
-            entry["data"] = np.ascontiguousarray(tensor.data).reshape(-1)
+            entry["data"] = tensor.data.ravel()  # a view when contiguous: orjson needs that
         outputs.append(entry)
     doc: dict = {"model_name": response.model, "model_version": response.version}
     if response.id:
