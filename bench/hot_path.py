@@ -1,0 +1,123 @@
+"""Volley's own cost per HTTP JSON infer request, without sockets: the event loop's share.
+
+Calls `HttpFrontEnd.answer_infer` (what the HTTP protocol hands every `POST .../infer` to: codec,
+validation, data plane, batcher, response, metrics) from 64 concurrent tasks in this process, on
+the fraud model with the peer benchmark's settings (bench/peers.py), and reports the event-loop
+thread's CPU time per request. Socket reads and writes and the HTTP parser are not included:
+they are the same for every Python server (bench/peers.py measures whole servers).
+
+    python bench/hot_path.py                       # CPU time per request, min of 12 windows
+    python bench/hot_path.py --instructions        # instructions per request, under valgrind
+
+CPU time on a shared VM moves by a quarter from minute to minute; `--instructions` counts the
+event-loop thread's instructions (valgrind's callgrind, `apt-get install valgrind`) for two run
+lengths and divides the difference by the extra requests: the same figure on every run, for
+comparing two versions of the code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+import uvloop
+from peers import FEATURES, volley_repository
+from serving import ceiling, machine
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from server.dataplane import DataPlane  # noqa: E402 - after the path above
+from server.http_api import INFER_ROUTE, HttpFrontEnd  # noqa: E402
+from server.repository import ModelRepository  # noqa: E402
+
+CONCURRENCY = 64
+ROW = {"name": "features", "datatype": "FP32", "shape": [1, FEATURES], "data": [0.5] * FEATURES}
+BODY = orjson.dumps({"inputs": [ROW]})
+HEADERS = {b"content-type": b"application/json", b"content-length": str(len(BODY)).encode()}
+
+
+async def serve_requests(repository: Path, windows: int, per_task: int) -> list[float]:
+    """Event-loop CPU microseconds per request in each window (after one warm-up window)."""
+    models = ModelRepository(repository, "none")
+    await models.load_at_start(["*"])
+    front_end = HttpFrontEnd(DataPlane(models), 64 << 20, 16 << 20)
+    route = INFER_ROUTE.match("/v2/models/fraud/infer")
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": BODY, "more_body": False}
+
+    async def client() -> None:
+        for _ in range(per_task):
+            answer = await front_end.answer_infer(route, HEADERS, "127.0.0.1", receive)
+            if answer.status != 200:
+                raise RuntimeError(f"{answer.status}: {answer.body!r}")
+
+    per_request = []
+    for window in range(windows + 1):
+        started = time.thread_time()
+        await asyncio.gather(*(client() for _ in range(CONCURRENCY)))
+        if window:  # the first one warms up
+            per_request.append((time.thread_time() - started) / (CONCURRENCY * per_task) * 1e6)
+    return per_request
+
+
+def loop_instructions(requests: int) -> int:
+    """Instructions of the event-loop thread in a run of `requests` requests (callgrind)."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "callgrind.out"
+        subprocess.run(
+            ["valgrind", "--tool=callgrind", "--separate-threads=yes", "--cache-sim=no",
+             f"--callgrind-out-file={out}", sys.executable, __file__,
+             "--windows", "0", "--requests", str(requests), "--only-serve"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        first_thread = Path(f"{out}-01").read_text()
+        return int(re.search(r"^summary:\s+(\d+)", first_thread, re.M)[1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=Path, default=ROOT / "models")
+    parser.add_argument("--windows", type=int, default=12)
+    parser.add_argument("--requests", type=int, default=9600, help="per window")
+    parser.add_argument("--instructions", action="store_true", help="count under valgrind")
+    parser.add_argument("--only-serve", action="store_true", help=argparse.SUPPRESS)  # for it
+    args = parser.parse_args()
+    per_task = max(args.requests // CONCURRENCY, 1)
+    if args.only_serve:  # one run for `--instructions`: nothing else on the loop thread
+        with tempfile.TemporaryDirectory() as folder:
+            repository = volley_repository(args.models / "fraud", Path(folder))
+            uvloop.run(serve_requests(repository, args.windows, per_task))
+        return 0
+    print(f"Machine: {machine()}")
+    if args.instructions:
+        short, long = 10 * CONCURRENCY, 100 * CONCURRENCY
+        extra = (loop_instructions(long) - loop_instructions(short)) / (long - short)
+        print(f"\nevent-loop instructions per fraud JSON request (answer_infer, c={CONCURRENCY}):"
+              f" {extra / 1000:,.1f}k")  # fmt: skip
+        return 0
+    with tempfile.TemporaryDirectory() as folder:
+        repository = volley_repository(args.models / "fraud", Path(folder))
+        print(f"fraud, single-row v2 JSON, {CONCURRENCY} tasks, {per_task * CONCURRENCY} "
+              f"requests per window, {args.windows} windows")  # fmt: skip
+        windows = uvloop.run(serve_requests(repository, args.windows, per_task))
+        (one_row, *_) = ceiling(args.models / "fraud" / "1" / "model.onnx", 1)
+    windows.sort()
+    print("\n| measure | value |\n|---|---:|")
+    print(f"| event-loop CPU us per request, min of windows | {windows[0]:.1f} |")
+    print(f"| event-loop CPU us per request, median | {windows[len(windows) // 2]:.1f} |")
+    print(f"| in-process ONNX Runtime, one row at a time, us per request | "
+          f"{1e6 / one_row.rps:.1f} |")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
