@@ -189,7 +189,7 @@ def validate_inputs(
             f"unexpected input {unknown[0]!r} for model '{config.name}', "
             f"expected {sorted(expected)}"
         )
-    batching = config.max_batch_size > 0
+    batching = config.batching
     rows = -1
     inputs: dict[str, np.ndarray] = {}
     for spec in config.inputs:
@@ -203,10 +203,12 @@ def validate_inputs(
             )
         shape = tensor.shape
         dims = shape[1:] if batching else shape
-        if dims != spec.dims and (
-            (batching and not shape)
-            or len(dims) != len(spec.dims)
-            or any(d != s and s != -1 for d, s in zip(dims, spec.dims, strict=True))
+        if (batching and not shape) or (  # no batch dimension, or another shape
+            dims != spec.dims
+            and (
+                len(dims) != len(spec.dims)
+                or any(d != s and s != -1 for d, s in zip(dims, spec.dims, strict=True))
+            )
         ):
             wanted = ("-1",) * batching + tuple(str(d) for d in spec.dims)
             raise invalid(

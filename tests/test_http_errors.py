@@ -677,3 +677,28 @@ def test_grpc_timeout(server: VolleyProcess, grpc_client: grpcclient.InferenceSe
         )
     assert error.status() == "StatusCode.DEADLINE_EXCEEDED"
     assert "timed out" in error.message()
+
+
+def test_a_batched_input_without_its_batch_dimension(tmp_path: Path) -> None:
+    """A model whose rows are single values ([-1]): a scalar has no batch dimension, so it is
+    a 400 naming the expected shape, not a server error."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model_file = tmp_path / "models" / "row" / "1" / "model.onnx"
+    model_file.parent.mkdir(parents=True)
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "row",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch"])],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model_file)
+    (model_file.parent.parent / "config.yaml").write_text("max_batch_size: 8\n")
+    with serving(tmp_path / "models") as proc:
+        url = infer_url(proc, "row")
+        scalar = {"name": "x", "datatype": "FP32", "shape": [], "data": [1.5]}
+        assert_error(post(url, {"inputs": [scalar]}), 400, "shape []", "'row' expects [-1]")
+        rows = {"name": "x", "datatype": "FP32", "shape": [2], "data": [1.5, 2.5]}
+        answer = post(url, {"inputs": [rows]})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["outputs"][0]["data"] == [1.5, 2.5]
