@@ -74,7 +74,7 @@ class Batcher:
         self.config = config
         self.stats = stats
         self._loop = asyncio.get_running_loop()
-        self._lock = threading.Lock()  # taken directly where no wait or notify may follow
+        self._lock = threading.Lock()  # taken directly where nothing waits (notify needs only it)
         self._cond = threading.Condition(self._lock)
         self._batching = config.batching
         self._queue: deque[Pending] = deque()

@@ -27,6 +27,8 @@ from server.http_api import INFER_ROUTE, Answer, HttpFrontEnd
 
 log = logging.getLogger(__name__)
 SMALL_BODY = 65536  # answers up to this size go out with their head in one buffer
+ROUTES_KEPT = 1024  # request targets whose infer route is remembered (`infer_route`)
+_routes: dict[bytes, re.Match | None] = {}
 
 
 def protocol_for(front_end: HttpFrontEnd) -> type[HttpToolsProtocol]:
@@ -97,10 +99,6 @@ def infer_route(url: bytes) -> re.Match | None:
     if len(_routes) < ROUTES_KEPT:
         _routes[url] = route
     return route
-
-
-ROUTES_KEPT = 1024
-_routes: dict[bytes, re.Match | None] = {}
 
 
 class InferExchange:
