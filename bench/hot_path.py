@@ -26,9 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import orjson
 import uvloop
-from peers import FEATURES, volley_repository
+from peers import JSON_BODY, volley_repository
 from serving import ceiling, machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,8 +38,7 @@ from server.http_api import INFER_ROUTE, HttpFrontEnd  # noqa: E402
 from server.repository import ModelRepository  # noqa: E402
 
 CONCURRENCY = 64
-ROW = {"name": "features", "datatype": "FP32", "shape": [1, FEATURES], "data": [0.5] * FEATURES}
-BODY = orjson.dumps({"inputs": [ROW]})
+BODY = JSON_BODY
 HEADERS = {b"content-type": b"application/json", b"content-length": str(len(BODY)).encode()}
 
 
