@@ -145,11 +145,9 @@ async def serve(settings: ServeSettings, worker: Worker | None = None) -> int:
     )
     grpc_server, servicer = create_grpc_server(
         dataplane,
-        f"{settings.host}:{settings.grpc_port}",
         settings.max_request_bytes,
         keys,
-        tls.grpc_credentials() if tls is not None else None,
-        reuse_port=worker is not None,
+        tls.grpc_context() if tls is not None else None,
     )
     listeners = [http]
     if settings.metrics_port:
@@ -164,7 +162,10 @@ async def serve(settings: ServeSettings, worker: Worker | None = None) -> int:
             )
         )
 
-    await grpc_server.start()
+    grpc_socket = (
+        None if worker is None else worker.shared_socket(settings.host, settings.grpc_port)
+    )
+    await grpc_server.start(settings.host, settings.grpc_port, grpc_socket)
     tasks = [asyncio.create_task(_serve_listener(listener, worker)) for listener in listeners]
     await _started(listeners, tasks)
     log.info(

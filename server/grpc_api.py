@@ -1,4 +1,4 @@
-"""gRPC front end: `inference.GRPCInferenceService` on grpcio's asyncio server.
+"""gRPC front end: `inference.GRPCInferenceService` on Volley's gRPC server (`server.grpc_server`).
 
 Every RPC translates protobuf to the data plane and back; errors become gRPC status codes,
 except on `ModelStreamInfer`, where a failed request gets a response with `error_message` and
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Callable
 
 import grpc
@@ -20,6 +21,7 @@ from tritonclient.grpc import service_pb2 as pb
 from server import __version__, auth
 from server.dataplane import FORBIDDEN, OUTCOMES, UNAUTHENTICATED, DataPlane
 from server.errors import VolleyError, invalid, shared_memory_unsupported, unexpected
+from server.grpc_server import Context, GrpcServer, Method
 from server.protocol import grpc_codec
 from server.protocol.model_info import (
     load_override,
@@ -33,12 +35,10 @@ from server.types import InferenceRequest
 
 log = logging.getLogger(__name__)
 
-# Requests one stream may have in flight; past it, further requests fail alone (stream stays open).
+# Requests one stream may have in flight; past it, the stream is not read until one is answered.
 MAX_STREAM_INFLIGHT = 256
 # The inference methods and the protocol label their requests are counted under.
 INFER_METHODS = {"ModelInfer": "grpc", "ModelStreamInfer": "grpc_stream"}
-# Calls waiting for the service to pick them up, server-wide (grpc core's backlog).
-MAX_PENDING_CALLS = 10_000
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
@@ -161,15 +161,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             if frames.takes(decoded):
                 await frames.submit(decoded)
                 return
-            if len(tasks) >= MAX_STREAM_INFLIGHT:
-                await answers.put(
-                    _stream_error(
-                        request,
-                        f"stream has {MAX_STREAM_INFLIGHT} requests in flight; "
-                        "wait for answers before sending more",
-                    )
-                )
-                return
+            if len(tasks) >= MAX_STREAM_INFLIGHT:  # stop reading (the client's window closes)
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             task = asyncio.create_task(answer(request, decoded))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
@@ -305,7 +298,7 @@ def _lenient(message_class: type) -> Callable[[bytes], object]:
 
 
 def _refusing_malformed(method: Callable) -> Callable:
-    async def handler(request: object, context: grpc.aio.ServicerContext) -> object:
+    async def handler(request: object, context: Context) -> object:
         if isinstance(request, Malformed):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         return await method(request, context)
@@ -313,29 +306,23 @@ def _refusing_malformed(method: Callable) -> Callable:
     return handler
 
 
-def _add_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
-    """Register the service as the generated code does, but with deserializers that turn an
-    unparsable message into `Malformed` instead of an exception."""
+def _methods(servicer: InferenceServicer) -> dict[str, Method]:
+    """The service's methods by path, with deserializers that turn an unparsable message into
+    `Malformed` instead of an exception."""
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-    handlers = {}
+    methods = {}
     for method in service.methods:
-        options = {
-            "request_deserializer": _lenient(getattr(pb, method.input_type.name)),
-            "response_serializer": getattr(pb, method.output_type.name).SerializeToString,
-        }
+        deserialize = _lenient(getattr(pb, method.input_type.name))
+        serialize = getattr(pb, method.output_type.name).SerializeToString
         implementation = getattr(servicer, method.name)
         if method.client_streaming:  # ModelStreamInfer: Malformed is handled in the stream
-            handlers[method.name] = grpc.stream_stream_rpc_method_handler(implementation, **options)
+            served = Method(implementation, deserialize, serialize, streaming=True)
         elif method.name == "ModelInfer":  # the hot path: it checks (and counts) Malformed itself
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(implementation, **options)
+            served = Method(implementation, deserialize, serialize)
         else:
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _refusing_malformed(implementation), **options
-            )
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
-    )
-    server.add_registered_method_handlers(service.full_name, handlers)
+            served = Method(_refusing_malformed(implementation), deserialize, serialize)
+        methods[f"/{service.full_name}/{method.name}"] = served
+    return methods
 
 
 def _repository_parameter(param: pb.ModelRepositoryParameter) -> object:
@@ -358,79 +345,46 @@ def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStream
     )
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: VolleyError) -> None:
+async def _abort(context: Context, error: VolleyError) -> None:
     await context.abort(error.kind.grpc_code, error.message)
 
 
-class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+def _api_key_check(keys: auth.ApiKeys, dataplane: DataPlane):
     """Refuses calls whose `authorization: Bearer <key>` metadata does not reach the method:
     UNAUTHENTICATED without a known key, PERMISSION_DENIED with too small a scope."""
 
-    def __init__(self, keys: auth.ApiKeys, dataplane: DataPlane) -> None:
-        self.keys = keys
-        self.dataplane = dataplane
+    def check(path: str, metadata: dict[str, str]) -> tuple[grpc.StatusCode, str] | None:
+        needed = auth.grpc_scope(path)
+        if needed is None:
+            return None
+        refused = auth.refusal(keys, auth.bearer(metadata.get("authorization")), needed)
+        if refused is None:
+            return None
+        protocol = INFER_METHODS.get(path.rsplit("/", 1)[-1])
+        if protocol is not None:  # the model is not known before the request is read
+            dataplane.count_rejected("", protocol, FORBIDDEN if refused[0] else UNAUTHENTICATED)
+        log.warning(
+            "call refused",
+            extra={"event": "auth_refused", "method": path, "reason": refused[1]},
+        )
+        authenticated, message = refused
+        code = (
+            grpc.StatusCode.PERMISSION_DENIED if authenticated else grpc.StatusCode.UNAUTHENTICATED
+        )
+        return code, message
 
-    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
-        needed = auth.grpc_scope(details.method)
-        if needed is not None:
-            metadata = dict(details.invocation_metadata or ())
-            presented = auth.bearer(metadata.get("authorization"))
-            refused = auth.refusal(self.keys, presented, needed)
-            if refused is not None:
-                protocol = INFER_METHODS.get(details.method.rsplit("/", 1)[-1])
-                if protocol is not None:  # the model is not known before the request is read
-                    outcome = FORBIDDEN if refused[0] else UNAUTHENTICATED
-                    self.dataplane.count_rejected("", protocol, outcome)
-                log.warning(
-                    "call refused",
-                    extra={"event": "auth_refused", "method": details.method,
-                           "reason": refused[1]},
-                )  # fmt: skip
-                return _denial(details.method, *refused)
-        return await continuation(details)
-
-
-def _denial(method: str, authenticated: bool, message: str) -> grpc.RpcMethodHandler:
-    code = grpc.StatusCode.PERMISSION_DENIED if authenticated else grpc.StatusCode.UNAUTHENTICATED
-
-    async def deny(request: object, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(code, message)
-
-    if method.endswith("/ModelStreamInfer"):
-        return grpc.stream_stream_rpc_method_handler(deny)
-    return grpc.unary_unary_rpc_method_handler(deny)
+    return check
 
 
 def create_grpc_server(
     dataplane: DataPlane,
-    address: str,
     max_message_bytes: int,
     keys: auth.ApiKeys | None = None,
-    credentials: grpc.ServerCredentials | None = None,
-    reuse_port: bool = False,
-) -> tuple[grpc.aio.Server, InferenceServicer]:
-    """A grpcio asyncio server with the inference service bound to `address` (TLS when
-    `credentials` are given; API keys checked when `keys` are; the port shared with other
-    processes that bind it too when `reuse_port`)."""
-    server = grpc.aio.server(
-        interceptors=[ApiKeyInterceptor(keys, dataplane)] if keys is not None else None,
-        options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-            # Off, so that a port another program holds is an error; on for --workers N.
-            ("grpc.so_reuseport", int(reuse_port)),
-            # grpc core keeps calls the service has not picked up yet in a backlog and, past
-            # 1,000 by default, cancels them at random: a burst of a few thousand calls came
-            # back CANCELLED, which a client cannot tell from lost work. The backlog is bounded
-            # here instead, deterministically; the model queues bound what is accepted.
-            ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
-            ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS + 1),
-        ],
-    )
+    ssl_context: ssl.SSLContext | None = None,
+) -> tuple[GrpcServer, InferenceServicer]:
+    """The inference service on a gRPC server (TLS with `ssl_context`; API keys checked when
+    `keys` are given); `start` it on a port."""
     servicer = InferenceServicer(dataplane)
-    _add_service(servicer, server)
-    if credentials is None:
-        server.add_insecure_port(address)
-    else:
-        server.add_secure_port(address, credentials)
+    check = _api_key_check(keys, dataplane) if keys is not None else None
+    server = GrpcServer(_methods(servicer), max_message_bytes, check, ssl_context)
     return server, servicer
