@@ -14,8 +14,9 @@ perf_analyzer over gRPC at concurrency 64 (`--concurrency`):
 Two more rows leave Volley out: a bare grpcio server that answers every method with bytes
 Volley gave for it (captured in the same run), no protobuf decoding, no servicer class:
 
-- `bare-aio`: grpcio's asyncio server (what Volley is built on);
-- `bare-sync`: grpcio's thread-pool server (16 threads), the other server grpcio offers.
+- `bare-aio`: grpcio's asyncio server (what Volley was built on until session 11);
+- `bare-sync`: grpcio's thread-pool server (16 threads), the other server grpcio offers;
+- `bare-volley`: Volley's own gRPC server (`server/grpc_server.py`), what Volley runs on now.
 
     python bench/grpc_floor.py [--seconds 4]
 
@@ -46,7 +47,9 @@ from serving import (
     stop,
 )
 
-VARIANTS = ("canned", "decode", "loop-hop", "thread-hop", "volley", "bare-aio", "bare-sync")
+VARIANTS = (
+    "canned", "decode", "loop-hop", "thread-hop", "volley", "bare-aio", "bare-sync", "bare-volley"
+)  # fmt: skip
 SERVICE = "/inference.GRPCInferenceService/"
 
 
@@ -155,7 +158,8 @@ def capture(repository: Path, answers_file: Path) -> None:
 
 
 def serve_bare(kind: str, port: int, answers_file: Path) -> int:
-    """A grpcio server that answers each known method with its captured bytes."""
+    """A bare server (grpcio asyncio or thread pool, or Volley's) answering every known method
+    with its captured bytes."""
     answers = pickle.loads(answers_file.read_bytes())
 
     def handler(answer: bytes) -> grpc.RpcMethodHandler:
@@ -172,6 +176,8 @@ def serve_bare(kind: str, port: int, answers_file: Path) -> int:
     generic = grpc.method_handlers_generic_handler("inference.GRPCInferenceService", {
         method.removeprefix(SERVICE): h for method, h in handlers.items()
     })  # fmt: skip
+    if kind == "volley":
+        return _serve_bare_volley(port, answers)
     if kind == "aio":
         import uvloop
 
@@ -194,8 +200,30 @@ def serve_bare(kind: str, port: int, answers_file: Path) -> int:
     return 0
 
 
+def _serve_bare_volley(port: int, answers: dict[str, bytes]) -> int:
+    """Volley's gRPC server with handlers that return the captured bytes."""
+    import uvloop
+
+    sys.path.insert(0, str(ROOT))
+    from server.grpc_server import GrpcServer, Method
+
+    def method(answer: bytes) -> Method:
+        async def answer_at_once(request: bytes, context: object) -> bytes:
+            return answer
+
+        return Method(answer_at_once, bytes, bytes)
+
+    async def run() -> None:
+        server = GrpcServer({path: method(a) for path, a in answers.items()}, 64 << 20)
+        await server.start("127.0.0.1", port)
+        await asyncio.Event().wait()
+
+    uvloop.run(run())
+    return 0
+
+
 def bare_row(kind: str, answers_file: Path, seconds: float, concurrency: int) -> str:
-    """One row for a bare grpcio server (`aio` or `sync`)."""
+    """One row for a bare server (`aio`, `sync` or `volley`)."""
     port = free_port()
     cmd = [sys.executable, __file__, "--bare", kind, str(port), str(answers_file)]
     server = subprocess.Popen(cmd)
@@ -208,7 +236,7 @@ def bare_row(kind: str, answers_file: Path, seconds: float, concurrency: int) ->
     finally:
         server.kill()
         server.wait()
-    return f"| bare-{kind} (no Volley) | {rps:,.0f} | {p50:.2f} | {p99:.2f} | - |"
+    return f"| bare-{kind} (canned bytes, no servicer) | {rps:,.0f} | {p50:.2f} | {p99:.2f} | - |"
 
 
 def main() -> int:

@@ -161,6 +161,32 @@ def test_a_message_past_the_limit_is_refused_from_its_length(volley: VolleyProce
     assert b"larger than max" in received
 
 
+def test_a_request_that_trickles_in_a_few_bytes_at_a_time(volley: VolleyProcess) -> None:
+    """Frames split across many reads (a slow link) are reassembled: the call succeeds."""
+    request = pb.ModelInferRequest(model_name="mlp")
+    request.inputs.add(name="input", datatype="FP32", shape=[64, 8])
+    request.raw_input_contents.append(np.ones((64, 8), np.float32).tobytes())
+    message = request.SerializeToString()
+    block = _literal_headers(
+        [(":method", "POST"), (":scheme", "http"), (":path", SERVICE + "ModelInfer"),
+         (":authority", "x"), ("content-type", "application/grpc"),
+         ("authorization", AUTH["authorization"])]
+    )  # fmt: skip
+    wire = (
+        PREFACE
+        + _frame(4, 0, 0, b"")
+        + _frame(1, 0x4, 1, block)
+        + _frame(0, 0x1, 1, b"\x00" + struct.pack(">I", len(message)) + message)
+    )
+    with socket.create_connection(_address(volley)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(10)
+        for at in range(0, len(wire), 7):
+            sock.sendall(wire[at : at + 7])
+        received = _read_until_closed_or(sock, b"grpc-status")
+    assert b"grpc-status\x010" in received  # OK
+
+
 def test_a_connection_that_is_not_http2_is_closed(volley: VolleyProcess) -> None:
     with socket.create_connection(_address(volley)) as sock:
         sock.settimeout(10)

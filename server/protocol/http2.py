@@ -306,7 +306,8 @@ class Connection(asyncio.Protocol):
         self.peer = ""
         self.streams: dict[int, Stream] = {}
         self.blocked: set[Stream] = set()
-        self.buffer = b""
+        self.buffer = bytearray()  # the start of a frame that has not fully arrived
+        self._needed = len(PREFACE)  # bytes the buffer must hold before parsing is worth it
         self.started = False
         self.last_stream = 0
         self.goaway_sent: int | None = None
@@ -376,13 +377,26 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.transport.is_closing():
             return
-        buffer = self.buffer + data if self.buffer else data
+        buffer = self.buffer
+        if buffer:  # appended, not joined: a large frame in many reads costs linear time
+            buffer += data
+            if len(buffer) < self._needed:
+                return
+            data = bytes(buffer)
+            buffer.clear()
         try:
-            offset = self._frames(buffer)
+            offset = self._frames(data)
         except _ConnectionError as exc:
             self.close(exc.code, str(exc))
             return
-        self.buffer = buffer[offset:]
+        if offset < len(data):
+            buffer += memoryview(data)[offset:]
+            if not self.started:
+                self._needed = len(PREFACE)
+            elif len(buffer) >= 9:
+                self._needed = 9 + int.from_bytes(buffer[:3], "big")
+            else:
+                self._needed = 9
 
     def eof_received(self) -> bool:
         return False
