@@ -91,7 +91,7 @@ def end_call(stream: http2.Stream, code: int, details: str) -> None:
 class Context:
     """What a handler knows of its call (the subset of `grpc.aio.ServicerContext` Volley uses)."""
 
-    __slots__ = ("_peer", "_deadline", "_headers", "_loop")
+    __slots__ = ("_peer", "deadline", "_headers", "_loop")
 
     def __init__(
         self,
@@ -102,7 +102,7 @@ class Context:
     ) -> None:
         self._peer = peer
         self._headers = headers
-        self._deadline = deadline
+        self.deadline = deadline  # the loop's clock; None: the client set no deadline
         self._loop = loop
 
     def peer(self) -> str:
@@ -111,9 +111,9 @@ class Context:
 
     def time_remaining(self) -> float | None:
         """Seconds left before the client's deadline; None without one."""
-        if self._deadline is None:
+        if self.deadline is None:
             return None
-        return max(self._deadline - self._loop.time(), 0.0)
+        return max(self.deadline - self._loop.time(), 0.0)
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         """The caller's metadata (custom headers)."""
@@ -154,7 +154,7 @@ class UnaryCall:
         if self.request is None:
             raise http2.StreamError(INTERNAL, "a unary call sent no request")
         self.task = asyncio.get_running_loop().create_task(self._run())
-        deadline = self.context._deadline
+        deadline = self.context.deadline
         if deadline is not None:
             self.timer = asyncio.get_running_loop().call_at(deadline, self._expire)
 
@@ -175,11 +175,7 @@ class UnaryCall:
             end_call(stream, UNKNOWN, "unexpected server error")
         else:
             if len(body) > self.server.max_message:
-                end_call(
-                    stream,
-                    RESOURCE_EXHAUSTED,
-                    f"answer larger than max ({len(body)} vs. {self.server.max_message})",
-                )
+                end_call(stream, RESOURCE_EXHAUSTED, _too_large(body, self.server))
             else:
                 stream.respond(RESPONSE_HEADERS, body, OK_TRAILERS)
         finally:
@@ -240,8 +236,7 @@ class StreamCall:
                 self.waiter = asyncio.get_running_loop().create_future()
                 await self.waiter
             data = self.unread.popleft()
-            if len(self.unread) < MAX_UNREAD_MESSAGES:
-                self.stream.release()
+            self.stream.release_if_due()
             yield deserialize(data)
 
     async def _run(self) -> None:
@@ -251,8 +246,12 @@ class StreamCall:
             answers = self.method.handler(self._requests(), self.context)
             async with contextlib.aclosing(answers):
                 async for answer in answers:
-                    stream.respond(RESPONSE_HEADERS, serialize(answer), None)
-                    if stream.outbox or stream.connection._paused is not None:
+                    body = serialize(answer)
+                    if len(body) > self.server.max_message:
+                        end_call(stream, RESOURCE_EXHAUSTED, _too_large(body, self.server))
+                        return
+                    stream.respond(RESPONSE_HEADERS, body, None)
+                    if stream.outbox or stream.connection.paused:
                         await stream.drained()
             end_call(stream, OK, "")
         except Abort as abort:
@@ -353,6 +352,10 @@ class GrpcServer:
         if method.streaming:
             return StreamCall(self, stream, method, context)
         return UnaryCall(self, stream, method, context)
+
+
+def _too_large(body: bytes, server: GrpcServer) -> str:
+    return f"answer larger than max ({len(body)} vs. {server.max_message})"
 
 
 def _timeout_seconds(value: str) -> float | None:

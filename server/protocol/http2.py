@@ -61,7 +61,7 @@ def _our_settings(max_streams: int) -> bytes:
     )
 
 
-def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+def frame(kind: int, flags: int, stream_id: int, payload: bytes | memoryview = b"") -> bytes:
     """One frame: the 9-byte header, then the payload."""
     size = len(payload)
     return (
@@ -114,7 +114,7 @@ class Call(Protocol):
     @property
     def saturated(self) -> bool:
         """True while the call holds as many unread messages as it takes: the client's window
-        is not reopened until it reads some (`Stream.release`)."""
+        is not reopened until it reads some (`Stream.release_if_due`)."""
 
 
 class StreamError(Exception):
@@ -141,7 +141,7 @@ class Stream:
         self.call: Call | None = None
         self.buffer = bytearray()
         self.send_window = connection.peer_initial_window
-        self.outbox: deque[bytes] = deque()
+        self.outbox: deque[bytes | memoryview] = deque()
         self.trailers: bytes | None = None
         self.headers_sent = False
         self.closed = False
@@ -152,7 +152,7 @@ class Stream:
 
     # -- from the client --
 
-    def receive(self, data: bytes, end: bool, flow: int = 0) -> None:
+    def receive(self, data: bytes | memoryview, end: bool, flow: int = 0) -> None:
         """DATA for this stream (`flow`: the frame's length, padding included, that the
         client's window for this stream lost): complete messages go to the call."""
         buffer = self.buffer
@@ -172,7 +172,8 @@ class Stream:
             end_of_message = offset + 5 + length
             if end_of_message > size:
                 break
-            message = bytes(buffer[offset + 5 : end_of_message])
+            with memoryview(buffer) as view:  # one copy: the message's own bytes
+                message = bytes(view[offset + 5 : end_of_message])
             if buffer[offset]:
                 message = self._decompressed(message)
             offset = end_of_message
@@ -185,8 +186,7 @@ class Stream:
             self.call.half_close()
             return
         self.unacked += flow
-        if self.unacked >= STREAM_WINDOW // 4 and not self.call.saturated:
-            self.release()
+        self.release_if_due()
 
     def _decompressed(self, message: bytes) -> bytes:
         if self.decompress is None:
@@ -203,9 +203,10 @@ class Stream:
             )
         return out
 
-    def release(self) -> None:
-        """Give the client back the window of what it sent so far (the call has room)."""
-        if self.unacked and not self.closed:
+    def release_if_due(self) -> None:
+        """Give the client back the window of what it sent, once that is a quarter of the
+        window and the call has room for more messages."""
+        if self.unacked >= STREAM_WINDOW // 4 and not self.closed and not self.call.saturated:
             self.connection.send(frame(WINDOW_UPDATE, 0, self.id, self.unacked.to_bytes(4, "big")))
             self.unacked = 0
 
@@ -257,9 +258,10 @@ class Stream:
             size = min(len(chunk), room, connection.peer_max_frame)
             if size == len(chunk):
                 outbox.popleft()
-            else:
-                outbox[0] = chunk[size:]
-                chunk = chunk[:size]
+            else:  # views, so that a large answer is not copied once per frame
+                view = memoryview(chunk)
+                outbox[0] = view[size:]
+                chunk = view[:size]
             self.send_window -= size
             connection.send_window -= size
             connection.send(frame(DATA, 0, self.id, chunk))
@@ -369,6 +371,11 @@ class Connection(asyncio.Protocol):
             self._paused.set_result(None)
         self._paused = None
 
+    @property
+    def paused(self) -> bool:
+        """True while the socket's send buffer is full."""
+        return self._paused is not None
+
     async def writable(self) -> None:
         """Wait while the socket's send buffer is full."""
         if self._paused is not None:
@@ -416,6 +423,7 @@ class Connection(asyncio.Protocol):
             offset = len(PREFACE)
         size = len(buffer)
         received = 0
+        view = memoryview(buffer)  # frame payloads are views: no copy until a message is whole
         while size - offset >= 9:
             length = int.from_bytes(buffer[offset : offset + 3], "big")
             if length > MAX_FRAME:
@@ -426,7 +434,7 @@ class Connection(asyncio.Protocol):
             kind = buffer[offset + 3]
             flags = buffer[offset + 4]
             stream_id = int.from_bytes(buffer[offset + 5 : offset + 9], "big") & 0x7FFFFFFF
-            payload = buffer[offset + 9 : end]
+            payload = view[offset + 9 : end]
             offset = end
             if self._continuing is not None and kind != CONTINUATION:
                 raise _ConnectionError(PROTOCOL_ERROR, "expected a CONTINUATION frame")
@@ -462,7 +470,7 @@ class Connection(asyncio.Protocol):
             self.send(frame(WINDOW_UPDATE, 0, 0, received.to_bytes(4, "big")))
         return offset
 
-    def _data(self, stream_id: int, flags: int, payload: bytes) -> None:
+    def _data(self, stream_id: int, flags: int, payload: memoryview) -> None:
         flow = len(payload)
         if flags & PADDED:
             payload = _unpadded(payload)
@@ -476,17 +484,17 @@ class Connection(asyncio.Protocol):
         except StreamError as exc:
             self.fail_stream(stream, exc.code, exc.message)
 
-    def _headers(self, stream_id: int, flags: int, payload: bytes) -> None:
+    def _headers(self, stream_id: int, flags: int, payload: memoryview) -> None:
         if flags & PADDED:
             payload = _unpadded(payload)
         if flags & PRIORITY_FLAG:
             payload = payload[5:]
         if flags & END_HEADERS:
-            self._header_block(stream_id, flags, payload)
+            self._header_block(stream_id, flags, bytes(payload))
         else:
             self._continuing = (stream_id, flags, bytearray(payload))
 
-    def _continuation(self, stream_id: int, flags: int, payload: bytes) -> None:
+    def _continuation(self, stream_id: int, flags: int, payload: memoryview) -> None:
         if self._continuing is None or self._continuing[0] != stream_id:
             raise _ConnectionError(PROTOCOL_ERROR, "unexpected CONTINUATION frame")
         block = self._continuing[2]
@@ -547,7 +555,7 @@ class Connection(asyncio.Protocol):
             self._header_cache.clear()
         return headers
 
-    def _window_update(self, stream_id: int, payload: bytes) -> None:
+    def _window_update(self, stream_id: int, payload: memoryview) -> None:
         if len(payload) != 4:
             raise _ConnectionError(FRAME_SIZE_ERROR, "bad WINDOW_UPDATE")
         increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
@@ -567,7 +575,7 @@ class Connection(asyncio.Protocol):
             self.blocked.discard(stream)
             stream.flush()
 
-    def _settings(self, stream_id: int, flags: int, payload: bytes) -> None:
+    def _settings(self, stream_id: int, flags: int, payload: memoryview) -> None:
         if stream_id:
             raise _ConnectionError(PROTOCOL_ERROR, "SETTINGS on a stream")
         if flags & ACK:
@@ -664,7 +672,7 @@ class _ConnectionError(Exception):
         self.code = code
 
 
-def _unpadded(payload: bytes) -> bytes:
+def _unpadded(payload: memoryview) -> memoryview:
     if not payload:
         raise _ConnectionError(PROTOCOL_ERROR, "padded frame without a pad length")
     pad = payload[0]
