@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import time
 
 import grpc
 import numpy as np
@@ -20,6 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
+
+from server.protocol.http2 import PREFACE_TIMEOUT_S
 
 SERVICE = "/inference.GRPCInferenceService/"
 BIG = (1024, 1024)  # 4 MiB of FP32 each way: past every default HTTP/2 window
@@ -192,6 +195,15 @@ def test_a_connection_that_is_not_http2_is_closed(volley: VolleyProcess) -> None
         sock.settimeout(10)
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         _read_until_closed_or(sock, None)
+
+
+def test_a_connection_that_never_speaks_is_closed(volley: VolleyProcess) -> None:
+    """A socket that sends no preface does not hold its file descriptor forever."""
+    with socket.create_connection(_address(volley)) as sock:
+        sock.settimeout(PREFACE_TIMEOUT_S + 10)
+        started = time.monotonic()
+        _read_until_closed_or(sock, None)
+    assert time.monotonic() - started >= PREFACE_TIMEOUT_S - 1
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))

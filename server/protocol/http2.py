@@ -47,6 +47,8 @@ STREAM_WINDOW = 1 << 20
 CONNECTION_WINDOW = 16 << 20
 MAX_HEADER_LIST = 16 << 10
 HEADER_CACHE_SIZE = 256
+# A connection that has not sent the HTTP/2 preface by then is closed (it holds a socket).
+PREFACE_TIMEOUT_S = 10.0
 
 
 def _our_settings(max_streams: int) -> bytes:
@@ -342,7 +344,9 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
-        self.lost = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.lost = loop.create_future()
+        self._preface_timer = loop.call_later(PREFACE_TIMEOUT_S, self._no_preface)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             host, port = peer[0], peer[1]
@@ -354,6 +358,7 @@ class Connection(asyncio.Protocol):
         )
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._preface_timer.cancel()
         for stream in list(self.streams.values()):
             self._cancel(stream)
         self.blocked.clear()
@@ -408,6 +413,10 @@ class Connection(asyncio.Protocol):
     def eof_received(self) -> bool:
         return False
 
+    def _no_preface(self) -> None:
+        if not self.started and self.transport is not None:
+            self.transport.close()
+
     # -- parsing --
 
     def _frames(self, buffer: bytes) -> int:
@@ -420,6 +429,7 @@ class Connection(asyncio.Protocol):
             if not buffer.startswith(PREFACE):
                 raise _ConnectionError(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
             self.started = True
+            self._preface_timer.cancel()
             offset = len(PREFACE)
         size = len(buffer)
         received = 0
@@ -515,8 +525,10 @@ class Connection(asyncio.Protocol):
             except StreamError as exc:
                 self.fail_stream(stream, exc.code, exc.message)
             return
-        if stream_id % 2 == 0 or stream_id <= self.last_stream:
+        if stream_id % 2 == 0:
             raise _ConnectionError(PROTOCOL_ERROR, f"HEADERS on stream {stream_id}")
+        if stream_id <= self.last_stream:  # a stream the server already ended: nothing to do
+            return
         self.last_stream = stream_id
         if self.goaway_sent is not None or len(self.streams) >= self.max_streams:
             self.send(frame(RST_STREAM, 0, stream_id, REFUSED_STREAM.to_bytes(4, "big")))
