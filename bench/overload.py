@@ -10,11 +10,13 @@ and twice at 3x that rate (the first 3x step fills the server's working set, the
 whether memory stays flat).
 
     python bench/overload.py                       # gRPC, shipped models, max_queue_size 16
+    python bench/overload.py --grpc-client raw     # gRPC from a minimal HTTP/2 client
     python bench/overload.py --protocol http --seconds 20 --queue 32
 
 The pipeline's `max_queue_size` (requests in progress) is what bounds the latency of accepted
 requests under overload: about queue / capacity seconds. The load generator shares the machine
-(at the lowest CPU priority unless --no-nice).
+(at the lowest CPU priority unless --no-nice). Its gRPC client is grpcio's asyncio client, or
+with `--grpc-client raw` bench/h2_client.py, which takes far less of the CPU the two share.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import orjson
+from h2_client import UnaryClient
 from serving import machine, repository_copy, rss_mb, start_volley, stop, switch_interval
 from tritonclient.grpc import service_pb2 as pb
 from vision import camera_frames, ceiling
@@ -102,6 +105,30 @@ class GrpcLoad:
 
     async def close(self) -> None:
         await self.channel.close()
+
+
+class RawGrpcLoad(GrpcLoad):
+    """The same calls from bench/h2_client.py over one HTTP/2 connection."""
+
+    def __init__(self, address: str, frames: list[bytes]) -> None:
+        super().__init__(address, frames)
+        self.client = UnaryClient(address, METHOD)
+
+    async def send(self, i: int) -> str:
+        if self.client.writer is None:
+            await self.client.connect()
+        status = await self.client.call(self.payloads[i % len(self.payloads)])
+        if status == 0:
+            return "ok"
+        return (
+            "refused"
+            if status == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+            else f"status {status}"
+        )
+
+    async def close(self) -> None:
+        await self.client.close()
+        await super().close()
 
 
 class HttpLoad:
@@ -230,12 +257,14 @@ def report(ceiling_fps: float, steps: list[Step], args: argparse.Namespace) -> s
     # The first 3x step fills the working set (ONNX Runtime's arena grows to full batches);
     # flat means the second one's peak is no higher than the first one's.
     growth = at_3x.rss_peak_mb - first_3x.rss_peak_mb
+    client = f" ({args.grpc_client} client)" if protocol == "grpc" else ""
     switch = (
         f", GIL switch interval {args.switch_interval_ms:g} ms" if args.switch_interval_ms else ""
     )
     lines = [
         f"Machine: {machine()}",
-        f"detect pipeline (640x480 JPEG -> boxes), {PROTOCOLS[protocol]}, max_queue_size {queue}, "
+        f"detect pipeline (640x480 JPEG -> boxes), {PROTOCOLS[protocol]}{client}, "
+        f"max_queue_size {queue}, "
         f"{seconds:g} s per step{switch}; in-process ceiling (one loop, no server): "
         f"{ceiling_fps:.1f} images/s",
         "",
@@ -271,7 +300,8 @@ async def run(args: argparse.Namespace, frames: list[bytes]) -> list[Step]:
         if args.nice:
             os.nice(19)  # from here on this process (the load generator) yields to the server
         if args.protocol == "grpc":
-            load: GrpcLoad | HttpLoad = GrpcLoad(volley.grpc, frames)
+            client = RawGrpcLoad if args.grpc_client == "raw" else GrpcLoad
+            load: GrpcLoad | HttpLoad = client(volley.grpc, frames)
         else:
             load = HttpLoad(volley.http, frames)
         try:
@@ -297,6 +327,10 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=15.0, help="per step")
     parser.add_argument("--queue", type=int, default=16, help="detect's max_queue_size")
     parser.add_argument("--protocol", choices=list(PROTOCOLS), default="grpc")
+    parser.add_argument(
+        "--grpc-client", choices=["grpcio", "raw"], default="grpcio",
+        help="the generator's gRPC client: grpcio's asyncio one, or bench/h2_client.py",
+    )  # fmt: skip
     parser.add_argument(
         "--nice",
         action=argparse.BooleanOptionalAction,
