@@ -128,11 +128,10 @@ class Context:
         raise Abort(code.value[0], details)
 
 
-class UnaryCall:
-    """One request in, one answer out."""
+class _Call:
+    """What both kinds of call share: the stream they answer on and the method they serve."""
 
-    __slots__ = ("stream", "method", "context", "request", "task", "timer", "server")
-    saturated = False
+    __slots__ = ("server", "stream", "method", "context", "task")
 
     def __init__(
         self, server: GrpcServer, stream: http2.Stream, method: Method, context: Context
@@ -141,8 +140,40 @@ class UnaryCall:
         self.stream = stream
         self.method = method
         self.context = context
-        self.request: bytes | None = None
         self.task: asyncio.Task | None = None
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    def fail(self, code: int, message: str) -> None:
+        self.cancel()
+        end_call(self.stream, code, message)
+
+    def _fits(self, body: bytes) -> bool:
+        """Whether an answer is within the message limit; if not, the call ends with
+        RESOURCE_EXHAUSTED."""
+        if len(body) <= self.server.max_message:
+            return True
+        end_call(
+            self.stream,
+            RESOURCE_EXHAUSTED,
+            f"answer larger than max ({len(body)} vs. {self.server.max_message})",
+        )
+        return False
+
+
+class UnaryCall(_Call):
+    """One request in, one answer out."""
+
+    __slots__ = ("request", "timer")
+    saturated = False
+
+    def __init__(
+        self, server: GrpcServer, stream: http2.Stream, method: Method, context: Context
+    ) -> None:
+        super().__init__(server, stream, method, context)
+        self.request: bytes | None = None
         self.timer: asyncio.TimerHandle | None = None
 
     def message(self, data: bytes) -> None:
@@ -153,10 +184,10 @@ class UnaryCall:
     def half_close(self) -> None:
         if self.request is None:
             raise http2.StreamError(INTERNAL, "a unary call sent no request")
-        self.task = asyncio.get_running_loop().create_task(self._run())
-        deadline = self.context.deadline
-        if deadline is not None:
-            self.timer = asyncio.get_running_loop().call_at(deadline, self._expire)
+        loop = asyncio.get_running_loop()
+        self.task = loop.create_task(self._run())
+        if self.context.deadline is not None:
+            self.timer = loop.call_at(self.context.deadline, self._expire)
 
     async def _run(self) -> None:
         stream = self.stream
@@ -174,9 +205,7 @@ class UnaryCall:
             log.exception("unexpected error in a gRPC handler", extra={"event": "grpc_error"})
             end_call(stream, UNKNOWN, "unexpected server error")
         else:
-            if len(body) > self.server.max_message:
-                end_call(stream, RESOURCE_EXHAUSTED, _too_large(body, self.server))
-            else:
+            if self._fits(body):
                 stream.respond(RESPONSE_HEADERS, body, OK_TRAILERS)
         finally:
             if self.timer is not None:
@@ -187,25 +216,16 @@ class UnaryCall:
             self.task.cancel()
             end_call(self.stream, DEADLINE_EXCEEDED, "Deadline Exceeded")
 
-    def cancel(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
 
-    def fail(self, code: int, message: str) -> None:
-        self.cancel()
-        end_call(self.stream, code, message)
-
-
-class StreamCall:
+class StreamCall(_Call):
     """Requests in and answers out as they come (`ModelStreamInfer`)."""
+
+    __slots__ = ("unread", "ended", "waiter")
 
     def __init__(
         self, server: GrpcServer, stream: http2.Stream, method: Method, context: Context
     ) -> None:
-        self.server = server
-        self.stream = stream
-        self.method = method
-        self.context = context
+        super().__init__(server, stream, method, context)
         self.unread: deque[bytes] = deque()
         self.ended = False
         self.waiter: asyncio.Future | None = None
@@ -247,8 +267,7 @@ class StreamCall:
             async with contextlib.aclosing(answers):
                 async for answer in answers:
                     body = serialize(answer)
-                    if len(body) > self.server.max_message:
-                        end_call(stream, RESOURCE_EXHAUSTED, _too_large(body, self.server))
+                    if not self._fits(body):
                         return
                     stream.respond(RESPONSE_HEADERS, body, None)
                     if stream.outbox or stream.connection.paused:
@@ -263,13 +282,6 @@ class StreamCall:
         except Exception:
             log.exception("unexpected error in a gRPC handler", extra={"event": "grpc_error"})
             end_call(stream, UNKNOWN, "unexpected server error")
-
-    def cancel(self) -> None:
-        self.task.cancel()
-
-    def fail(self, code: int, message: str) -> None:
-        self.task.cancel()
-        end_call(self.stream, code, message)
 
 
 class GrpcServer:
@@ -352,10 +364,6 @@ class GrpcServer:
         if method.streaming:
             return StreamCall(self, stream, method, context)
         return UnaryCall(self, stream, method, context)
-
-
-def _too_large(body: bytes, server: GrpcServer) -> str:
-    return f"answer larger than max ({len(body)} vs. {server.max_message})"
 
 
 def _timeout_seconds(value: str) -> float | None:
