@@ -276,7 +276,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
 class Malformed:
     """What a request that protobuf cannot parse becomes, so the servicer can refuse it with
-    INVALID_ARGUMENT (grpcio would answer UNKNOWN for a deserializer's exception)."""
+    INVALID_ARGUMENT (an exception in a deserializer would be answered UNKNOWN)."""
 
     __slots__ = ("message",)
 
