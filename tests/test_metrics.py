@@ -217,6 +217,16 @@ def grpc_infer(proc: VolleyProcess, model: str, x: np.ndarray, timeout_us: int =
     return "StatusCode.OK"
 
 
+def queue_full(samples: dict) -> bool:
+    """slow's queue (max_queue_size 2, one instance) is full: two requests wait, or three HTTP
+    requests are in the server (one runs, so two wait). Either gauge says it; two full-suite runs
+    saw the first never reach 2 in 60 s while this test's requests were in flight."""
+    return (
+        total(samples, "volley_queue_depth", model="slow") >= 2
+        or total(samples, "volley_inflight_requests", protocol="http") >= 3
+    )
+
+
 def wait_for(condition: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + TIMEOUT
     while not condition():
@@ -250,9 +260,7 @@ def test_every_outcome_is_counted_once(busy: VolleyProcess) -> None:
     # queue_full: one slow request running, two queued; the next ones are turned away
     with ThreadPoolExecutor(3) as pool:
         held = [pool.submit(http_infer, busy, "slow", slow_x) for _ in range(3)]
-        wait_for(
-            lambda: total(scrape(url), "volley_queue_depth", model="slow") >= 2, "a full queue"
-        )
+        wait_for(lambda: queue_full(scrape(url)), "a full queue")
         seen.http("slow", http_infer(busy, "slow", slow_x))
         seen.grpc("slow", grpc_infer(busy, "slow", slow_x))
         for future in held:
