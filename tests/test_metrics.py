@@ -260,7 +260,17 @@ def test_every_outcome_is_counted_once(busy: VolleyProcess) -> None:
     # queue_full: one slow request running, two queued; the next ones are turned away
     with ThreadPoolExecutor(3) as pool:
         held = [pool.submit(http_infer, busy, "slow", slow_x) for _ in range(3)]
-        wait_for(lambda: queue_full(scrape(url)), "a full queue")
+        try:
+            wait_for(lambda: queue_full(scrape(url)), "a full queue")
+        except AssertionError as exc:  # say what the server and the three requests were doing
+            samples = scrape(url)
+            depth = total(samples, "volley_queue_depth", model="slow")
+            inflight = total(samples, "volley_inflight_requests", protocol="http")
+            states = [f.result() if f.done() else "pending" for f in held]
+            raise AssertionError(
+                f"{exc}: queue depth {depth}, HTTP in flight {inflight}, requests {states}\n"
+                f"{busy.log()[-4000:]}"
+            ) from None
         seen.http("slow", http_infer(busy, "slow", slow_x))
         seen.grpc("slow", grpc_infer(busy, "slow", slow_x))
         for future in held:
