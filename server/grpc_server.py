@@ -3,7 +3,7 @@
 
 It serves the same service objects as grpcio's asyncio server (handlers take `(request,
 context)`; streaming handlers take an async iterator of requests and yield answers; `context`
-has `peer()`, `time_remaining()`, `invocation_metadata()` and `abort()`), at a fraction of
+has `peer()`, `time_remaining()` and `abort()`), at a fraction of
 grpcio's cost per call: `bench/RESULTS.md`, "gRPC on Volley's own HTTP/2 server".
 """
 
@@ -34,15 +34,9 @@ MAX_UNREAD_MESSAGES = 16
 # which clients retry on another connection).
 MAX_STREAMS_PER_CONNECTION = 1024
 MAX_STATUS_MESSAGE = 4096
-RESPONSE_HEADERS = http2.header_block(
-    [(b":status", b"200"), (b"content-type", b"application/grpc")]
-)
+_RESPONSE_PAIRS = [(b":status", b"200"), (b"content-type", b"application/grpc")]
+RESPONSE_HEADERS = http2.header_block(_RESPONSE_PAIRS)
 OK_TRAILERS = http2.header_block([(b"grpc-status", b"0")])
-# Headers that are HTTP/2 or gRPC mechanics, not the caller's metadata.
-_RESERVED = frozenset(
-    ("content-type", "te", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding",
-     "user-agent", "content-length")
-)  # fmt: skip
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 _MESSAGE_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if c != 0x25)  # all but '%'
 
@@ -72,7 +66,7 @@ class Abort(Exception):
 def trailers(code: int, details: str, *, with_headers: bool = False) -> bytes:
     """The header block ending a call with `code` (with the response headers too, for a call
     answered by trailers alone)."""
-    pairs = [(b":status", b"200"), (b"content-type", b"application/grpc")] if with_headers else []
+    pairs = list(_RESPONSE_PAIRS) if with_headers else []
     pairs.append((b"grpc-status", str(code).encode()))
     if details:
         text = quote(details[:MAX_STATUS_MESSAGE], safe=_MESSAGE_SAFE)
@@ -91,17 +85,15 @@ def end_call(stream: http2.Stream, code: int, details: str) -> None:
 class Context:
     """What a handler knows of its call (the subset of `grpc.aio.ServicerContext` Volley uses)."""
 
-    __slots__ = ("_peer", "deadline", "_headers", "_loop")
+    __slots__ = ("_peer", "deadline", "_loop")
 
     def __init__(
         self,
         peer: str,
-        headers: dict[str, str],
         deadline: float | None,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self._peer = peer
-        self._headers = headers
         self.deadline = deadline  # the loop's clock; None: the client set no deadline
         self._loop = loop
 
@@ -114,14 +106,6 @@ class Context:
         if self.deadline is None:
             return None
         return max(self.deadline - self._loop.time(), 0.0)
-
-    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
-        """The caller's metadata (custom headers)."""
-        return tuple(
-            (key, value)
-            for key, value in self._headers.items()
-            if not key.startswith(":") and key not in _RESERVED
-        )
 
     async def abort(self, code: grpc.StatusCode, details: str = "") -> NoReturn:
         """End the call with `code` and `details`."""
@@ -360,7 +344,7 @@ class GrpcServer:
             seconds = _timeout_seconds(timeout)
             if seconds is not None:
                 deadline = loop.time() + seconds
-        context = Context(stream.connection.peer, headers, deadline, loop)
+        context = Context(stream.connection.peer, deadline, loop)
         if method.streaming:
             return StreamCall(self, stream, method, context)
         return UnaryCall(self, stream, method, context)

@@ -133,7 +133,7 @@ class Stream:
 
     __slots__ = (
         "id", "connection", "headers", "call", "buffer", "send_window", "outbox", "trailers",
-        "headers_sent", "closed", "writable", "max_message", "decompress", "unacked",
+        "headers_sent", "closed", "writable", "decompress", "unacked",
     )  # fmt: skip
 
     def __init__(self, stream_id: int, connection: Connection, headers: dict[str, str]) -> None:
@@ -148,7 +148,6 @@ class Stream:
         self.headers_sent = False
         self.closed = False
         self.writable: asyncio.Event | None = None
-        self.max_message = connection.max_message
         self.decompress = _decompressor(headers.get("grpc-encoding", "identity"))
         self.unacked = 0  # bytes taken by the call that the client's window does not have back
 
@@ -164,12 +163,13 @@ class Stream:
             buffer = data
         offset = 0
         size = len(buffer)
+        max_message = self.connection.max_message
         while size - offset >= 5:
             length = int.from_bytes(buffer[offset + 1 : offset + 5], "big")
-            if length > self.max_message:
+            if length > max_message:
                 raise StreamError(
                     GRPC_RESOURCE_EXHAUSTED,
-                    f"received message larger than max ({length} vs. {self.max_message})",
+                    f"received message larger than max ({length} vs. {max_message})",
                 )
             end_of_message = offset + 5 + length
             if end_of_message > size:
@@ -193,15 +193,16 @@ class Stream:
     def _decompressed(self, message: bytes) -> bytes:
         if self.decompress is None:
             raise StreamError(GRPC_INTERNAL, "compressed message without a grpc-encoding")
+        max_message = self.connection.max_message
         inflater = self.decompress()
         try:
-            out = inflater.decompress(message, self.max_message + 1)
+            out = inflater.decompress(message, max_message + 1)
         except zlib.error as exc:
             raise StreamError(GRPC_INTERNAL, f"message does not decompress: {exc}") from None
-        if len(out) > self.max_message or inflater.unconsumed_tail:
+        if len(out) > max_message or inflater.unconsumed_tail:
             raise StreamError(
                 GRPC_RESOURCE_EXHAUSTED,
-                f"received message larger than max after decompression (> {self.max_message})",
+                f"received message larger than max after decompression (> {max_message})",
             )
         return out
 
@@ -224,16 +225,7 @@ class Stream:
             self.headers_sent = True
             connection.send(frame(HEADERS, END_HEADERS, self.id, headers))
         if message is not None:
-            body = b"\x00" + len(message).to_bytes(4, "big") + message
-            if not self.outbox and len(body) <= min(self.send_window, connection.send_window):
-                if len(body) <= connection.peer_max_frame:
-                    self.send_window -= len(body)
-                    connection.send_window -= len(body)
-                    connection.send(frame(DATA, 0, self.id, body))
-                else:
-                    self.outbox.append(body)
-            else:
-                self.outbox.append(body)
+            self.outbox.append(b"\x00" + len(message).to_bytes(4, "big") + message)
         if trailers is not None:
             self.trailers = trailers
         self.flush()
