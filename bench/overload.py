@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import struct
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +55,7 @@ class Step:
     rss_peak_mb: float
     server_cpu_s: float = 0.0  # CPU time the server process used during the step
     generator_cpu_s: float = 0.0  # and this process, the load generator (same machine)
+    batches: tuple[int, int] = (0, 0)  # the detector's (images, runs) during the step
 
     def row(self) -> str:
         ok = np.array(self.accepted_ms or [np.nan])
@@ -65,12 +68,35 @@ class Step:
             f"{np.percentile(refused, 99):.1f} | {errors} | "
             f"{self.rss_start_mb:.0f} -> {self.rss_peak_mb:.0f} | "
             f"{self.server_cpu_s / self.seconds * 100:.0f} % | "
-            f"{self.generator_cpu_s / self.seconds * 100:.0f} % |"
+            f"{self.generator_cpu_s / self.seconds * 100:.0f} % | "
+            f"{self.batches[0] / max(self.batches[1], 1):.1f} |"
         )
 
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 PROTOCOLS = {"grpc": "gRPC unary", "http": "HTTP binary tensors, keep-alive connections"}
+
+
+def detector_counts(http: str) -> tuple[int, int]:
+    """Images the `detector` model has run and the batches they ran in, from its statistics."""
+    with urllib.request.urlopen(f"http://{http}/v2/models/detector/stats", timeout=10) as answer:
+        stats = json.load(answer)["model_stats"][0]
+    return stats["inference_count"], stats["execution_count"]
+
+
+class Counted:
+    """A step's window on the server: its CPU time and the detector's batches."""
+
+    def __init__(self, pid: int, http: str) -> None:
+        self.pid, self.http = pid, http
+        self.cpu, self.own = cpu_seconds(pid), time.process_time()
+        self.counts = detector_counts(http)
+
+    def close(self, step: Step) -> None:
+        step.server_cpu_s = cpu_seconds(self.pid) - self.cpu
+        step.generator_cpu_s = time.process_time() - self.own
+        images, runs = detector_counts(self.http)
+        step.batches = (images - self.counts[0], runs - self.counts[1])
 
 
 def cpu_seconds(pid: int) -> float:
@@ -201,10 +227,11 @@ async def watch_memory(pid: int, step: Step, done: asyncio.Event) -> None:
         await asyncio.sleep(0.1)
 
 
-async def closed_loop(load: GrpcLoad | HttpLoad, inflight: int, seconds: float, pid: int):
+async def closed_loop(load: GrpcLoad | HttpLoad, inflight: int, seconds: float, pid: int,
+                      http: str) -> Step:  # fmt: skip
     """`inflight` clients, each sending its next request when its answer comes."""
     step = Step("capacity (closed loop)", 0.0, seconds, [], [], {}, rss_mb(pid), rss_mb(pid))
-    cpu, own = cpu_seconds(pid), time.process_time()
+    counted = Counted(pid, http)
     end = time.monotonic() + seconds
     done = asyncio.Event()
 
@@ -218,17 +245,16 @@ async def closed_loop(load: GrpcLoad | HttpLoad, inflight: int, seconds: float, 
     await asyncio.gather(*(worker(k) for k in range(inflight)))
     done.set()
     await memory
-    step.server_cpu_s = cpu_seconds(pid) - cpu
-    step.generator_cpu_s = time.process_time() - own
+    counted.close(step)
     step.offered = len(step.accepted_ms) / seconds
     return step
 
 
 async def open_loop(load: GrpcLoad | HttpLoad, rate: float, seconds: float, pid: int,
-                    name: str) -> Step:  # fmt: skip
+                    http: str, name: str) -> Step:  # fmt: skip
     """Requests leave every 1/rate seconds, whatever happened to the ones before."""
     step = Step(name, rate, seconds, [], [], {}, rss_mb(pid), rss_mb(pid))
-    cpu, own = cpu_seconds(pid), time.process_time()
+    counted = Counted(pid, http)
     done = asyncio.Event()
     memory = asyncio.create_task(watch_memory(pid, step, done))
     tasks = []
@@ -240,8 +266,7 @@ async def open_loop(load: GrpcLoad | HttpLoad, rate: float, seconds: float, pid:
         tasks.append(asyncio.create_task(one(load, i, step)))
     step.offered = len(tasks) / (time.perf_counter() - start_at)  # what the generator reached
     await asyncio.gather(*tasks)
-    step.server_cpu_s = cpu_seconds(pid) - cpu
-    step.generator_cpu_s = time.process_time() - own
+    counted.close(step)
     done.set()
     await memory
     return step
@@ -270,8 +295,8 @@ def report(ceiling_fps: float, steps: list[Step], args: argparse.Namespace) -> s
         "",
         "| step | offered req/s | accepted req/s | refused req/s | p50 accepted ms | "
         "p99 accepted ms | p50 / p99 refused ms | other errors | RSS MB | server CPU | "
-        "generator CPU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "generator CPU | images a detector run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *(s.row() for s in steps),
         "",
         "| target | measured | met |",
@@ -305,14 +330,14 @@ async def run(args: argparse.Namespace, frames: list[bytes]) -> list[Step]:
         else:
             load = HttpLoad(volley.http, frames)
         try:
-            await closed_loop(load, 4, 3, proc.pid)  # warm up
-            capacity = await closed_loop(load, args.queue, args.seconds, proc.pid)
+            await closed_loop(load, 4, 3, proc.pid, volley.http)  # warm up
+            capacity = await closed_loop(load, args.queue, args.seconds, proc.pid, volley.http)
             print(f"  {capacity.row()}", file=sys.stderr)
             steps = [capacity]
             for factor, name in ((1, "open loop 1x"), (3, "open loop 3x"),
                                  (3, "open loop 3x, again")):  # fmt: skip
                 rate = capacity.offered * factor
-                step = await open_loop(load, rate, args.seconds, proc.pid, name)
+                step = await open_loop(load, rate, args.seconds, proc.pid, volley.http, name)
                 print(f"  {step.row()}", file=sys.stderr)
                 steps.append(step)
         finally:
