@@ -15,8 +15,9 @@ whether memory stays flat).
 
 The pipeline's `max_queue_size` (requests in progress) is what bounds the latency of accepted
 requests under overload: about queue / capacity seconds. The load generator shares the machine
-(at the lowest CPU priority unless --no-nice). Its gRPC client is grpcio's asyncio client, or
-with `--grpc-client raw` bench/h2_client.py, which takes far less of the CPU the two share.
+(at the lowest CPU priority unless --generator-nice says otherwise). Its gRPC client is
+grpcio's asyncio client, or with `--grpc-client raw` bench/h2_client.py, which takes far less
+of the CPU the two share.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import struct
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -56,6 +57,7 @@ class Step:
     server_cpu_s: float = 0.0  # CPU time the server process used during the step
     generator_cpu_s: float = 0.0  # and this process, the load generator (same machine)
     batches: tuple[int, int] = (0, 0)  # the detector's (images, runs) during the step
+    late_ms: list[float] = field(default_factory=list)  # open loop: sends behind the schedule
 
     def row(self) -> str:
         ok = np.array(self.accepted_ms or [np.nan])
@@ -69,7 +71,8 @@ class Step:
             f"{self.rss_start_mb:.0f} -> {self.rss_peak_mb:.0f} | "
             f"{self.server_cpu_s / self.seconds * 100:.0f} % | "
             f"{self.generator_cpu_s / self.seconds * 100:.0f} % | "
-            f"{self.batches[0] / max(self.batches[1], 1):.1f} |"
+            f"{self.batches[0] / max(self.batches[1], 1):.1f} | "
+            f"{np.percentile(self.late_ms or [0.0], 99):.1f} |"
         )
 
 
@@ -260,9 +263,10 @@ async def open_loop(load: GrpcLoad | HttpLoad, rate: float, seconds: float, pid:
     tasks = []
     start_at = time.perf_counter()
     for i in range(int(rate * seconds)):
-        delay = start_at + i / rate - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
+        due = start_at + i / rate
+        if due > time.perf_counter():
+            await asyncio.sleep(due - time.perf_counter())
+        step.late_ms.append(max(0.0, time.perf_counter() - due) * 1e3)
         tasks.append(asyncio.create_task(one(load, i, step)))
     step.offered = len(tasks) / (time.perf_counter() - start_at)  # what the generator reached
     await asyncio.gather(*tasks)
@@ -295,8 +299,8 @@ def report(ceiling_fps: float, steps: list[Step], args: argparse.Namespace) -> s
         "",
         "| step | offered req/s | accepted req/s | refused req/s | p50 accepted ms | "
         "p99 accepted ms | p50 / p99 refused ms | other errors | RSS MB | server CPU | "
-        "generator CPU | images a detector run |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "generator CPU | images a detector run | p99 send behind schedule ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *(s.row() for s in steps),
         "",
         "| target | measured | met |",
@@ -322,8 +326,7 @@ async def run(args: argparse.Namespace, frames: list[bytes]) -> list[Step]:
     ):
         volley = start_volley(repository, env=env)
         proc = volley.proc
-        if args.nice:
-            os.nice(19)  # from here on this process (the load generator) yields to the server
+        os.nice(args.generator_nice)  # from here on: the load generator's priority
         if args.protocol == "grpc":
             client = RawGrpcLoad if args.grpc_client == "raw" else GrpcLoad
             load: GrpcLoad | HttpLoad = client(volley.grpc, frames)
@@ -357,11 +360,12 @@ def main() -> int:
         help="the generator's gRPC client: grpcio's asyncio one, or bench/h2_client.py",
     )  # fmt: skip
     parser.add_argument(
-        "--nice",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="run the load generator at the lowest CPU priority, as clients on other machines "
-        "would not take the server's cores (the offered rate it reaches is reported)",
+        "--generator-nice",
+        type=int,
+        default=19,
+        help="niceness change for the load generator: 19 (default) yields the cores to the "
+        "server, 0 competes equally, below 0 (root) runs it first so that it sends and reads "
+        "on time; it takes the CPU it needs in every case (reported)",
     )
     parser.add_argument(
         "--switch-interval-ms",

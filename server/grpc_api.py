@@ -117,10 +117,16 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             response = await self.dataplane.infer(decoded, "grpc")
             return grpc_codec.encode_response(response)
         except Exception as exc:  # a bug: the client gets a request id, the log the details
-            error = exc if isinstance(exc, VolleyError) else unexpected(exc, model=model)
-            if not reached:
-                self.dataplane.count_rejected(model, "grpc", OUTCOMES[error.kind])
-            await _abort(context, error)
+            await self._refuse(context, exc, model, counted=reached)
+
+    async def _refuse(self, context: Context, exc: Exception, model: str, counted: bool) -> None:
+        """End a ModelInfer call that raised `exc` (counted here unless the data plane `counted`
+        it). Its own frame, not the handler's, holds the error: one kept in a local of the frame
+        that caught it forms a cycle with its traceback (see `HttpFrontEnd._error_answer`)."""
+        error = exc if isinstance(exc, VolleyError) else unexpected(exc, model=model)
+        if not counted:
+            self.dataplane.count_rejected(model, "grpc", OUTCOMES[error.kind])
+        await _abort(context, error)
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Requests are handled concurrently (so they batch together); each answer is written

@@ -187,20 +187,27 @@ class HttpFrontEnd:
             response = await self.dataplane.infer(request, "http")
             payload, json_length = http_codec.encode_response(response, request)
         except Exception as exc:  # a bug must still answer the client, never hang it
-            error = exc if isinstance(exc, VolleyError) else unexpected(exc, model=model)
-            if not reached:
-                self.dataplane.count_rejected(model, "http", OUTCOMES[error.kind])
             # Without the whole body read, the rest is not worth reading: close after.
-            return Answer(
-                error.kind.http_status,
-                error_body(error.message),
-                headers=error_headers(error),
-                close=not body_read,
-            )
+            return self._error_answer(exc, model, counted=reached, close=not body_read)
         if json_length is None:
             return Answer(200, payload)
         length = str(json_length).encode()
         return Answer(200, payload, OCTET_STREAM, [(b"inference-header-content-length", length)])
+
+    def _error_answer(self, exc: Exception, model: str, counted: bool, close: bool) -> Answer:
+        """The answer to an infer request that raised `exc` (counted here unless the data plane
+        `counted` it). Its own frame, not the handler's, holds the error: an error kept in a
+        local of the frame that caught it would form a cycle with its traceback, and under
+        overload those cycles piled up until one collector pass stalled the loop for 100+ ms."""
+        error = exc if isinstance(exc, VolleyError) else unexpected(exc, model=model)
+        if not counted:
+            self.dataplane.count_rejected(model, "http", OUTCOMES[error.kind])
+        return Answer(
+            error.kind.http_status,
+            error_body(error.message),
+            headers=error_headers(error),
+            close=close,
+        )
 
     def _check_headers(self, headers: dict[bytes, bytes]) -> tuple[int | None, bool]:
         """Check what the headers tell before the body is read: the JSON part's size (413), and

@@ -41,6 +41,12 @@ class VolleyHttpProtocol(HttpToolsProtocol):
 
     front_end: HttpFrontEnd
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        # The last exchange refers back to this protocol: let reference counting free both.
+        self.cycle = None
+        self.pipeline.clear()
+
     def on_message_begin(self) -> None:
         # uvicorn builds the request's ASGI scope here: only those that need one get it, below
         self.url = b""

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 import hpack
+from hpack.table import HeaderTable
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +285,19 @@ def _decompressor(encoding: str) -> Callable[[], object] | None:
     return None
 
 
+class _CountingTable(HeaderTable):
+    """An HPACK dynamic table that counts its additions: a header block decodes to the same
+    headers as long as the table neither gained entries nor changed size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.changes = 0
+
+    def add(self, name: bytes, value: bytes) -> object:
+        self.changes += 1
+        return super().add(name, value)
+
+
 class Connection(asyncio.Protocol):
     """One client connection: parses frames, keeps the streams, writes what they send."""
 
@@ -311,26 +325,15 @@ class Connection(asyncio.Protocol):
         self.peer_max_frame = 16_384
         self.send_window = DEFAULT_WINDOW
         self.decoder = hpack.Decoder()
+        self.decoder.header_table = self._table = _CountingTable()
         self.decoder.max_header_list_size = MAX_HEADER_LIST
         self.decoder.max_allowed_table_size = 4096
-        self._table_changes = 0
         self._header_cache: dict[bytes, dict[str, str]] = {}
         self._continuing: tuple[int, int, bytearray] | None = None
         self._out: list[bytes] = []
         self._write_scheduled = False
         self._paused: asyncio.Future | None = None
         self.lost: asyncio.Future | None = None
-        self._count_table_changes()
-
-    def _count_table_changes(self) -> None:
-        table = self.decoder.header_table
-        add = table.add
-
-        def counted_add(name: bytes, value: bytes) -> object:
-            self._table_changes += 1
-            return add(name, value)
-
-        table.add = counted_add
 
     # -- asyncio.Protocol --
 
@@ -540,8 +543,8 @@ class Connection(asyncio.Protocol):
         cached = self._header_cache.get(block)
         if cached is not None:
             return cached
-        changes = self._table_changes
-        size = self.decoder.header_table.maxsize
+        table = self._table
+        changes, size = table.changes, table.maxsize
         try:
             decoded = self.decoder.decode(block, raw=True)
         except hpack.HPACKError as exc:
@@ -551,7 +554,7 @@ class Connection(asyncio.Protocol):
             key = name.decode("latin-1")
             text = value.decode("latin-1")
             headers[key] = f"{headers[key]},{text}" if key in headers else text
-        if changes == self._table_changes and size == self.decoder.header_table.maxsize:
+        if changes == table.changes and size == table.maxsize:
             if len(self._header_cache) >= HEADER_CACHE_SIZE:
                 self._header_cache.clear()
             self._header_cache[block] = headers
@@ -615,9 +618,11 @@ class Connection(asyncio.Protocol):
         self.send(frame(RST_STREAM, 0, stream.id, NO_ERROR.to_bytes(4, "big")))
 
     def end_stream(self, stream: Stream) -> None:
-        """The server's side of `stream` is complete: forget it."""
+        """The server's side of `stream` is complete: forget it (and let go of its call, which
+        refers back to it: reference counting, not the cycle collector, frees both)."""
         self.streams.pop(stream.id, None)
         self.blocked.discard(stream)
+        stream.call = None
         if self.goaway_sent is not None and not self.streams:
             self._close_when_sent()
 
@@ -627,6 +632,7 @@ class Connection(asyncio.Protocol):
         self.blocked.discard(stream)
         if stream.call is not None:
             stream.call.cancel()
+            stream.call = None
         if stream.writable is not None:
             stream.writable.set()
 
