@@ -47,6 +47,13 @@ class VolleyHttpProtocol(HttpToolsProtocol):
         self.cycle = None
         self.pipeline.clear()
 
+    def handle_websocket_upgrade(self) -> None:
+        super().handle_websocket_upgrade()
+        # The WebSocket protocol owns the connection from here, so `connection_lost` is never
+        # called on this one: break its parser's callbacks into it here instead.
+        self.parser = None
+        self.cycle = None
+
     def on_message_begin(self) -> None:
         # uvicorn builds the request's ASGI scope here: only those that need one get it, below
         self.url = b""

@@ -14,6 +14,7 @@ each kind of request is sent many times, then a second pass must find nothing of
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import queue
@@ -28,6 +29,7 @@ import pytest
 import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+import websockets
 from conftest import VolleyProcess, copy_shipped_models, serving
 from tritonclient.utils import InferenceServerException
 from vision_scenes import encode, scene_image
@@ -213,4 +215,53 @@ def test_images_and_camera_streams_leave_no_cycles(probed) -> None:
             errors = [answers.get(timeout=TIMEOUT) for _ in range(20)]
             client.stop_stream()
             assert all(e is None for e in errors), errors
+    assert probe.garbage() == {}
+
+
+def test_websocket_cameras_and_scrapes_leave_no_cycles(probed) -> None:
+    """Camera sessions over the WebSocket (frames, a broken frame, bursts that are skipped),
+    closed and reopened, and Prometheus scrapes of the HTTP port."""
+    proc, probe = probed
+    jpeg = encode(scene_image(5, (320, 240), 2.0).image, quality=85)
+
+    async def session() -> int:
+        url = f"ws://{proc.http}/v2/models/detect/stream"
+        async with websockets.connect(url, max_size=None) as ws:
+            answers = []
+            for frame in (jpeg, b"junk"):
+                await ws.send(frame)
+                answers.append(json.loads(await ws.recv()))
+            for _ in range(8):  # a burst: most wait and are replaced
+                await ws.send(jpeg)
+            answers += [json.loads(await ws.recv()) for _ in range(8)]
+        return sum("error" in answer for answer in answers)
+
+    for _ in range(5):
+        assert asyncio.run(session()) == 1
+    for _ in range(20):
+        assert requests.get(f"{proc.url}/metrics", timeout=TIMEOUT).status_code == 200
+    assert probe.garbage() == {}
+
+
+def test_refusals_of_a_full_pipeline_leave_no_cycles(probed) -> None:
+    """Bursts of images to `detect` past its queue bound: the refused ones (429 and
+    RESOURCE_EXHAUSTED) are the requests an overloaded server answers most."""
+    proc, probe = probed
+    jpeg = encode(scene_image(7, (320, 240), 2.0).image, quality=85)
+    outcomes: list[str] = []
+
+    def done(result, error) -> None:
+        outcomes.append("ok" if error is None else str(error.status()))
+
+    with grpcclient.InferenceServerClient(proc.grpc) as client:
+        tensor = grpcclient.InferInput("images", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([jpeg], dtype=np.object_))
+        for burst in range(1, 4):
+            for _ in range(150):  # the shipped `detect` takes 64 requests in progress
+                client.async_infer("detect", [tensor], callback=done)
+            deadline = time.monotonic() + TIMEOUT
+            while len(outcomes) < 150 * burst and time.monotonic() < deadline:
+                time.sleep(0.01)
+    assert len(outcomes) == 450
+    assert "StatusCode.RESOURCE_EXHAUSTED" in outcomes and "ok" in outcomes, set(outcomes)
     assert probe.garbage() == {}
