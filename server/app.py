@@ -83,9 +83,10 @@ def _listener(
 def tune_garbage_collector() -> None:
     """Make cyclic-GC pauses rare: they were what set p99 latency under load.
 
-    Requests free almost everything by reference counting, yet every 700 allocations the
-    default collector ran, and its full passes walked every object of the loaded models and
-    libraries. Interleaved runs at concurrency 64 are in bench/RESULTS.md.
+    Requests free everything by reference counting (tests/test_cyclic_garbage.py holds every
+    request path to that), yet every 700 allocations the default collector ran, and its full
+    passes walked every object of the loaded models and libraries. Interleaved runs at
+    concurrency 64 are in bench/RESULTS.md.
     """
     gc.collect()
     gc.freeze()  # what exists after loading is long-lived: keep it out of every later pass
