@@ -143,10 +143,17 @@ def perf_analyzer(
     )
 
 
-def start(cmd: list[str], ready_url: str, env: dict | None = None) -> subprocess.Popen:
-    """Start a server in its own process group (workers, Triton's stubs) and wait until ready."""
+def start(
+    cmd: list[str], ready_url: str, env: dict | None = None, cwd: Path = ROOT
+) -> subprocess.Popen:
+    """Start a server in its own process group (workers, Triton's stubs) and wait until ready.
+
+    `python -m server` imports the `server` package of `cwd` before anything on PYTHONPATH, so
+    comparing another checkout (a `git worktree` of an earlier commit) means passing its root
+    as `cwd`; PYTHONPATH alone runs this tree's code.
+    """
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True, env={**os.environ, **(env or {})},
     )  # fmt: skip
     wait_for(ready_url, timeout=120)
@@ -177,15 +184,16 @@ def start_volley(
     *flags: str,
     env: dict | None = None,
     serve: tuple[str, ...] = ("-m", "server", "serve"),
+    tree: Path = ROOT,
 ) -> Volley:
     """`python -m server serve` (or `python *serve`) over `repository` on free loopback ports
     (metrics on the HTTP port), once ready; extra command-line `flags` are passed on, `env`
-    added."""
+    added; `tree`: the checkout whose code runs (see `start`)."""
     http, grpc = free_port(), free_port()
     cmd = [sys.executable, *serve, "--model-repository", str(repository),
            "--host", "127.0.0.1", "--http-port", str(http), "--grpc-port", str(grpc),
            "--metrics-port", "0", "--log-level", "warning", *flags]  # fmt: skip
-    proc = start(cmd, f"http://127.0.0.1:{http}/v2/health/ready", env)
+    proc = start(cmd, f"http://127.0.0.1:{http}/v2/health/ready", env, tree)
     return Volley(proc, f"127.0.0.1:{http}", f"127.0.0.1:{grpc}")
 
 
