@@ -12,6 +12,10 @@ The rule (Triton's; docs/batching.md says it for users):
 
 Requests arrive on the event loop; batches form and run on the instance threads (ONNX Runtime
 releases the GIL), and each finished batch hands its results back to the loop in one callback.
+One exception: a lone one-row request that finds the batcher idle (nothing queued or running, no
+queue delay) runs at once on the loop when the model's one-row runs have been measured faster
+than `inline_max_us`. For a tiny model the two thread hand-offs cost more than the run itself,
+and there is nothing to batch it with.
 """
 
 from __future__ import annotations
@@ -21,18 +25,25 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from server.config import DEFAULT_MAX_QUEUE_SIZE, ModelConfig
 from server.errors import ErrorKind, VolleyError, internal, new_request_id
+from server.held import HELD
 from server.runtime import OnnxInstance
 from server.stats import ModelStats
 
 log = logging.getLogger(__name__)
 
 Tensors = dict[str, np.ndarray]
+
+# Inline runs need this many measured one-row batches first; the measure is a moving average
+# (each new batch weighs 1/8), so a model that slows down stops running inline.
+INLINE_MIN_RUNS = 16
+INLINE_WEIGHT = 0.125
 
 
 @dataclass(eq=False, slots=True)
@@ -91,6 +102,10 @@ class Batcher:
         self._max_queue = batching.max_queue_size if batching else DEFAULT_MAX_QUEUE_SIZE
         self._default_timeout_us = batching.default_timeout_us if batching else 0
         self._hold_until = 0  # test hook, see `hold_until_queued`
+        self._instances = instances
+        self._inline_ns = config.inline_max_us * 1000 if self._delay_ns == 0 else 0
+        self._one_row_ns = 0.0  # moving average of one-row batches' compute time
+        self._one_row_runs = 0
         stats.count_queue(self)
         self._threads = [
             threading.Thread(
@@ -148,11 +163,20 @@ class Batcher:
                     ErrorKind.QUEUE_FULL,
                     f"model '{self.config.name}' queue is full ({self._max_queue} requests queued)",
                 )
-            if self._wakes_a_thread(pending):
-                self._cond.notify()
-            self._queue.append(pending)
-            self._queued_rows += rows
+            inline = self._runs_inline(rows)
+            if inline:
+                pending.started = True
+                self._running += 1
+            else:
+                if self._wakes_a_thread(pending):
+                    self._cond.notify()
+                self._queue.append(pending)
+                self._queued_rows += rows
         self._idle.clear()
+        if inline:  # answered before the await below (which then does not suspend)
+            batch = Batch([pending], rows, "inline", now)
+            callback, args = self._execute(self._instances[0], batch)
+            callback(*args)
         try:
             if pending.deadline_ns is None:
                 outputs = await pending.future
@@ -166,6 +190,26 @@ class Batcher:
             raise
         self.stats.record_success(time.perf_counter_ns() - now)
         return outputs, pending.start_ns - pending.arrival_ns, pending.compute_ns
+
+    def _runs_inline(self, rows: int) -> bool:
+        """Whether a new request runs at once on the loop (with the lock held): one row, an idle
+        batcher, one-row runs measured faster than `inline_max_us`, and no other request held
+        anywhere in the server (`server.held`). Nothing else can start meanwhile: requests join
+        only from the loop, which is busy with this one.
+
+        The last condition matters: an inline request is answered before the loop reads the
+        next, so under load every request would find the batcher idle, and the loop would run
+        them one by one instead of batching them on the instance thread.
+        """
+        return (
+            rows == 1
+            and HELD.count <= 1
+            and self._one_row_runs >= INLINE_MIN_RUNS
+            and self._one_row_ns < self._inline_ns
+            and not self._queue
+            and self._running == 0
+            and self._hold_until == 0
+        )
 
     def _wakes_a_thread(self, pending: Pending) -> bool:
         """Whether a new request can change what a waiting instance thread does (with the lock
@@ -249,27 +293,30 @@ class Batcher:
             batch = self._next_batch()
             if batch is None:
                 return
-            try:
-                outputs, timings = run_batch(instance, batch, self.config.batching)
-            except Exception:  # ORT raises many types; each fails the batch, not the thread
-                request_id = new_request_id()
-                log.exception(
-                    "batch failed",
-                    extra={
-                        "event": "batch_failed",
-                        "model": self.config.name,
-                        "rows": batch.rows,
-                        "request_id": request_id,
-                    },
-                )
-                error = internal(f"model '{self.config.name}' failed on this batch", request_id)
-                callback, args = self._fail, (batch, error)
-            else:
-                callback, args = self._finish, (batch, outputs, timings)
+            callback, args = self._execute(instance, batch)
             try:
                 self._loop.call_soon_threadsafe(callback, *args)
             except RuntimeError:  # the loop closed under an aborted drain: nobody waits
                 return
+
+    def _execute(self, instance: OnnxInstance, batch: Batch) -> tuple[Callable, tuple]:
+        """Run `batch`; the loop callback that answers its requests, and its arguments."""
+        try:
+            outputs, timings = run_batch(instance, batch, self.config.batching)
+        except Exception:  # ORT raises many types; each fails the batch, not the thread
+            request_id = new_request_id()
+            log.exception(
+                "batch failed",
+                extra={
+                    "event": "batch_failed",
+                    "model": self.config.name,
+                    "rows": batch.rows,
+                    "request_id": request_id,
+                },
+            )
+            error = internal(f"model '{self.config.name}' failed on this batch", request_id)
+            return self._fail, (batch, error)
+        return self._finish, (batch, outputs, timings)
 
     def _next_batch(self) -> Batch | None:
         """Block until a batch is due (or the batcher stops) and take it out of the queue."""
@@ -354,6 +401,10 @@ class Batcher:
     def _finish(self, batch: Batch, outputs: list[Tensors], timings: tuple[int, int, int]) -> None:
         self.stats.record_batch(batch.rows, len(batch.requests), *timings, batch.reason)
         compute_ns = sum(timings)
+        if batch.rows == 1:
+            self._one_row_runs += 1
+            weight = max(INLINE_WEIGHT, 1 / self._one_row_runs)
+            self._one_row_ns += (compute_ns - self._one_row_ns) * weight
         for pending, result in zip(batch.requests, outputs, strict=True):
             pending.start_ns, pending.compute_ns = batch.start_ns, compute_ns
             self.stats.record_queue(batch.start_ns - pending.arrival_ns)

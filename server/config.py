@@ -115,6 +115,12 @@ class ModelConfig(_Strict):
     intra_op_spinning: bool = Field(
         True, description="ORT threads spin between ops (lower latency; burns CPU others need)"
     )
+    inline_max_us: int = Field(
+        200,
+        ge=0,
+        description="a lone one-row request to an idle model whose one-row runs take less than "
+        "this (measured) runs on the event loop, skipping two thread hand-offs; 0 = never",
+    )
     cudnn_conv_algo_search: Literal["heuristic", "exhaustive", "default"] = Field(
         "heuristic",
         description="how cuDNN picks convolution kernels on CUDA: 'exhaustive' times every "

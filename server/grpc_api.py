@@ -22,6 +22,7 @@ from server import __version__, auth
 from server.dataplane import FORBIDDEN, OUTCOMES, UNAUTHENTICATED, DataPlane
 from server.errors import VolleyError, invalid, shared_memory_unsupported, unexpected
 from server.grpc_server import Context, GrpcServer, Method
+from server.held import HELD
 from server.protocol import grpc_codec
 from server.protocol.model_info import (
     load_override,
@@ -170,8 +171,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             if len(tasks) >= MAX_STREAM_INFLIGHT:  # stop reading (the client's window closes)
                 await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             task = asyncio.create_task(answer(request, decoded))
+            HELD.count += 1
             tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            task.add_done_callback(_stream_request_done(tasks))
 
         malformed: list[Malformed] = []  # a message that did not parse ends the stream
 
@@ -349,6 +351,16 @@ def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStream
     return pb.ModelStreamInferResponse(
         error_message=message, infer_response=pb.ModelInferResponse(id=request.id)
     )
+
+
+def _stream_request_done(tasks: set[asyncio.Task]) -> Callable[[asyncio.Task], None]:
+    """What a stream request's task does when it ends: leave the stream's set and `HELD`."""
+
+    def done(task: asyncio.Task) -> None:
+        tasks.discard(task)
+        HELD.count -= 1
+
+    return done
 
 
 async def _abort(context: Context, error: VolleyError) -> None:

@@ -22,6 +22,7 @@ from urllib.parse import quote
 
 import grpc
 
+from server.held import HELD
 from server.protocol import http2
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,8 @@ class UnaryCall(_Call):
             raise http2.StreamError(INTERNAL, "a unary call sent no request")
         loop = asyncio.get_running_loop()
         self.task = loop.create_task(self._run())
+        HELD.count += 1
+        self.task.add_done_callback(_released)
         if self.context.deadline is not None:
             self.timer = loop.call_at(self.context.deadline, self._expire)
 
@@ -199,6 +202,10 @@ class UnaryCall(_Call):
         if self.task is not None and not self.task.done():
             self.task.cancel()
             end_call(self.stream, DEADLINE_EXCEEDED, "Deadline Exceeded")
+
+
+def _released(_: asyncio.Task) -> None:
+    HELD.count -= 1
 
 
 class StreamCall(_Call):

@@ -23,6 +23,7 @@ import httptools
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from server.held import HELD
 from server.http_api import INFER_ROUTE, Answer, HttpFrontEnd
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,9 @@ class VolleyHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        for cycle, _ in self.pipeline:  # pipelined requests that will never be answered
+            if type(cycle) is InferExchange:
+                cycle.release()
         # The last exchange refers back to this protocol: let reference counting free both.
         self.cycle = None
         self.pipeline.clear()
@@ -134,6 +138,14 @@ class InferExchange:
         self.response_complete = False
         self.disconnected = False
         self.message_event = _Wakeup()  # the protocol wakes a waiting `receive` through it
+        self.held = True  # counted in HELD until answered (or dropped unanswered)
+        HELD.count += 1
+
+    def release(self) -> None:
+        """No longer held: answered, or never to be (its connection is gone)."""
+        if self.held:
+            self.held = False
+            HELD.count -= 1
 
     def add_body(self, chunk: bytes) -> None:
         if self.response_complete:  # answered early (refused): the rest is not read
@@ -166,6 +178,12 @@ class InferExchange:
 
     async def run_asgi(self, _app: object) -> None:
         """Answer the request (named after the coroutine uvicorn starts for each request)."""
+        try:
+            await self._answer()
+        finally:
+            self.release()
+
+    async def _answer(self) -> None:
         protocol = self.protocol
         client = protocol.client[0] if protocol.client else "?"
         try:

@@ -82,7 +82,8 @@ EXECUTIONS = Counter(
 BATCH_RELEASES = Counter(
     "volley_batch_releases",
     "Why each batch was released: full, preferred, delay (max_queue_delay_us passed), "
-    "immediate (no delay configured), drain (shutting down).",
+    "immediate (no delay configured), drain (shutting down), inline (a lone request run on the "
+    "event loop).",
     (*MODEL, "reason"),
     registry=REGISTRY,
 )

@@ -87,7 +87,7 @@ class ModelStats:
         metrics.refresh_on_scrape(self.publish)
         self._releases = {
             reason: metrics.BATCH_RELEASES.labels(*labels, reason)
-            for reason in ("full", "preferred", "delay", "immediate", "drain")
+            for reason in ("full", "preferred", "delay", "immediate", "drain", "inline")
         }
 
     def count_queue(self, queue: Queue) -> None:

@@ -20,7 +20,7 @@ import pytest
 from reference import assert_close, ort_outputs
 
 from server import metrics
-from server.batcher import Batcher
+from server.batcher import INLINE_MIN_RUNS, Batcher
 from server.config import build_config
 from server.errors import ErrorKind, VolleyError
 from server.runtime import OnnxInstance, load_instances
@@ -35,12 +35,14 @@ class Gate:
 
     def __init__(self, closed: bool) -> None:
         self.rows: list[int] = []
+        self.threads: list[int] = []  # the thread each run happened on
         self._open = not closed
         self._cond = threading.Condition()
 
     def enter(self, rows: int) -> None:
         with self._cond:
             self.rows.append(rows)
+            self.threads.append(threading.get_ident())
             self._cond.notify_all()
             self._cond.wait_for(lambda: self._open)
 
@@ -48,6 +50,10 @@ class Gate:
         with self._cond:
             self._open = True
             self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._open = False
 
     async def started(self, count: int) -> None:
         """Wait, off the event loop, until `count` runs have started."""
@@ -263,3 +269,59 @@ async def test_drain_answers_queued_requests_at_once_then_refuses(make: Make) ->
     with pytest.raises(VolleyError) as err:
         await batcher.infer({"input": xs[0]}, 1)
     assert err.value.kind is ErrorKind.UNAVAILABLE
+
+
+async def lone_requests(batcher: Batcher, model: Path, count: int) -> None:
+    """`count` one-row requests one after the other, each answer checked."""
+    for seed in range(count):
+        x = rows(100 + seed, 1)
+        got = await batcher.infer({"input": x}, 1)
+        assert_close(got["score"], ort_outputs(model, {"input": x})["score"])
+
+
+async def test_a_lone_request_to_an_idle_fast_model_runs_on_the_loop(make: Make) -> None:
+    """Once its one-row runs are measured fast, a lone one-row request to an idle batcher runs
+    on the event loop's own thread (no hand-off); the first ones ran on the instance thread."""
+    batcher, gate, model = make(onnx_models.mlp, {"max_batch_size": 8, "dynamic_batching": {}})
+    await lone_requests(batcher, model, INLINE_MIN_RUNS + 4)
+    loop_thread = threading.get_ident()
+    assert loop_thread not in gate.threads[:INLINE_MIN_RUNS]
+    assert gate.threads[INLINE_MIN_RUNS:] == [loop_thread] * 4
+    assert releases(batcher, "inline") == 4
+    assert releases(batcher, "immediate") == INLINE_MIN_RUNS
+    await batcher.drain()
+
+
+async def test_a_request_beside_a_running_batch_is_queued_not_inlined(make: Make) -> None:
+    """While a batch runs on the instance, a new one-row request waits in the queue as the rule
+    says, and is batched on the instance thread."""
+    batcher, gate, model = make(onnx_models.mlp, {"max_batch_size": 8, "dynamic_batching": {}})
+    await lone_requests(batcher, model, INLINE_MIN_RUNS)
+    gate.close()
+    wide = asyncio.ensure_future(batcher.infer({"input": rows(1, 2)}, 2))  # two rows: never inline
+    await gate.started(INLINE_MIN_RUNS + 1)
+    lone = asyncio.ensure_future(batcher.infer({"input": rows(2, 1)}, 1))
+    await until_queued(batcher, 1)
+    gate.open()
+    for x, task in ((rows(1, 2), wide), (rows(2, 1), lone)):
+        assert_close((await task)["score"], ort_outputs(model, {"input": x})["score"])
+    assert threading.get_ident() not in gate.threads
+    assert releases(batcher, "inline") == 0
+    await batcher.drain()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"max_batch_size": 8, "dynamic_batching": {}, "inline_max_us": 0},
+        {"max_batch_size": 8, "dynamic_batching": {"max_queue_delay_us": 100}},
+        {"max_batch_size": 8, "dynamic_batching": {}, "inline_max_us": 1},  # slower than 1 us
+    ],
+    ids=["turned off", "queue delay", "model too slow"],
+)
+async def test_no_inline_run_when_off_delayed_or_too_slow(make: Make, config: dict) -> None:
+    batcher, gate, model = make(onnx_models.mlp, config)
+    await lone_requests(batcher, model, INLINE_MIN_RUNS + 4)
+    assert threading.get_ident() not in gate.threads
+    assert releases(batcher, "inline") == 0
+    await batcher.drain()
