@@ -12,10 +12,10 @@ The rule (Triton's; docs/batching.md says it for users):
 
 Requests arrive on the event loop; batches form and run on the instance threads (ONNX Runtime
 releases the GIL), and each finished batch hands its results back to the loop in one callback.
-One exception: a lone one-row request that finds the batcher idle (nothing queued or running, no
-queue delay) runs at once on the loop when the model's one-row runs have been measured faster
-than `inline_max_us`. For a tiny model the two thread hand-offs cost more than the run itself,
-and there is nothing to batch it with.
+One exception: a one-row request that is the only request the server holds (`server.held`) and
+finds the batcher idle (nothing queued or running, no queue delay) runs at once on the loop when
+the model's one-row runs have been measured faster than `inline_max_us`. For a tiny model the
+two thread hand-offs cost more than the run itself, and there is nothing to batch it with.
 """
 
 from __future__ import annotations
