@@ -312,7 +312,7 @@ def test_quick_run_model_folder(quick_run: Path) -> None:
         {"name": "is_fraud", "datatype": "BOOL", "dims": [1]},
     ]
     assert config["dynamic_batching"] == {"max_queue_delay_us": 0, "max_queue_size": 4096}
-    assert config["instance_count"] == 1
+    assert config["instance_count"] == 1 and config["intra_op_threads"] == 1
     params = config["parameters"]
     assert params["feature_names"].split(",") == list(RAW_NAMES)
     assert params["target_fpr"] == "0.01"
