@@ -171,9 +171,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             if len(tasks) >= MAX_STREAM_INFLIGHT:  # stop reading (the client's window closes)
                 await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             task = asyncio.create_task(answer(request, decoded))
-            HELD.count += 1
+            HELD.hold(task)
             tasks.add(task)
-            task.add_done_callback(_stream_request_done(tasks))
+            task.add_done_callback(tasks.discard)
 
         malformed: list[Malformed] = []  # a message that did not parse ends the stream
 
@@ -351,16 +351,6 @@ def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStream
     return pb.ModelStreamInferResponse(
         error_message=message, infer_response=pb.ModelInferResponse(id=request.id)
     )
-
-
-def _stream_request_done(tasks: set[asyncio.Task]) -> Callable[[asyncio.Task], None]:
-    """What a stream request's task does when it ends: leave the stream's set and `HELD`."""
-
-    def done(task: asyncio.Task) -> None:
-        tasks.discard(task)
-        HELD.count -= 1
-
-    return done
 
 
 async def _abort(context: Context, error: VolleyError) -> None:

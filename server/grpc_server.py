@@ -171,8 +171,7 @@ class UnaryCall(_Call):
             raise http2.StreamError(INTERNAL, "a unary call sent no request")
         loop = asyncio.get_running_loop()
         self.task = loop.create_task(self._run())
-        HELD.count += 1
-        self.task.add_done_callback(_released)
+        HELD.hold(self.task)
         if self.context.deadline is not None:
             self.timer = loop.call_at(self.context.deadline, self._expire)
 
@@ -202,10 +201,6 @@ class UnaryCall(_Call):
         if self.task is not None and not self.task.done():
             self.task.cancel()
             end_call(self.stream, DEADLINE_EXCEEDED, "Deadline Exceeded")
-
-
-def _released(_: asyncio.Task) -> None:
-    HELD.count -= 1
 
 
 class StreamCall(_Call):

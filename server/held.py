@@ -7,6 +7,8 @@ the same loop iteration (`Batcher` runs only the former inline).
 
 from __future__ import annotations
 
+import asyncio
+
 
 class HeldRequests:
     """A count the transports raise when they read an inference request and lower when they
@@ -16,6 +18,15 @@ class HeldRequests:
 
     def __init__(self) -> None:
         self.count = 0
+
+    def hold(self, task: asyncio.Task) -> None:
+        """Count a request answered by `task` until the task ends, however it ends (also when
+        it is cancelled before it ever ran)."""
+        self.count += 1
+        task.add_done_callback(self._release)
+
+    def _release(self, _: asyncio.Task) -> None:
+        self.count -= 1
 
 
 HELD = HeldRequests()

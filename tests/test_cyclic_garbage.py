@@ -92,15 +92,11 @@ def probed(
     (site / "sitecustomize.py").write_text(PROBE.format(root=str(ROOT), report=str(report)))
     path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PYTHONPATH", path)
-        context = serving(copy_shipped_models(folder))
-        proc = context.__enter__()
-    try:
-        probe = Probe(proc, report)
-        probe.garbage()  # what start-up and loading left
-        yield proc, probe
-    finally:
-        context.__exit__(None, None, None)
+        patch.setenv("PYTHONPATH", path)  # read by the server process as it starts
+        with serving(copy_shipped_models(folder)) as proc:
+            probe = Probe(proc, report)
+            probe.garbage()  # what start-up and loading left
+            yield proc, probe
 
 
 def features(rows: int = 1) -> np.ndarray:
