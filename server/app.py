@@ -24,8 +24,10 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from server import metrics
 from server.auth import ApiKeys
+from server.busy_poll import BusyPoll
 from server.dataplane import DataPlane
 from server.grpc_api import InferenceServicer, create_grpc_server
+from server.held import HELD
 from server.http_api import HttpFrontEnd, metrics_app
 from server.http_connection import protocol_for
 from server.ratelimit import RateLimiter
@@ -127,6 +129,8 @@ async def serve(settings: ServeSettings, worker: Worker | None = None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if settings.busy_poll_us:
+        HELD.busy_poll = BusyPoll(loop, settings.busy_poll_us)
     if worker is not None:
         # The kernel hands a worker connections as soon as it listens: it must serve what the
         # others serve by then (its models, and the load/unload requests they took).
@@ -209,6 +213,7 @@ async def serve(settings: ServeSettings, worker: Worker | None = None) -> int:
         metrics.refresh()  # the counts as they end, for the scrapes of the other workers
     if worker is not None:
         await worker.leave()
+    HELD.busy_poll = None
     log.info("stopped", extra={"event": "stopped"})
     return 0
 

@@ -2,22 +2,26 @@
 
 The transports count them as soon as a request is read, before its handler runs, so a batcher
 can tell a request that is alone in the server (the only one held) from one of many read in
-the same loop iteration (`Batcher` runs only the former inline).
+the same loop iteration (`Batcher` runs only the former inline). When the count falls to zero
+the server is idle, and a `BusyPoll`, where one is set, keeps the loop polling for the next.
 """
 
 from __future__ import annotations
 
 import asyncio
 
+from server.busy_poll import BusyPoll
+
 
 class HeldRequests:
     """A count the transports raise when they read an inference request and lower when they
     have answered it."""
 
-    __slots__ = ("count",)
+    __slots__ = ("count", "busy_poll")
 
     def __init__(self) -> None:
         self.count = 0
+        self.busy_poll: BusyPoll | None = None
 
     def hold(self, task: asyncio.Task) -> None:
         """Count a request answered by `task` until the task ends, however it ends (also when
@@ -25,8 +29,14 @@ class HeldRequests:
         self.count += 1
         task.add_done_callback(self._release)
 
-    def _release(self, _: asyncio.Task) -> None:
+    def release(self) -> None:
+        """Count one request less (the transport has answered it, or never will)."""
         self.count -= 1
+        if self.count == 0 and self.busy_poll is not None:
+            self.busy_poll.touch()
+
+    def _release(self, _: asyncio.Task) -> None:
+        self.release()
 
 
 HELD = HeldRequests()

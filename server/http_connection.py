@@ -145,7 +145,7 @@ class InferExchange:
         """No longer held: answered, or never to be (its connection is gone)."""
         if self.held:
             self.held = False
-            HELD.count -= 1
+            HELD.release()
 
     def add_body(self, chunk: bytes) -> None:
         if self.response_complete:  # answered early (refused): the rest is not read

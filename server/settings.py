@@ -40,6 +40,7 @@ class ServeSettings:
     shutdown_timeout: float = 30.0
     workers: int = 1  # server processes sharing the ports (server/supervisor.py)
     allow_client_shm: bool = False  # clients may register system shared memory (server/shm.py)
+    busy_poll_us: int = 0  # the loop polls this long after going idle (server/busy_poll.py)
 
 
 class StartupError(Exception):
