@@ -24,7 +24,7 @@ from reference import assert_close, ort_outputs
 from server.busy_poll import BusyPoll
 from server.held import HeldRequests
 
-WINDOW_S = 0.5
+WINDOW_S = 1.0
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -63,45 +63,50 @@ def cpu_over(pid: int, seconds: float) -> float:
     return cpu_seconds(pid) - before
 
 
-def infer_http(proc: VolleyProcess, model: Path, seed: int) -> None:
-    x = np.random.default_rng(seed).standard_normal((1, 32)).astype(np.float32)
+def features(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((1, 32)).astype(np.float32)
+
+
+def infer_http(proc: VolleyProcess, x: np.ndarray) -> np.ndarray:
     with httpclient.InferenceServerClient(proc.http) as client:
         tensor = httpclient.InferInput("input", [1, 32], "FP32")
         tensor.set_data_from_numpy(x, binary_data=True)
-        answer = client.infer("mlp", [tensor]).as_numpy("score")
-    assert_close(answer, ort_outputs(model, {"input": x})["score"])
+        return client.infer("mlp", [tensor]).as_numpy("score")
 
 
-def infer_grpc(proc: VolleyProcess, model: Path, seed: int) -> None:
-    x = np.random.default_rng(seed).standard_normal((1, 32)).astype(np.float32)
+def infer_grpc(proc: VolleyProcess, x: np.ndarray) -> np.ndarray:
     with grpcclient.InferenceServerClient(proc.grpc) as client:
         tensor = grpcclient.InferInput("input", [1, 32], "FP32")
         tensor.set_data_from_numpy(x)
-        answer = client.infer("mlp", [tensor]).as_numpy("score")
-    assert_close(answer, ort_outputs(model, {"input": x})["score"])
+        return client.infer("mlp", [tensor]).as_numpy("score")
 
 
 @pytest.mark.parametrize("infer", [infer_http, infer_grpc], ids=["http", "grpc"])
 def test_the_loop_polls_for_the_window_after_an_answer_then_sleeps(
     polling: VolleyProcess, repository: tuple[Path, Path], infer
 ) -> None:
-    pid = polling.proc.pid
-    infer(polling, repository[1], seed=1)
-    during = cpu_over(pid, WINDOW_S * 0.8)
-    time.sleep(WINDOW_S * 0.4)  # the window has ended
-    after = cpu_over(pid, WINDOW_S)
-    assert during >= WINDOW_S * 0.8 * 0.5, f"{during:.2f} s of CPU while it should poll"
-    assert after <= WINDOW_S * 0.1, f"{after:.2f} s of CPU after the window"
-    infer(polling, repository[1], seed=2)  # answered as well while polling
-    infer(polling, repository[1], seed=3)
+    pid, model = polling.proc.pid, repository[1]
+    x = features(1)
+    expected = ort_outputs(model, {"input": x})["score"]  # before: the window starts at the answer
+    answer = infer(polling, x)
+    during = cpu_over(pid, WINDOW_S * 0.6)
+    time.sleep(WINDOW_S * 0.6)  # the window has ended
+    after = cpu_over(pid, 0.5)
+    assert_close(answer, expected)
+    assert during >= WINDOW_S * 0.6 * 0.5, f"{during:.2f} s of CPU while it should poll"
+    assert after <= 0.05, f"{after:.2f} s of CPU after the window"
+    x = features(2)  # answered as well while polling
+    assert_close(infer(polling, x), ort_outputs(model, {"input": x})["score"])
 
 
 def test_without_the_flag_the_loop_sleeps_at_once(
     sleeping: VolleyProcess, repository: tuple[Path, Path]
 ) -> None:
-    infer_http(sleeping, repository[1], seed=4)
-    infer_grpc(sleeping, repository[1], seed=5)
-    assert cpu_over(sleeping.proc.pid, WINDOW_S) <= WINDOW_S * 0.1
+    model = repository[1]
+    for infer, seed in ((infer_http, 4), (infer_grpc, 5)):
+        x = features(seed)
+        assert_close(infer(sleeping, x), ort_outputs(model, {"input": x})["score"])
+    assert cpu_over(sleeping.proc.pid, 0.5) <= 0.05
 
 
 def test_a_negative_or_huge_window_is_refused(repository: tuple[Path, Path]) -> None:
