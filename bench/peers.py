@@ -187,7 +187,7 @@ def run_volley_shipped(
 ) -> list[Row]:
     """Volley on the shipped fraud config (no queue delay, one instance: a lone request runs on
     the event loop), at c=1 only: what a user of `volley serve` gets one request at a time."""
-    repo = tmp / f"shipped-{busy_poll_us}"
+    repo = Path(tempfile.mkdtemp(prefix="shipped-", dir=tmp))  # a value may come again
     shutil.copytree(model_dir, repo / "fraud")
     volley = start_volley(repo, "--busy-poll-us", str(busy_poll_us))
     name = SHIPPED if not busy_poll_us else f"{SHIPPED}, --busy-poll-us {busy_poll_us}"
@@ -337,14 +337,12 @@ def report(
     if grpc and binary:
         ratio = grpc.rps / binary.rps
         checks.append(("Volley gRPC >= 90 % of its HTTP binary", f"{ratio:.0%}", ratio >= 0.9))
-    shipped = sorted({r.server for r in rows if r.server.startswith(SHIPPED)}) or ["Volley"]
-    for server in shipped:
-        for load in ("HTTP binary, perf_analyzer c=1", "gRPC, perf_analyzer c=1"):
-            row = find(server, load)
-            if row:
-                extra = row.p50_ms - ceiling_p50
-                checks.append((f"{server}, {load}: p50 <= ceiling + 0.3 ms",
-                               f"+{extra:.3f} ms", extra <= 0.3))  # fmt: skip
+    one_at_a_time = ("HTTP binary, perf_analyzer c=1", "gRPC, perf_analyzer c=1")
+    shipped = [r for r in rows if r.server.startswith(SHIPPED) and r.load in one_at_a_time]
+    for row in shipped or [r for r in rows if r.server == "Volley" and r.load in one_at_a_time]:
+        extra = row.p50_ms - ceiling_p50
+        checks.append((f"{row.server}, {row.load}: p50 <= ceiling + 0.3 ms",
+                       f"+{extra:.3f} ms", extra <= 0.3))  # fmt: skip
     for label, row in (("HTTP JSON", volley_json), ("gRPC", grpc)):
         if row:
             checks.append((f"Volley {label} p99 <= 10 ms at c=64", f"{row.p99_ms:.1f} ms",
