@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PERF_ANALYZER = [str(ROOT.parent / "shared" / "tools" / "perf_analyzer")]
 NUMPY_OF = {"tensor(float)": np.float32, "tensor(int64)": np.int64}
 TARGETS = ("naive", "http-json", "http-binary", "grpc", "grpc-stream", "http-shm", "grpc-shm")
+JSON_FORMAT = ["--input-tensor-format", "json", "--output-tensor-format", "json"]
 SHARED_MEMORY = ["--shared-memory", "system"]  # perf_analyzer's tensors in /dev/shm regions
 
 
@@ -233,7 +234,6 @@ def run(args: argparse.Namespace) -> list[Row]:
     model_file = model_dir / str(versions[-1]) / "model.onnx"
     rows = ceiling(model_file, args.seconds)
     cs = args.concurrency
-    json_fmt = ["--input-tensor-format", "json", "--output-tensor-format", "json"]
 
     if "naive" in args.targets:
         port = free_port()
@@ -244,7 +244,7 @@ def run(args: argparse.Namespace) -> list[Row]:
         try:
             for c in cs:
                 rps, p50, p99 = perf_analyzer(
-                    name, f"127.0.0.1:{port}", "http", c, json_fmt, args.seconds
+                    name, f"127.0.0.1:{port}", "http", c, JSON_FORMAT, args.seconds
                 )
                 rows.append(Row("naive FastAPI, HTTP JSON", c, rps, p50, p99))
         finally:
@@ -263,13 +263,12 @@ def run_volley(repo: Path, name: str, busy_poll_us: int, args: argparse.Namespac
     """Volley's rows: each selected target at each concurrency, on one server."""
     rows: list[Row] = []
     cs = args.concurrency
-    json_fmt = ["--input-tensor-format", "json", "--output-tensor-format", "json"]
     flags = ["--allow-client-shm", "--busy-poll-us", str(busy_poll_us)]
     volley = start_volley(repo, *flags)
     suffix = f" (busy poll {busy_poll_us} us)" if busy_poll_us else ""
     try:
         targets = {
-            "http-json": ("Volley, HTTP JSON", volley.http, "http", json_fmt),
+            "http-json": ("Volley, HTTP JSON", volley.http, "http", JSON_FORMAT),
             "http-binary": ("Volley, HTTP binary", volley.http, "http", []),
             "grpc": ("Volley, gRPC", volley.grpc, "grpc", []),
             "grpc-stream": (

@@ -136,7 +136,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--busy-poll-us",
-        type=_microseconds,
+        type=_busy_poll_us,
         default=0,
         metavar="US",
         help="once no request is left to answer, keep the event loop polling for this many "
@@ -328,7 +328,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     )
 
 
-def _microseconds(text: str) -> int:
+def _busy_poll_us(text: str) -> int:
     """`--busy-poll-us`: a whole number of microseconds, 0 to 1,000,000."""
     try:
         value = int(text)

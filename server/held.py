@@ -23,10 +23,14 @@ class HeldRequests:
         self.count = 0
         self.busy_poll: BusyPoll | None = None
 
+    def add(self) -> None:
+        """Count one request more (its transport has read it); `release` it once answered."""
+        self.count += 1
+
     def hold(self, task: asyncio.Task) -> None:
         """Count a request answered by `task` until the task ends, however it ends (also when
         it is cancelled before it ever ran)."""
-        self.count += 1
+        self.add()
         task.add_done_callback(self._release)
 
     def release(self) -> None:

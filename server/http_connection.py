@@ -139,7 +139,7 @@ class InferExchange:
         self.disconnected = False
         self.message_event = _Wakeup()  # the protocol wakes a waiting `receive` through it
         self.held = True  # counted in HELD until answered (or dropped unanswered)
-        HELD.count += 1
+        HELD.add()
 
     def release(self) -> None:
         """No longer held: answered, or never to be (its connection is gone)."""
