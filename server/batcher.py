@@ -12,6 +12,9 @@ The rule (Triton's; docs/batching.md says it for users):
 
 Requests arrive on the event loop; batches form and run on the instance threads (ONNX Runtime
 releases the GIL), and each finished batch hands its results back to the loop in one callback.
+With `solo_session`, a batch that starts while no other batch runs goes to a spare session with
+all the usable CPUs' threads: alone, a batch finishes sooner on every core; under load each
+instance runs on its own share, and a thread preempted by other work stalls only its own batch.
 One exception: a one-row request that is the only request the server holds (`server.held`) and
 finds the batcher idle (nothing queued or running, no queue delay) runs at once on the loop when
 the model's one-row runs have been measured faster than `inline_max_us`. For a tiny model the
@@ -69,6 +72,7 @@ class Batch:
     rows: int
     reason: str
     start_ns: int
+    solo: bool = False  # no other batch was running when it started: the solo session takes it
 
 
 class Batcher:
@@ -102,7 +106,8 @@ class Batcher:
         self._max_queue = batching.max_queue_size if batching else DEFAULT_MAX_QUEUE_SIZE
         self._default_timeout_us = batching.default_timeout_us if batching else 0
         self._hold_until = 0  # test hook, see `hold_until_queued`
-        self._instances = instances
+        self._instances = [i for i in instances if not i.solo]
+        self._solo = next((i for i in instances if i.solo), None)
         self._inline_ns = config.inline_max_us * 1000 if self._delay_ns == 0 else 0
         self._one_row_ns = 0.0  # moving average of one-row batches' compute time
         self._one_row_runs = 0
@@ -114,7 +119,7 @@ class Batcher:
                 name=f"batcher-{label or config.name}-{instance.index}",
                 daemon=True,
             )
-            for instance in instances
+            for instance in self._instances
         ]
         for thread in self._threads:
             thread.start()
@@ -293,7 +298,8 @@ class Batcher:
             batch = self._next_batch()
             if batch is None:
                 return
-            callback, args = self._execute(instance, batch)
+            runner = self._solo if batch.solo else instance
+            callback, args = self._execute(runner, batch)
             try:
                 self._loop.call_soon_threadsafe(callback, *args)
             except RuntimeError:  # the loop closed under an aborted drain: nobody waits
@@ -354,7 +360,8 @@ class Batcher:
                 if self._queue:  # left behind (other shapes, no room): another thread may start
                     self._cond.notify()
                 self._running += 1
-                return Batch(picked, rows, reason, now)
+                solo = self._solo is not None and self._running == 1
+                return Batch(picked, rows, reason, now, solo)
 
     def _pick(self) -> tuple[list[Pending], int]:
         """The oldest request plus later ones of the same shapes, while the rows fit."""

@@ -12,7 +12,14 @@ from typing import Literal, TypeVar
 
 import onnxruntime as ort
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from server.cpus import usable_cpus
 from server.datatypes import ONNX_TO_V2, V2_TO_NUMPY
@@ -115,6 +122,12 @@ class ModelConfig(_Strict):
     intra_op_spinning: bool = Field(
         True, description="ORT threads spin between ops (lower latency; burns CPU others need)"
     )
+    solo_session: bool = Field(
+        False,
+        description="a batch that starts while no other batch of the version runs takes a "
+        "spare session with all the usable CPUs' threads instead of its instance's share "
+        "(CPU only; needs instance_count >= 2)",
+    )
     inline_max_us: int = Field(
         200,
         ge=0,
@@ -134,6 +147,13 @@ class ModelConfig(_Strict):
     def batching(self) -> bool:
         """Whether requests carry a leading batch dimension."""
         return self.max_batch_size > 0
+
+    @field_validator("solo_session")
+    @classmethod
+    def _solo_needs_instances(cls, solo: bool, info: ValidationInfo) -> bool:
+        if solo and info.data.get("instance_count", 1) < 2:
+            raise ValueError("needs instance_count >= 2 (a lone instance always runs alone)")
+        return solo
 
 
 Schema = TypeVar("Schema", bound=BaseModel)

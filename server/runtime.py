@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from server.config import ModelConfig, WarmupConfig, cpu_threads
+from server.cpus import usable_cpus
 from server.datatypes import numpy_dtype
 from server.pinned import pinned_empty
 
@@ -80,14 +81,23 @@ class OnnxInstance:
     """One ONNX Runtime session: a model instance that runs one batch at a time.
 
     `staged`: gather batches in page-locked buffers and run with IO binding (default: when the
-    session runs on a GPU). Outputs are always fresh arrays the caller may keep.
+    session runs on a GPU). `solo`: the version's spare session for batches that run alone
+    (`solo_session`), with all the usable CPUs' threads. Outputs are always fresh arrays the
+    caller may keep.
     """
 
     def __init__(
-        self, source: Path | bytes, config: ModelConfig, index: int, staged: bool | None = None
+        self,
+        source: Path | bytes,
+        config: ModelConfig,
+        index: int,
+        staged: bool | None = None,
+        solo: bool = False,
     ) -> None:
         options = ort.SessionOptions()
-        options.intra_op_num_threads = cpu_threads(config)
+        self.threads = usable_cpus() if solo else cpu_threads(config)
+        self.solo = solo
+        options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         if not config.intra_op_spinning:
@@ -155,7 +165,8 @@ def onnx_strings(array: np.ndarray) -> np.ndarray:
 
 
 def load_instances(source: Path | bytes, config: ModelConfig) -> list[OnnxInstance]:
-    """Create `instance_count` sessions and warm each up.
+    """Create `instance_count` sessions (and the solo one, `solo_session`, on the CPU) and warm
+    each up.
 
     A configured warmup must succeed (the model is not served otherwise, as in Triton). Without
     one, a zero-data warmup runs best-effort: a graph that cannot take zeros or empty strings
@@ -163,6 +174,8 @@ def load_instances(source: Path | bytes, config: ModelConfig) -> list[OnnxInstan
     that default warmup runs every batch size (`device_warmup_sizes`).
     """
     instances = [OnnxInstance(source, config, i) for i in range(config.instance_count)]
+    if config.solo_session and instances[0].provider not in DEVICE_PROVIDERS:
+        instances.append(OnnxInstance(source, config, config.instance_count, solo=True))
     for instance in instances:
         if config.warmup is not None:
             warm_up(instance, config, config.warmup)

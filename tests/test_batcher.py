@@ -21,7 +21,8 @@ from reference import assert_close, ort_outputs
 
 from server import metrics
 from server.batcher import INLINE_MIN_RUNS, Batcher
-from server.config import build_config
+from server.config import ConfigError, build_config
+from server.cpus import usable_cpus
 from server.errors import ErrorKind, VolleyError
 from server.runtime import OnnxInstance, load_instances
 from server.stats import ModelStats
@@ -36,13 +37,15 @@ class Gate:
     def __init__(self, closed: bool) -> None:
         self.rows: list[int] = []
         self.threads: list[int] = []  # the thread each run happened on
+        self.solo: list[bool] = []  # whether each run took the solo session
         self._open = not closed
         self._cond = threading.Condition()
 
-    def enter(self, rows: int) -> None:
+    def enter(self, rows: int, solo: bool = False) -> None:
         with self._cond:
             self.rows.append(rows)
             self.threads.append(threading.get_ident())
+            self.solo.append(solo)
             self._cond.notify_all()
             self._cond.wait_for(lambda: self._open)
 
@@ -73,12 +76,13 @@ class GatedInstance:
         self.gate = gate
         self.provider = instance.provider
         self.index = instance.index
+        self.solo = instance.solo
 
     def gather(self, name: str, parts: list[np.ndarray]) -> np.ndarray:
         return self.instance.gather(name, parts)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.gate.enter(next(iter(inputs.values())).shape[0])
+        self.gate.enter(next(iter(inputs.values())).shape[0], self.solo)
         return self.instance.run(inputs)
 
 
@@ -152,6 +156,48 @@ async def test_instance_count_runs_batches_in_parallel(make: Make) -> None:
     for x, got in zip(xs, await asyncio.gather(*pending), strict=True):
         assert_close(got["score"], ort_outputs(model, {"input": x})["score"])
     await batcher.drain()
+
+
+async def test_a_batch_alone_takes_the_solo_session_and_batches_together_do_not(
+    make: Make,
+) -> None:
+    """`solo_session`: a batch that starts while no other runs takes the spare session with all
+    the usable CPUs' threads; one that starts beside a running batch takes its own instance,
+    so two batches never share the solo session."""
+    config = {"max_batch_size": 1, "dynamic_batching": {}, "instance_count": 2,
+              "intra_op_threads": 1, "solo_session": True}  # fmt: skip
+    batcher, gate, model = make(onnx_models.mlp, config, closed=True)
+    xs = [rows(i, 1) for i in range(3)]
+    first = asyncio.ensure_future(batcher.infer({"input": xs[0]}, 1))
+    await gate.started(1)
+    assert gate.solo == [True]  # alone: the solo session
+    rest = [asyncio.ensure_future(batcher.infer({"input": x}, 1)) for x in xs[1:]]
+    await gate.started(2)
+    assert gate.solo == [True, False]  # beside the solo batch: an instance of its own
+    gate.open()
+    for x, got in zip(xs, await asyncio.gather(first, *rest), strict=True):
+        assert_close(got["score"], ort_outputs(model, {"input": x})["score"])
+    assert len(gate.solo) == 3
+    gate.close()
+    alone = asyncio.ensure_future(batcher.infer({"input": xs[0]}, 1))
+    await gate.started(4)
+    assert gate.solo[3] is True  # idle again: the next batch runs alone
+    gate.open()
+    await alone
+    await batcher.drain()
+
+
+def test_solo_session_is_a_spare_session_on_every_usable_cpu(tmp_path: Path) -> None:
+    model_dir = tmp_path / "m"
+    model_file = onnx_models.mlp(model_dir / "1" / "model.onnx")
+    onnx_models.write_config(model_dir, {"instance_count": 2, "intra_op_threads": 1,
+                                         "solo_session": True})  # fmt: skip
+    instances = load_instances(model_file, build_config(model_dir, model_file))
+    assert [(i.solo, i.threads) for i in instances] == [(False, 1), (False, 1),
+                                                         (True, usable_cpus())]  # fmt: skip
+    onnx_models.write_config(model_dir, {"solo_session": True})
+    with pytest.raises(ConfigError, match="solo_session.*instance_count >= 2"):
+        build_config(model_dir, model_file)
 
 
 async def test_delay_lets_a_batch_grow(make: Make) -> None:
