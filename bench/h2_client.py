@@ -78,11 +78,14 @@ class UnaryClient(asyncio.Protocol):
         self.stream_windows[stream_id] = self.peer_initial_window
         head = http2.frame(http2.HEADERS, http2.END_HEADERS, stream_id, self.header_block)
         body = memoryview(b"\x00" + len(message).to_bytes(4, "big") + message)
-        if self.blocked:
+        if self.blocked:  # earlier calls wait for window: this one's body goes after theirs
             self.transport.write(head)
             self.blocked.append((stream_id, body))
             return
-        self.transport.write(head + self._frames(stream_id, body))
+        data, left = self._frames(stream_id, body)
+        self.transport.write(head + data)
+        if left:
+            self.blocked.append((stream_id, left))
 
     async def call(self, message: bytes) -> int:
         """Send one request message; the call's gRPC status (0: OK)."""
@@ -95,29 +98,31 @@ class UnaryClient(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def _frames(self, stream_id: int, body: memoryview) -> bytes:
-        """DATA frames for as much of `body` as the windows allow; what is left waits."""
+    def _frames(self, stream_id: int, body: memoryview) -> tuple[bytes, memoryview]:
+        """DATA frames for as much of `body` as the windows allow, and what is left of it."""
         out = []
         while body:
             room = min(self.send_window, self.stream_windows[stream_id], self.peer_max_frame)
             if room <= 0:
-                self.blocked.append((stream_id, body))
                 break
             chunk, body = body[:room], body[room:]
             self.send_window -= len(chunk)
             self.stream_windows[stream_id] -= len(chunk)
             out.append(http2.frame(http2.DATA, 0 if body else http2.END_STREAM, stream_id, chunk))
-        return b"".join(out)
+        return b"".join(out), body
 
     def _unblock(self) -> None:
         """Send what waited for window, in order, as far as the windows now allow."""
         out = []
         while self.blocked:
-            stream_id, body = self.blocked.popleft()
-            out.append(self._frames(stream_id, body))
-            if self.blocked and self.blocked[-1][0] == stream_id:  # still short of window
-                self.blocked.appendleft(self.blocked.pop())
-                break
+            stream_id, body = self.blocked[0]
+            if stream_id in self.stream_windows:  # not answered (or reset) meanwhile
+                data, body = self._frames(stream_id, body)
+                out.append(data)
+                if body:
+                    self.blocked[0] = (stream_id, body)
+                    break
+            self.blocked.popleft()
         if out:
             self.transport.write(b"".join(out))
 

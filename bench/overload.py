@@ -298,13 +298,13 @@ async def open_loop(load: Load, rate: float, seconds: float, pid: int, http: str
     counted = Counted(pid, http)
     done = asyncio.Event()
     memory = asyncio.create_task(watch_memory(pid, step, done))
-    total = int(rate * seconds)
-    unanswered = [total]
+    total = unanswered = int(rate * seconds)
     answered = asyncio.Event()
 
     def one_answered() -> None:
-        unanswered[0] -= 1
-        if unanswered[0] == 0:
+        nonlocal unanswered
+        unanswered -= 1
+        if unanswered == 0:
             answered.set()
 
     start_at = time.perf_counter()
@@ -320,7 +320,7 @@ async def open_loop(load: Load, rate: float, seconds: float, pid: int, http: str
         try:
             await asyncio.wait_for(answered.wait(), ANSWER_WAIT_S)
         except TimeoutError:  # a lost request: counted, not waited for forever
-            step.errors["no answer"] = unanswered[0]
+            step.errors["no answer"] = unanswered
     counted.close(step)
     done.set()
     await memory
