@@ -18,7 +18,7 @@ requests under overload: about queue / capacity seconds. The load generator shar
 (at the lowest CPU priority unless --generator-nice says otherwise). Its gRPC client is
 grpcio's asyncio client, or with `--grpc-client raw` bench/h2_client.py on uvloop, which sends
 each call in one write and takes its answer in one callback (no task per call): about 9 % of
-a core at 600 calls/s where grpcio's takes 21 %, CPU the server would otherwise lose.
+a core at 600 calls/s where grpcio's took 21 % (bench/RESULTS.md), CPU the server would lose.
 """
 
 from __future__ import annotations
