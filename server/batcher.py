@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from server.config import DEFAULT_MAX_QUEUE_SIZE, ModelConfig
-from server.errors import ErrorKind, VolleyError, internal, new_request_id
+from server.errors import ErrorKind, VolleyError, internal, new_request_id, raise_if_set
 from server.held import HELD
 from server.runtime import OnnxInstance
 from server.stats import ModelStats
@@ -161,13 +161,7 @@ class Batcher:
             deadline_ns=now + timeout_us * 1000 if timeout_us else None,
         )
         with self._lock:
-            if self._draining:
-                raise VolleyError(ErrorKind.UNAVAILABLE, f"model '{self.config.name}' is unloading")
-            if len(self._queue) >= self._max_queue:
-                raise VolleyError(
-                    ErrorKind.QUEUE_FULL,
-                    f"model '{self.config.name}' queue is full ({self._max_queue} requests queued)",
-                )
+            raise_if_set(self.refusal())
             inline = self._runs_inline(rows)
             if inline:
                 pending.started = True
@@ -195,6 +189,19 @@ class Batcher:
             raise
         self.stats.record_success(time.perf_counter_ns() - now)
         return outputs, pending.start_ns - pending.arrival_ns, pending.compute_ns
+
+    def refusal(self) -> VolleyError | None:
+        """The error a new request gets now (unloading, or a full queue), else None.
+
+        Read without the lock, it is a hint that lets a front end refuse before decoding."""
+        if self._draining:
+            return VolleyError(ErrorKind.UNAVAILABLE, f"model '{self.config.name}' is unloading")
+        if len(self._queue) >= self._max_queue:
+            return VolleyError(
+                ErrorKind.QUEUE_FULL,
+                f"model '{self.config.name}' queue is full ({self._max_queue} requests queued)",
+            )
+        return None
 
     def _runs_inline(self, rows: int) -> bool:
         """Whether a new request runs at once on the loop (with the lock held): one row, an idle

@@ -122,6 +122,30 @@ class DataPlane:
         _outcome_counter(request.model, str(served.version), protocol, "success").inc()
         return response
 
+    def refusal(self, model: str, version: str, protocol: str) -> VolleyError | None:
+        """The refusal a request to `model` gets now, before its body is read or decoded (the
+        server draining, the version unloading or full), counted like `infer`'s outcomes; None
+        when it would be taken, or when the lookup fails (its full handling reports that).
+
+        A cheap early answer: at 3x overload most requests are refused, and decoding each only
+        to refuse it takes CPU from the ones being served."""
+        if self.draining:
+            error = unavailable("server is shutting down")
+            version = ""
+        else:
+            try:
+                served = self.repository.get(model, version)
+            except VolleyError:
+                return None
+            error = served.model.refusal()
+            if error is None:
+                return None
+            version = str(served.version)
+        self.arrivals += 1
+        label = model if model in self.repository.models else ""
+        _outcome_counter(label, version, protocol, OUTCOMES[error.kind]).inc()
+        return error
+
     def _read_shared_inputs(self, request: InferenceRequest) -> None:
         """Fill in the inputs that lie in the client's shared-memory regions."""
         regions = self._regions()

@@ -54,6 +54,17 @@ class VolleyError(Exception):
         return (VolleyError, (self.kind, self.message))
 
 
+def raise_if_set(error: VolleyError | None) -> None:
+    """Raise `error` unless it is None, and keep no reference to it in a raising frame: a
+    local that holds an error its own frame raised ties the two in a reference cycle (through
+    the traceback), and under overload such cycles pile up until a collector pass stalls."""
+    if error is not None:
+        try:
+            raise error
+        finally:
+            del error
+
+
 def invalid(message: str) -> VolleyError:
     """A client error: bad shape, dtype, JSON, parameter..."""
     return VolleyError(ErrorKind.INVALID_ARGUMENT, message)

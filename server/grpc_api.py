@@ -105,6 +105,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         reached = False
         model = getattr(request, "model_name", "")  # a Malformed request has none
+        if model:  # refused before decoding when full (counted by the data plane)
+            refused = self.dataplane.refusal(model, request.model_version, "grpc")
+            if refused is not None:
+                await _abort(context, refused)
         try:
             if isinstance(request, Malformed):
                 raise invalid(request.message)

@@ -151,6 +151,22 @@ class HttpFrontEnd:
         )
         return (403 if authenticated else 401), message
 
+    def early_refusal(
+        self, route: re.Match, headers: dict[bytes, bytes], client: str
+    ) -> Answer | None:
+        """The answer to an infer request that its model refuses before any work (full,
+        unloading, or the server draining: `DataPlane.refusal`), made from its headers alone so
+        its body need not be read or decoded; None when `answer_infer` must handle it (also
+        for a call whose API key is refused: that answer says 401 / 403)."""
+        if self.keys is not None and self._refusal(route.string, _bearer(headers), client):
+            return None
+        error = self.dataplane.refusal(route[1], route[2] or "", "http")
+        if error is None:
+            return None
+        return Answer(
+            error.kind.http_status, error_body(error.message), headers=error_headers(error)
+        )
+
     async def answer_infer(
         self, route: re.Match, headers: dict[bytes, bytes], client: str, receive: Receive
     ) -> Answer:

@@ -28,6 +28,7 @@ from server.http_api import INFER_ROUTE, Answer, HttpFrontEnd
 
 log = logging.getLogger(__name__)
 SMALL_BODY = 65536  # answers up to this size go out with their head in one buffer
+DISCARD_BYTES = 1 << 20  # the unread body of a request refused early, dropped as it arrives
 ROUTES_KEPT = 1024  # request targets whose infer route is remembered (`infer_route`)
 _routes: dict[bytes, re.Match | None] = {}
 
@@ -69,13 +70,46 @@ class VolleyHttpProtocol(HttpToolsProtocol):
         if parser.get_method() == b"POST" and not parser.should_upgrade():
             route = infer_route(self.url)
             if route:
-                self._start_exchange(route)
+                if not self._refused_early(route):
+                    self._start_exchange(route)
                 return
         url, headers, expect_continue = self.url, self.headers, self.expect_100_continue
         super().on_message_begin()  # the scope, around what the parser has read so far
         self.url, self.expect_100_continue = url, expect_continue
         self.headers = self.scope["headers"] = headers
         super().on_headers_complete()
+
+    def _refused_early(self, route: re.Match) -> bool:
+        """Answer at once, from its headers, an infer request its model refuses now (see
+        `HttpFrontEnd.early_refusal`); the body that follows is read and dropped. The connection
+        closes after the answer instead where the body is larger than DISCARD_BYTES, of unknown
+        length, or held back by `Expect: 100-continue`, or the server is draining."""
+        previous = self.cycle
+        if previous is not None and not previous.response_complete:
+            return False  # pipelined behind an unanswered request: answered in turn
+        headers = dict(self.headers)
+        client = self.client[0] if self.client else "?"
+        answer = self.front_end.early_refusal(route, headers, client)
+        if answer is None:
+            return False
+        length = headers.get(b"content-length", b"")
+        keep_alive = (
+            self.parser.get_http_version() != "1.0"
+            and self.parser.should_keep_alive()
+            and not self.expect_100_continue
+            and length.isdigit()
+            and int(length) <= DISCARD_BYTES
+            and not self.front_end.dataplane.draining
+        )
+        self.cycle = RefusedExchange()
+        self.transport.write(
+            _head(answer, keep_alive, self.server_state.default_headers) + answer.body
+        )
+        if keep_alive:
+            self.on_response_complete()
+        else:
+            self.transport.close()
+        return True
 
     def _start_exchange(self, route: re.Match) -> None:
         keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
@@ -231,6 +265,14 @@ class _Wakeup:
             await self.waiter
         finally:
             self.waiter = None
+
+
+class RefusedExchange:
+    """A request answered from its headers (`_refused_early`): uvicorn's protocol drops the
+    body bytes of a cycle whose response is complete."""
+
+    response_complete = True
+    message_event = _Wakeup()  # set by uvicorn when the connection is lost: nothing waits
 
 
 def _head(answer: Answer, keep_alive: bool, default_headers: list) -> bytes:

@@ -54,6 +54,11 @@ class Servable(Protocol):
         its batch may start at the latest.
         """
 
+    def refusal(self) -> VolleyError | None:
+        """The error a request would get now before any work is done on it (a full queue, an
+        unloading version), else None. Front ends ask before decoding a request, so that under
+        overload the excess costs as little as possible."""
+
     async def drain(self) -> None:
         """Refuse new work and return once everything accepted is answered."""
 
@@ -159,6 +164,9 @@ class OnnxModel:
         return OnnxModel(
             config, int(self.version), batcher, self.stats, instances[0].provider, self.metadata
         )
+
+    def refusal(self) -> VolleyError | None:
+        return self.batcher.refusal()
 
     async def drain(self) -> None:
         await self.batcher.drain()

@@ -16,6 +16,8 @@ import tritonclient.grpc as grpcclient
 import yaml
 from conftest import ROOT, copy_shipped_models, serving
 from metrics_scrape import scrape, total
+from test_http_connection import Connection
+from test_http_errors import inflight
 from tritonclient.utils import InferenceServerException
 
 TIMEOUT = 60
@@ -96,3 +98,83 @@ def test_a_client_over_its_rate_limit_gets_429(tmp_path: Path) -> None:
         samples = scrape(f"http://127.0.0.1:{proc.metrics_port}/metrics")
         refused = total(samples, "volley_requests_total", model="fraud", outcome="rate_limited")
         assert refused == codes.count(429) + 1
+
+
+def test_a_full_model_refuses_from_the_headers(tmp_path: Path) -> None:
+    """While `slow` (one instance, max_queue_size 1) runs one request and queues another, an
+    infer request to it gets 429 / RESOURCE_EXHAUSTED before its body is read or decoded: a
+    body that is not even JSON is refused as full, not as malformed, over HTTP and gRPC. The
+    keep-alive connection reads past the dropped body and serves the next request on it; a
+    body over 1 MiB, or one held back by `Expect: 100-continue`, gets its 429 and the
+    connection closes after it. Each refusal counts as queue_full under the model's version."""
+    root = tmp_path / "models"
+    onnx_models.slow(root / "slow" / "1" / "model.onnx", iterations=300_000)  # seconds a run
+    onnx_models.write_config(
+        root / "slow",
+        {"max_batch_size": 1, "dynamic_batching": {"max_queue_size": 1}, "intra_op_threads": 1},
+    )
+    slow_body = orjson.dumps(
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 512], "data": [0.1] * 512}]}
+    )
+    garbage = b"this is not JSON"
+
+    def head(length: int, extra: str = "") -> bytes:
+        return (
+            f"POST /v2/models/slow/infer HTTP/1.1\r\nHost: test\r\n"
+            f"Content-Length: {length}\r\n{extra}\r\n"
+        ).encode()
+
+    with serving(root) as proc:
+        url = proc.url + "/v2/models/slow/infer"
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(requests.post, url, data=slow_body, timeout=TIMEOUT)
+            time.sleep(0.3)  # taken off the queue by the instance thread
+            queued = pool.submit(requests.post, url, data=slow_body, timeout=TIMEOUT)
+            deadline = time.monotonic() + TIMEOUT
+            while inflight(proc) < 2:
+                assert time.monotonic() < deadline and not queued.done(), queued
+                time.sleep(0.01)
+
+            kept = Connection(proc)
+            for _ in range(2):  # the second request on the connection is read past the first
+                kept.send(head(len(garbage)) + garbage)
+                status, headers, body = kept.response()
+                assert status == 429 and "connection" not in headers, (status, headers)
+                assert "model 'slow' queue is full" in orjson.loads(body)["error"]
+                assert headers["retry-after"] == "1"
+
+            client = grpcclient.InferenceServerClient(proc.grpc)
+            unknown = grpcclient.InferInput("not-an-input", [1, 3], "INT8")
+            unknown.set_data_from_numpy(np.zeros((1, 3), np.int8))
+            try:
+                client.infer("slow", [unknown], client_timeout=TIMEOUT)
+                raise AssertionError("a full model answered")
+            except InferenceServerException as exc:
+                assert exc.status() == "StatusCode.RESOURCE_EXHAUSTED", exc
+                assert "queue is full" in exc.message()
+            client.close()
+
+            for request in (
+                head(2 << 20) + bytes(65536),  # more than DISCARD_BYTES to come
+                head(len(garbage), "Expect: 100-continue\r\n"),  # the body waits for a 100
+            ):
+                closing = Connection(proc)
+                closing.send(request)
+                status, headers, _ = closing.response()
+                assert status == 429 and headers["connection"] == "close", (status, headers)
+                assert closing.closed_by_server()
+                closing.close()
+            assert running.result().status_code == 200
+            assert queued.result().status_code == 200
+
+        kept.send(head(len(garbage)) + garbage)  # room again: now it is decoded, and refused
+        status, _, body = kept.response()
+        assert status == 400 and "malformed JSON" in orjson.loads(body)["error"], body
+        kept.close()
+        samples = scrape(f"http://127.0.0.1:{proc.metrics_port}/metrics")
+        for protocol, count in (("http", 4), ("grpc", 1)):
+            refused = total(
+                samples, "volley_requests_total", model="slow", version="1",
+                protocol=protocol, outcome="queue_full",
+            )  # fmt: skip
+            assert refused == count, (protocol, refused)

@@ -23,7 +23,7 @@ import numpy as np
 from server.config import ConfigError
 from server.cpus import usable_cpus
 from server.datatypes import numpy_dtype
-from server.errors import ErrorKind, VolleyError, invalid, unavailable
+from server.errors import ErrorKind, VolleyError, invalid, raise_if_set, unavailable
 from server.pipelines.config import DetectionConfig, pipeline_model_config
 from server.pipelines.decoders import DecoderPool
 from server.pipelines.images import Letterboxed, check_size, decode_image, letterbox
@@ -202,6 +202,17 @@ class DetectionPipeline:
             return detector, False
         return variant, True
 
+    def refusal(self) -> VolleyError | None:
+        if self._draining:
+            return unavailable(f"model '{self.config.name}' is unloading")
+        if self._active >= self.detection.max_queue_size:
+            return VolleyError(
+                ErrorKind.QUEUE_FULL,
+                f"model '{self.config.name}' has {self._active} requests in progress "
+                f"(max_queue_size {self.detection.max_queue_size})",
+            )
+        return None
+
     async def infer(
         self, request: InferenceRequest, timeout_us: int, deadline_ns: int | None = None
     ) -> InferenceResponse:
@@ -209,14 +220,7 @@ class DetectionPipeline:
 
         `deadline_ns` bounds when the detector's batch may start (a stream frame's age limit).
         """
-        if self._draining:
-            raise unavailable(f"model '{self.config.name}' is unloading")
-        if self._active >= self.detection.max_queue_size:
-            raise VolleyError(
-                ErrorKind.QUEUE_FULL,
-                f"model '{self.config.name}' has {self._active} requests in progress "
-                f"(max_queue_size {self.detection.max_queue_size})",
-            )
+        raise_if_set(self.refusal())
         started = time.perf_counter_ns()
         self._active += 1
         self._idle.clear()
