@@ -151,15 +151,15 @@ class HttpFrontEnd:
         )
         return (403 if authenticated else 401), message
 
-    def early_refusal(
-        self, route: re.Match, headers: dict[bytes, bytes], client: str
-    ) -> Answer | None:
+    def early_refusal(self, route: re.Match, headers: dict[bytes, bytes]) -> Answer | None:
         """The answer to an infer request that its model refuses before any work (full,
         unloading, or the server draining: `DataPlane.refusal`), made from its headers alone so
         its body need not be read or decoded; None when `answer_infer` must handle it (also
         for a call whose API key is refused: that answer says 401 / 403)."""
-        if self.keys is not None and self._refusal(route.string, _bearer(headers), client):
-            return None
+        if self.keys is not None:
+            needed = auth.http_scope(route.string)
+            if needed is not None and auth.refusal(self.keys, _bearer(headers), needed):
+                return None  # `answer_infer` refuses it (and logs why)
         error = self.dataplane.refusal(route[1], route[2] or "", "http")
         if error is None:
             return None

@@ -88,8 +88,7 @@ class VolleyHttpProtocol(HttpToolsProtocol):
         if previous is not None and not previous.response_complete:
             return False  # pipelined behind an unanswered request: answered in turn
         headers = dict(self.headers)
-        client = self.client[0] if self.client else "?"
-        answer = self.front_end.early_refusal(route, headers, client)
+        answer = self.front_end.early_refusal(route, headers)
         if answer is None:
             return False
         length = headers.get(b"content-length", b"")

@@ -174,7 +174,9 @@ def test_refused_inference_is_counted(keyed: VolleyProcess) -> None:
     metrics_url = f"http://127.0.0.1:{keyed.metrics_port}/metrics"
     before = scrape(metrics_url)
     infer = keyed.url + "/v2/models/fraud/infer"
+    logged = keyed.log().count('"event":"auth_refused"')
     assert requests.post(infer, data=b"{}", timeout=TIMEOUT).status_code == 401
+    assert keyed.log().count('"event":"auth_refused"') == logged + 1  # logged once
     client = grpcclient.InferenceServerClient(keyed.grpc)
     with pytest.raises(InferenceServerException):
         client.infer("fraud", [fraud_input(grpcclient)])
