@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from peers import JSON_BODY, measure, standard_loads, volley_repository
-from serving import machine, start_volley, stop
+from serving import machine, volley_running
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,19 +37,18 @@ def main() -> None:
         for round_ in range(1, args.rounds + 1):
             for i, (name, tree) in enumerate(trees):
                 repository = Path(tmp) / f"{round_}-{i}"
-                volley = start_volley(volley_repository(ROOT / "models" / "fraud", repository),
-                                      tree=tree)  # fmt: skip
-                loads = standard_loads(volley.http, volley.grpc, JSON_BODY, args.seconds, "fraud")
-                at_64 = {load: run for load, run in loads.items() if load.endswith("c=64")}
-                try:
+                fraud = volley_repository(ROOT / "models" / "fraud", repository)
+                with volley_running(fraud, tree=tree) as volley:
+                    loads = standard_loads(
+                        volley.http, volley.grpc, JSON_BODY, args.seconds, "fraud"
+                    )
+                    at_64 = {load: run for load, run in loads.items() if load.endswith("c=64")}
                     for row in measure(name, volley.proc.pid, at_64, args.seconds):
                         print(
                             f"| {name} | {round_} | {row.load} | {row.rps:,.0f} | "
                             f"{row.p50_ms:.2f} | {row.p99_ms:.2f} | {row.cpu_us:.0f} |",
                             flush=True,
                         )
-                finally:
-                    stop(volley.proc)
 
 
 if __name__ == "__main__":

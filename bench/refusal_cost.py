@@ -28,7 +28,7 @@ import orjson
 import uvloop
 from h1_client import KeepAlivePool
 from h2_client import UnaryClient
-from serving import machine, repository_copy, start_volley, stop
+from serving import machine, repository_copy, volley_running
 from tritonclient.grpc import service_pb2 as pb
 from vision import camera_frames
 
@@ -141,23 +141,20 @@ def main() -> None:
     print("|---|---:|---|---:|---:|---:|")
     for round_ in range(1, args.rounds + 1):
         for name, tree in trees:
-            with repository_copy(ROOT / "models", "detect", max_queue_size=1) as repository:
-                volley = start_volley(repository, tree=tree)
-                try:
-                    for protocol in ("http", "grpc"):
-                        answers, refused, cpu = uvloop.run(
-                            measure(
-                                volley.proc.pid, volley.http, volley.grpc, protocol, args.seconds
-                            )
-                        )
-                        share, per_answer = refused / answers, cpu / answers * 1e6
-                        print(
-                            f"| {name} | {round_} | {protocol} | {answers / args.seconds:,.0f} | "
-                            f"{share:.1%} | {per_answer:.0f} |",
-                            flush=True,
-                        )
-                finally:
-                    stop(volley.proc)
+            with (
+                repository_copy(ROOT / "models", "detect", max_queue_size=1) as repository,
+                volley_running(repository, tree=tree) as volley,
+            ):
+                for protocol in ("http", "grpc"):
+                    answers, refused, cpu = uvloop.run(
+                        measure(volley.proc.pid, volley.http, volley.grpc, protocol, args.seconds)
+                    )
+                    share, per_answer = refused / answers, cpu / answers * 1e6
+                    print(
+                        f"| {name} | {round_} | {protocol} | {answers / args.seconds:,.0f} | "
+                        f"{share:.1%} | {per_answer:.0f} |",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

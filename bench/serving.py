@@ -201,6 +201,16 @@ def start_volley(
 
 
 @contextmanager
+def volley_running(repository: Path, *flags: str, tree: Path = ROOT) -> Iterator[Volley]:
+    """`start_volley` for the length of a `with` block, stopped after it."""
+    volley = start_volley(repository, *flags, tree=tree)
+    try:
+        yield volley
+    finally:
+        stop(volley.proc)
+
+
+@contextmanager
 def repository_copy(models: Path, model: str, **changes: object) -> Iterator[Path]:
     """A temporary copy of the repository `models` whose `model` config has `changes` made."""
     with tempfile.TemporaryDirectory(prefix="volley-bench-") as folder:
