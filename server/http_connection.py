@@ -104,10 +104,9 @@ class VolleyHttpProtocol(HttpToolsProtocol):
         self.transport.write(
             _head(answer, keep_alive, self.server_state.default_headers) + answer.body
         )
-        if keep_alive:
-            self.on_response_complete()
-        else:
+        if not keep_alive:
             self.transport.close()
+        self.on_response_complete()
         return True
 
     def _start_exchange(self, route: re.Match) -> None:
