@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -155,12 +156,39 @@ def start(
     comparing another checkout (a `git worktree` of an earlier commit) means passing its root
     as `cwd`; PYTHONPATH alone runs this tree's code.
     """
+    _unwind_on_sigterm()
     proc = subprocess.Popen(
         cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True, env={**os.environ, **(env or {})},
     )  # fmt: skip
-    wait_for(ready_url, timeout=120)
+    try:
+        wait_for(ready_url, timeout=120)
+    except BaseException:
+        stop(proc)
+        raise
     return proc
+
+
+def _unwind_on_sigterm() -> None:
+    """Let SIGTERM end the benchmark as Ctrl-C does, so that its `finally` blocks stop the
+    servers it started: each runs in a session of its own, which the signal never reaches (the
+    default action would exit at once and leave them serving)."""
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    ):
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(_signum: int, frame: object) -> None:
+    """SIGTERM handed to the SIGINT handler in force: KeyboardInterrupt, or under
+    `asyncio.run` / `uvloop.run` the cancellation of the main task (an exception raised
+    inside an event-loop callback would only end that callback)."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:
+        raise KeyboardInterrupt
 
 
 def stop(proc: subprocess.Popen) -> None:
