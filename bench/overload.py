@@ -211,7 +211,12 @@ class HttpLoad:
 
     async def send(self, i: int) -> str:
         answer = asyncio.get_running_loop().create_future()
-        self.start(i, answer.set_result)
+
+        def done(outcome: str) -> None:
+            if not answer.done():  # cancelled: the benchmark is stopping
+                answer.set_result(outcome)
+
+        self.start(i, done)
         return await answer
 
     async def close(self) -> None:
@@ -263,8 +268,14 @@ async def one(load: Load, i: int, step: Step) -> None:
 
 
 async def watch_memory(pid: int, step: Step, done: asyncio.Event) -> None:
+    """Keep the server's peak RSS in `step` until `done` is set, or the server is gone (a
+    benchmark stopped by a signal has stopped it; a crash shows as errors in the step)."""
     while not done.is_set():
-        step.rss_peak_mb = max(step.rss_peak_mb, rss_mb(pid))
+        try:
+            rss = rss_mb(pid)
+        except (FileNotFoundError, IndexError):  # no process, or a zombie without memory
+            return
+        step.rss_peak_mb = max(step.rss_peak_mb, rss)
         await asyncio.sleep(0.1)
 
 
