@@ -142,8 +142,7 @@ class DataPlane:
                 return None
             version = str(served.version)
         self.arrivals += 1
-        label = model if model in self.repository.models else ""
-        _outcome_counter(label, version, protocol, OUTCOMES[error.kind]).inc()
+        self.count_rejected(model, protocol, OUTCOMES[error.kind], version)
         return error
 
     def _read_shared_inputs(self, request: InferenceRequest) -> None:
@@ -209,12 +208,12 @@ class DataPlane:
         if self.rate_limiter is not None:
             self.rate_limiter.check(client)
 
-    def count_rejected(self, model: str, protocol: str, outcome: str) -> None:
+    def count_rejected(self, model: str, protocol: str, outcome: str, version: str = "") -> None:
         """Count a request refused before it reached a model (undecodable, too large, not
-        authenticated). The model label is kept only for a model that exists: a client must
-        not mint series with made-up names."""
+        authenticated, or refused early: `refusal`). The model label is kept only for a model
+        that exists: a client must not mint series with made-up names."""
         label = model if model in self.repository.models else ""
-        _outcome_counter(label, "", protocol, outcome).inc()
+        _outcome_counter(label, version, protocol, outcome).inc()
 
     async def statistics(self, model: str = "", version: str = "") -> list[dict]:
         """The v2 statistics (`model_stats` entries) of one version, a model's, or all."""

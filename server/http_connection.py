@@ -70,8 +70,9 @@ class VolleyHttpProtocol(HttpToolsProtocol):
         if parser.get_method() == b"POST" and not parser.should_upgrade():
             route = infer_route(self.url)
             if route:
-                if not self._refused_early(route):
-                    self._start_exchange(route)
+                headers = dict(self.headers)
+                if not self._refused_early(route, headers):
+                    self._start_exchange(route, headers)
                 return
         url, headers, expect_continue = self.url, self.headers, self.expect_100_continue
         super().on_message_begin()  # the scope, around what the parser has read so far
@@ -79,7 +80,7 @@ class VolleyHttpProtocol(HttpToolsProtocol):
         self.headers = self.scope["headers"] = headers
         super().on_headers_complete()
 
-    def _refused_early(self, route: re.Match) -> bool:
+    def _refused_early(self, route: re.Match, headers: dict[bytes, bytes]) -> bool:
         """Answer at once, from its headers, an infer request its model refuses now (see
         `HttpFrontEnd.early_refusal`); the body that follows is read and dropped. The connection
         closes after the answer instead where the body is larger than DISCARD_BYTES, of unknown
@@ -87,7 +88,6 @@ class VolleyHttpProtocol(HttpToolsProtocol):
         previous = self.cycle
         if previous is not None and not previous.response_complete:
             return False  # pipelined behind an unanswered request: answered in turn
-        headers = dict(self.headers)
         answer = self.front_end.early_refusal(route, headers)
         if answer is None:
             return False
@@ -109,10 +109,10 @@ class VolleyHttpProtocol(HttpToolsProtocol):
         self.on_response_complete()
         return True
 
-    def _start_exchange(self, route: re.Match) -> None:
+    def _start_exchange(self, route: re.Match, headers: dict[bytes, bytes]) -> None:
         keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
         previous = self.cycle
-        self.cycle = InferExchange(self, route, keep_alive)
+        self.cycle = InferExchange(self, route, headers, keep_alive)
         if previous is None or previous.response_complete:
             self._start_asgi_task(self.cycle, self.app)
         else:  # pipelined behind an unanswered request: started when that one is answered
@@ -158,10 +158,16 @@ class InferExchange:
     exchange (at once, or when the request pipelined before it is answered) with `run_asgi`.
     """
 
-    def __init__(self, protocol: VolleyHttpProtocol, route: re.Match, keep_alive: bool) -> None:
+    def __init__(
+        self,
+        protocol: VolleyHttpProtocol,
+        route: re.Match,
+        headers: dict[bytes, bytes],
+        keep_alive: bool,
+    ) -> None:
         self.protocol = protocol
         self.route = route
-        self.headers = dict(protocol.headers)
+        self.headers = headers
         self.keep_alive = keep_alive
         self.expect_continue = protocol.expect_100_continue
         self.chunks: list[bytes] = []
