@@ -107,9 +107,10 @@ class Counted:
         step.batches = (images - self.counts[0], runs - self.counts[1])
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time process `pid` has used."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, main_thread: bool = False) -> float:
+    """User + system CPU time process `pid` has used (only its main thread's: `main_thread`)."""
+    stat = Path(f"/proc/{pid}/task/{pid}/stat" if main_thread else f"/proc/{pid}/stat")
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
