@@ -8,11 +8,17 @@ they are the same for every Python server (bench/peers.py measures whole servers
 
     python bench/hot_path.py                       # CPU time per request, min of 12 windows
     python bench/hot_path.py --instructions        # instructions per request, under valgrind
+    python bench/hot_path.py --whole-server [--tree OTHER_CHECKOUT]
+                                                   # the real server's, sockets and HTTP included
 
 CPU time on a shared VM moves by a quarter from minute to minute; `--instructions` counts the
 event-loop thread's instructions (valgrind's callgrind, `apt-get install valgrind`) for two run
 lengths and divides the difference by the extra requests: the same figure on every run, for
-comparing two versions of the code.
+comparing two versions of the code. `--whole-server` counts the same way in a real server (`python
+-m server serve` under callgrind, instrumented only while a closed loop of 64 keep-alive
+connections sends it single-row JSON requests): the event-loop thread's user-space instructions
+per request, HTTP parsing, keep-alive, the task per request and the batch hand-offs included
+(the kernel's share of reads and writes is not counted).
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ import time
 from pathlib import Path
 
 import uvloop
+from h1_client import KeepAlivePool
 from peers import JSON_BODY, volley_repository
-from serving import ceiling, machine
+from serving import ceiling, free_port, machine, start, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -81,12 +88,72 @@ def loop_instructions(requests: int) -> int:
         return int(re.search(r"^summary:\s+(\d+)", first_thread, re.M)[1])
 
 
+async def closed_loop(port: int, requests: int) -> None:
+    """`requests` JSON infer requests to the fraud model over CONCURRENCY connections, each
+    sending its next request when its answer comes; raises unless all are answered 200."""
+    pool = KeepAlivePool("127.0.0.1", port)
+    await pool.open(CONCURRENCY)
+    head = (
+        "POST /v2/models/fraud/infer HTTP/1.1\r\nHost: volley\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(BODY)}\r\n\r\n"
+    )
+    request = head.encode() + BODY
+    finished = asyncio.get_running_loop().create_future()
+    sent = answered = 0
+    failed: list[int] = []
+
+    def done(status: int) -> None:
+        nonlocal sent, answered
+        answered += 1
+        if status != 200:
+            failed.append(status)
+        if answered == requests:
+            finished.set_result(None)
+        elif sent < requests:
+            sent += 1
+            pool.start(request, done)
+
+    for _ in range(min(CONCURRENCY, requests)):
+        sent += 1
+        pool.start(request, done)
+    await finished
+    pool.close()
+    if failed:
+        raise RuntimeError(f"{len(failed)} requests failed, e.g. with status {failed[0]}")
+
+
+def server_instructions(repository: Path, tree: Path, requests: int) -> int:
+    """Instructions of a real server's event-loop thread per request (see the module doc)."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "callgrind.out"
+        http = free_port()
+        cmd = ["valgrind", "--tool=callgrind", "--separate-threads=yes", "--cache-sim=no",
+               "--instr-atstart=no", f"--callgrind-out-file={out}", sys.executable, "-m",
+               "server", "serve", "--model-repository", str(repository), "--host", "127.0.0.1",
+               "--http-port", str(http), "--grpc-port", str(free_port()), "--metrics-port", "0",
+               "--log-level", "warning"]  # fmt: skip
+        proc = start(cmd, f"http://127.0.0.1:{http}/v2/health/ready", cwd=tree)
+        try:
+            uvloop.run(closed_loop(http, 500))  # warm-up, not counted
+            subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True,
+                           capture_output=True)  # fmt: skip
+            uvloop.run(closed_loop(http, requests))
+            subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True,
+                           capture_output=True)  # fmt: skip
+            main_thread = next(Path(folder).glob("callgrind.out.*-01")).read_text()
+        finally:
+            stop(proc)
+        return int(re.search(r"^(?:summary|totals):\s+(\d+)", main_thread, re.M)[1]) // requests
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=Path, default=ROOT / "models")
     parser.add_argument("--windows", type=int, default=12)
     parser.add_argument("--requests", type=int, default=9600, help="per window")
     parser.add_argument("--instructions", action="store_true", help="count under valgrind")
+    parser.add_argument("--whole-server", action="store_true", help="a real server's, counted")
+    parser.add_argument("--tree", type=Path, help="with --whole-server: also this checkout")
     parser.add_argument("--only-serve", action="store_true", help=argparse.SUPPRESS)  # for it
     args = parser.parse_args()
     per_task = max(args.requests // CONCURRENCY, 1)
@@ -96,6 +163,18 @@ def main() -> int:
             uvloop.run(serve_requests(repository, args.windows, per_task))
         return 0
     print(f"Machine: {machine()}")
+    if args.whole_server:
+        trees = [("this checkout", ROOT)] + ([(str(args.tree), args.tree)] if args.tree else [])
+        print(
+            f"\nevent-loop instructions per fraud JSON request, whole server, c={CONCURRENCY}"
+            f", {args.requests} requests counted:\n\n| tree | instructions |\n|---|---:|"
+        )
+        with tempfile.TemporaryDirectory() as folder:
+            repository = volley_repository(args.models / "fraud", Path(folder))
+            for name, tree in trees:
+                count = server_instructions(repository, tree, args.requests)
+                print(f"| {name} | {count / 1000:,.1f}k |")
+        return 0
     if args.instructions:
         short, long = 10 * CONCURRENCY, 100 * CONCURRENCY
         extra = (loop_instructions(long) - loop_instructions(short)) / (long - short)

@@ -58,6 +58,7 @@ def _listener(
     host: str,
     port: int,
     timeout: float,
+    keepalive_timeout: float,
     max_message_bytes: int = 16 * 1024 * 1024,
     tls: TlsFiles | None = None,
     http: type[HttpToolsProtocol] | str = "httptools",
@@ -71,7 +72,7 @@ def _listener(
         access_log=False,
         log_config=None,
         timeout_graceful_shutdown=int(timeout),
-        timeout_keep_alive=30,
+        timeout_keep_alive=keepalive_timeout,  # uvicorn says int; it only goes to call_later
         ws_max_size=max_message_bytes,
         # Measured on the infer hot path: each of these costs per request and adds nothing here.
         proxy_headers=False,
@@ -144,6 +145,7 @@ async def serve(settings: ServeSettings, worker: Worker | None = None) -> int:
         settings.host,
         settings.http_port,
         settings.shutdown_timeout,
+        settings.http_keepalive_timeout,
         settings.max_request_bytes,
         tls,
         protocol_for(front_end),
@@ -163,6 +165,7 @@ async def serve(settings: ServeSettings, worker: Worker | None = None) -> int:
                 settings.host,
                 settings.metrics_port,
                 settings.shutdown_timeout,
+                settings.http_keepalive_timeout,
                 tls=metrics_tls,
             )
         )

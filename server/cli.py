@@ -125,6 +125,15 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         help="seconds to let in-flight requests finish after SIGTERM",
     )
     p.add_argument(
+        "--http-keepalive-timeout",
+        type=_keepalive_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="close an HTTP connection that has been idle this long since its last answer; "
+        "behind a load balancer, set it above the balancer's own idle timeout, so that the "
+        "balancer closes idle connections first (default 30)",
+    )
+    p.add_argument(
         "--workers",
         type=_workers,
         default=1,
@@ -339,6 +348,17 @@ def _busy_poll_us(text: str) -> int:
     return value
 
 
+def _keepalive_seconds(text: str) -> float:
+    """`--http-keepalive-timeout`: seconds, more than 0 and at most a day."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"expected seconds above 0, up to 86400, got {text!r}")
+    return value
+
+
 def _workers(text: str) -> int:
     """`--workers`: a count of at least 1, or 'auto' (one per usable CPU)."""
     if text == "auto":
@@ -428,6 +448,7 @@ def _serve(args: argparse.Namespace) -> int:
         rate_limit=args.rate_limit,
         rate_burst=args.rate_burst,
         shutdown_timeout=args.shutdown_timeout,
+        http_keepalive_timeout=args.http_keepalive_timeout,
         workers=args.workers,
         allow_client_shm=args.allow_client_shm,
         busy_poll_us=args.busy_poll_us,

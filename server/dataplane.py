@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from functools import lru_cache
+from functools import cache
 
 from server import metrics
 from server.datatypes import tensor_from_bytes, tensor_to_bytes
@@ -46,10 +46,10 @@ OUTCOMES = {
 UNAUTHENTICATED, FORBIDDEN = "unauthenticated", "forbidden"  # API key missing / scope too small
 
 
-@lru_cache(maxsize=4096)
+@cache  # label sets are as many as the series prometheus_client keeps for them anyway
 def _outcome_counter(model: str, version: str, protocol: str, outcome: str):
     """The labelled request counter, looked up once per label set (it is on the hot path)."""
-    return metrics.REQUESTS.labels(model, version, protocol, outcome)
+    return metrics.hot_counter(metrics.REQUESTS.labels(model, version, protocol, outcome))
 
 
 class DataPlane:

@@ -43,8 +43,11 @@ class VolleyHttpProtocol(HttpToolsProtocol):
 
     front_end: HttpFrontEnd
 
+    idle_since: float | None = None  # when its last answer went out; None while a request is in
+
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        self._disarm_keep_alive()
         for cycle, _ in self.pipeline:  # pipelined requests that will never be answered
             if type(cycle) is InferExchange:
                 cycle.release()
@@ -52,8 +55,49 @@ class VolleyHttpProtocol(HttpToolsProtocol):
         self.cycle = None
         self.pipeline.clear()
 
+    def _unset_keepalive_if_required(self) -> None:
+        # uvicorn cancels its keep-alive timer when data arrives and starts a new one after
+        # each answer: a timer handle made and cancelled per request. Here one timer stays
+        # armed; when it fires it closes the connection only if it has been idle for the
+        # whole timeout, and otherwise waits for the rest of it (or for the next answer).
+        self.idle_since = None
+
+    def on_response_complete(self) -> None:
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        self.idle_since = self.loop.time()
+        if self.timeout_keep_alive_task is None:
+            self._arm_keep_alive(self.timeout_keep_alive)
+
+    def timeout_keep_alive_handler(self) -> None:
+        self.timeout_keep_alive_task = None
+        if self.idle_since is None:  # a request is in: the timer is armed again after it
+            return
+        left = self.idle_since + self.timeout_keep_alive - self.loop.time()
+        if left > 0:
+            self._arm_keep_alive(left)
+        else:
+            super().timeout_keep_alive_handler()
+
+    def _arm_keep_alive(self, seconds: float) -> None:
+        self.timeout_keep_alive_task = self.loop.call_later(
+            seconds, self.timeout_keep_alive_handler
+        )
+
+    def _disarm_keep_alive(self) -> None:
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
+
     def handle_websocket_upgrade(self) -> None:
         super().handle_websocket_upgrade()
+        self._disarm_keep_alive()
         # The WebSocket protocol owns the connection from here, so `connection_lost` is never
         # called on this one: break its parser's callbacks into it here instead.
         self.parser = None
@@ -216,12 +260,6 @@ class InferExchange:
 
     async def run_asgi(self, _app: object) -> None:
         """Answer the request (named after the coroutine uvicorn starts for each request)."""
-        try:
-            await self._answer()
-        finally:
-            self.release()
-
-    async def _answer(self) -> None:
         protocol = self.protocol
         client = protocol.client[0] if protocol.client else "?"
         try:
@@ -244,6 +282,8 @@ class InferExchange:
             log.exception("infer exchange failed", extra={"event": "http_exchange_failed"})
             protocol.transport.close()
             return
+        finally:
+            self.release()
         self.response_complete = True
         if not keep_alive:
             protocol.transport.close()

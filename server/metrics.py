@@ -310,6 +310,35 @@ class BufferedHistogram:
         self._sum = 0.0
 
 
+class BufferedCounter:
+    """One counter series incremented at the cost of an integer addition (as `BufferedHistogram`:
+    added to the Prometheus series before each scrape; increment and publish on one thread)."""
+
+    __slots__ = ("_series", "_count", "__weakref__")
+
+    def __init__(self, series: Counter) -> None:
+        self._series = series
+        self._count = 0
+        refresh_on_scrape(self.publish)
+
+    def inc(self) -> None:
+        """Count one."""
+        self._count += 1
+
+    def publish(self) -> None:
+        """Add what was counted since the last publish to the Prometheus series."""
+        if self._count:
+            count, self._count = self._count, 0
+            self._series.inc(count)
+
+
+def hot_counter(series: Counter) -> Counter | BufferedCounter:
+    """`series`, to be incremented on the hot path: buffered in a single process; with
+    --workers, the series itself, so that a scrape of any worker counts every worker's
+    increments exactly (buffered ones would reach the others' scrapes up to a second late)."""
+    return BufferedCounter(series) if worker_processes() == 1 else series
+
+
 async def refresh_forever() -> None:
     """Publish them every REFRESH_SECONDS (a worker's part, with --workers N)."""
     while True:

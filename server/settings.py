@@ -38,6 +38,7 @@ class ServeSettings:
     rate_limit: float = 0.0  # inference requests a second per client address (0: no limit)
     rate_burst: float = 0.0  # bucket size (0: one second's worth)
     shutdown_timeout: float = 30.0
+    http_keepalive_timeout: float = 30.0  # an idle HTTP connection closes after this
     workers: int = 1  # server processes sharing the ports (server/supervisor.py)
     allow_client_shm: bool = False  # clients may register system shared memory (server/shm.py)
     busy_poll_us: int = 0  # the loop polls this long after going idle (server/busy_poll.py)

@@ -261,3 +261,44 @@ def test_draining_answers_close_their_connection(tmp_path: Path) -> None:
         assert status == 503 and "shutting down" in json.loads(answer)["error"]
         assert headers["connection"] == "close"
         assert conn.closed_by_server()
+
+
+def test_idle_connections_close_after_the_keepalive_timeout(models: Path) -> None:
+    """`--http-keepalive-timeout`: a connection idle that long after its last answer is closed;
+    one that keeps sending requests stays open however long it lives, and closes once it too
+    has been idle for the timeout (measured from its own last answer)."""
+    timeout = 0.8
+    with serving(models, "--http-keepalive-timeout", str(timeout)) as proc:
+        head, body = infer_request(MLP, rows(11))
+        idle, busy = Connection(proc), Connection(proc)
+        idle.send(head + body)
+        assert idle.response()[0] == 200
+        idle_answered = time.monotonic()
+        for _ in range(12):  # 2.4 s of requests 0.2 s apart: three timeouts' worth
+            busy.send(head + body)
+            status, _, answer = busy.response()
+            assert status == 200
+            assert_close(scores(answer), expected(models, rows(11)))
+            busy_answered = time.monotonic()
+            time.sleep(0.2)
+        idle_closed = idle.closed_by_server()  # closed long ago: returns at once
+        assert idle_closed
+        assert busy.closed_by_server()
+        busy_closed = time.monotonic()
+        assert timeout - 0.05 <= busy_closed - busy_answered <= timeout + 1.0
+    assert busy_closed - idle_answered > 2 * timeout  # the busy one outlived the idle one
+
+
+def test_the_idle_connection_closes_on_time(models: Path) -> None:
+    """Closed no sooner than the timeout after the last answer, and not much later."""
+    timeout = 0.8
+    with serving(models, "--http-keepalive-timeout", str(timeout)) as proc:
+        head, body = infer_request(MLP, rows(12))
+        conn = Connection(proc)
+        for _ in range(2):
+            conn.send(head + body)
+            assert conn.response()[0] == 200
+            answered = time.monotonic()
+            time.sleep(timeout / 2)  # a second request inside the timeout: still open
+        assert conn.closed_by_server()
+        assert timeout - 0.05 <= time.monotonic() - answered <= timeout + 1.0
