@@ -32,9 +32,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import orjson
 import uvloop
 from h1_client import KeepAlivePool
-from peers import JSON_BODY, volley_repository
+from peers import FEATURES, JSON_BODY, volley_repository
 from serving import ceiling, free_port, machine, start, stop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +49,25 @@ from server.repository import ModelRepository  # noqa: E402
 CONCURRENCY = 64
 BODY = JSON_BODY
 HEADERS = {b"content-type": b"application/json", b"content-length": str(len(BODY)).encode()}
+
+
+def http_request(binary: bool) -> bytes:
+    """A whole single-row infer request to the fraud model: JSON, or binary tensor data both
+    ways as perf_analyzer sends it."""
+    if not binary:
+        body, extra = BODY, "Content-Type: application/json\r\n"
+    else:
+        row = bytes(np.full(FEATURES, 0.5, np.float32).data)
+        header = orjson.dumps({
+            "inputs": [{"name": "features", "datatype": "FP32", "shape": [1, FEATURES],
+                        "parameters": {"binary_data_size": len(row)}}],
+            "outputs": [{"name": name, "parameters": {"binary_data": True}}
+                        for name in ("score", "is_fraud")],
+        })  # fmt: skip
+        body = header + row
+        extra = f"Inference-Header-Content-Length: {len(header)}\r\n"
+    head = f"POST /v2/models/fraud/infer HTTP/1.1\r\nHost: volley\r\n{extra}"
+    return f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
 
 
 async def serve_requests(repository: Path, windows: int, per_task: int) -> list[float]:
@@ -88,16 +109,11 @@ def loop_instructions(requests: int) -> int:
         return int(re.search(r"^summary:\s+(\d+)", first_thread, re.M)[1])
 
 
-async def closed_loop(port: int, requests: int) -> None:
-    """`requests` JSON infer requests to the fraud model over CONCURRENCY connections, each
-    sending its next request when its answer comes; raises unless all are answered 200."""
+async def closed_loop(port: int, request: bytes, requests: int) -> None:
+    """`request` sent `requests` times over CONCURRENCY connections, each sending its next
+    request when its answer comes; raises unless all are answered 200."""
     pool = KeepAlivePool("127.0.0.1", port)
     await pool.open(CONCURRENCY)
-    head = (
-        "POST /v2/models/fraud/infer HTTP/1.1\r\nHost: volley\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(BODY)}\r\n\r\n"
-    )
-    request = head.encode() + BODY
     finished = asyncio.get_running_loop().create_future()
     sent = answered = 0
     failed: list[int] = []
@@ -122,7 +138,7 @@ async def closed_loop(port: int, requests: int) -> None:
         raise RuntimeError(f"{len(failed)} requests failed, e.g. with status {failed[0]}")
 
 
-def server_instructions(repository: Path, tree: Path, requests: int) -> int:
+def server_instructions(repository: Path, tree: Path, request: bytes, requests: int) -> int:
     """Instructions of a real server's event-loop thread per request (see the module doc)."""
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "callgrind.out"
@@ -134,10 +150,10 @@ def server_instructions(repository: Path, tree: Path, requests: int) -> int:
                "--log-level", "warning"]  # fmt: skip
         proc = start(cmd, f"http://127.0.0.1:{http}/v2/health/ready", cwd=tree)
         try:
-            uvloop.run(closed_loop(http, 500))  # warm-up, not counted
+            uvloop.run(closed_loop(http, request, 500))  # warm-up, not counted
             subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True,
                            capture_output=True)  # fmt: skip
-            uvloop.run(closed_loop(http, requests))
+            uvloop.run(closed_loop(http, request, requests))
             subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True,
                            capture_output=True)  # fmt: skip
             main_thread = next(Path(folder).glob("callgrind.out.*-01")).read_text()
@@ -166,14 +182,16 @@ def main() -> int:
     if args.whole_server:
         trees = [("this checkout", ROOT)] + ([(str(args.tree), args.tree)] if args.tree else [])
         print(
-            f"\nevent-loop instructions per fraud JSON request, whole server, c={CONCURRENCY}"
-            f", {args.requests} requests counted:\n\n| tree | instructions |\n|---|---:|"
+            f"\nevent-loop instructions per single-row fraud request, whole server, "
+            f"c={CONCURRENCY}, {args.requests} requests counted:\n\n"
+            "| tree | HTTP JSON | HTTP binary |\n|---|---:|---:|"
         )
         with tempfile.TemporaryDirectory() as folder:
             repository = volley_repository(args.models / "fraud", Path(folder))
             for name, tree in trees:
-                count = server_instructions(repository, tree, args.requests)
-                print(f"| {name} | {count / 1000:,.1f}k |")
+                requests = (http_request(binary) for binary in (False, True))
+                counts = [server_instructions(repository, tree, r, args.requests) for r in requests]
+                print(f"| {name} | " + " | ".join(f"{c / 1000:,.1f}k" for c in counts) + " |")
         return 0
     if args.instructions:
         short, long = 10 * CONCURRENCY, 100 * CONCURRENCY

@@ -112,7 +112,7 @@ def wait_for(url: str, timeout: float = 60) -> None:
         try:
             if requests.get(url, timeout=1).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not listening, or still busy
             pass
         time.sleep(0.2)
     raise TimeoutError(url)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import struct
+import sys
 
 import numpy as np
 
@@ -25,6 +26,11 @@ V2_TO_NUMPY: dict[str, np.dtype] = {
     "BYTES": np.dtype(np.object_),
 }
 NUMPY_TO_V2: dict[np.dtype, str] = {dtype: name for name, dtype in V2_TO_NUMPY.items()}
+NATIVE_IS_WIRE_ORDER = sys.byteorder == "little"
+# The wire's byte order (little-endian) of each fixed-size datatype, made once.
+WIRE_DTYPES: dict[str, np.dtype] = {
+    name: dtype.newbyteorder("<") for name, dtype in V2_TO_NUMPY.items() if name != "BYTES"
+}
 
 ONNX_TO_V2: dict[str, str] = {
     "tensor(bool)": "BOOL",
@@ -78,21 +84,24 @@ def tensor_from_bytes(raw: bytes | memoryview, datatype: str, shape: tuple[int, 
     count = element_count(shape)
     if datatype == "BYTES":
         return _bytes_from_wire(raw, count).reshape(shape)
-    dtype = numpy_dtype(datatype)
+    dtype = WIRE_DTYPES.get(datatype) or numpy_dtype(datatype)  # the latter: a 400
     expected = count * dtype.itemsize
     if len(raw) != expected:
         raise invalid(
             f"expected {expected} bytes for a {datatype} tensor of shape {list(shape)}, "
             f"got {len(raw)}"
         )
-    return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).reshape(shape)
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
 def tensor_to_bytes(array: np.ndarray) -> bytes:
     """Encode an array as v2 wire bytes (BYTES elements get 4-byte length prefixes)."""
-    if array.dtype == np.object_ or array.dtype.kind in "SU":
+    dtype = array.dtype
+    if dtype.kind in "OSU":
         return _bytes_to_wire(array)
-    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+    if dtype.byteorder == ">" or (dtype.byteorder == "=" and not NATIVE_IS_WIRE_ORDER):
+        array = array.astype(dtype.newbyteorder("<"))
+    return array.tobytes()  # row-major whatever the array's layout
 
 
 def _bytes_from_wire(raw: bytes | memoryview, count: int) -> np.ndarray:
