@@ -28,18 +28,19 @@ SIZE_PARAMETER = "shared_memory_byte_size"
 OFFSET_PARAMETER = "shared_memory_offset"
 
 
-def shared_memory_ref(parameters: dict, what: str) -> SharedMemoryRef | None:
-    """The region a tensor's parameters name (None: the tensor travels in the request)."""
+def shared_memory_ref(parameters: dict, kind: str, name: str) -> SharedMemoryRef | None:
+    """The region the parameters of tensor `name` (an "input" or "output": `kind`) name; None:
+    the tensor travels in the request."""
     if NAME_PARAMETER not in parameters:
         return None
     region = parameters[NAME_PARAMETER]
     size = parameters.get(SIZE_PARAMETER)
     offset = parameters.get(OFFSET_PARAMETER, 0)
     if not isinstance(region, str) or not region:
-        raise invalid(f"{NAME_PARAMETER} of {what} must be a non-empty string")
+        raise invalid(f"{NAME_PARAMETER} of {kind} '{name}' must be a non-empty string")
     for value, parameter in ((size, SIZE_PARAMETER), (offset, OFFSET_PARAMETER)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise invalid(f"{parameter} of {what} must be a non-negative integer")
+            raise invalid(f"{parameter} of {kind} '{name}' must be a non-negative integer")
     return SharedMemoryRef(region, size, offset)
 
 

@@ -63,7 +63,7 @@ def decode_request(request: pb.ModelInferRequest) -> InferenceRequest:
     for item in request.inputs:
         shape = tuple(item.shape)
         check_shape(shape, item.datatype, item.name)
-        shared = _shared_memory(item.parameters, f"input '{item.name}'")
+        shared = _shared_memory(item.parameters, "input", item.name)
         if shared is not None:
             if item.HasField("contents") and item.contents.ByteSize():
                 raise invalid(f"input '{item.name}' lies in shared memory: it takes no contents")
@@ -81,7 +81,7 @@ def decode_request(request: pb.ModelInferRequest) -> InferenceRequest:
             data = _from_contents(item, shape)
         tensors.append(InferTensor(item.name, item.datatype, shape, data))
     outputs = [
-        RequestedOutput(o.name, None, _shared_memory(o.parameters, f"output '{o.name}'"))
+        RequestedOutput(o.name, None, _shared_memory(o.parameters, "output", o.name))
         for o in request.outputs
     ]
     return InferenceRequest(
@@ -94,10 +94,10 @@ def decode_request(request: pb.ModelInferRequest) -> InferenceRequest:
     )
 
 
-def _shared_memory(parameters, what: str) -> SharedMemoryRef | None:
+def _shared_memory(parameters, kind: str, name: str) -> SharedMemoryRef | None:
     if NAME_PARAMETER not in parameters:
         return None
-    return shared_memory_ref({k: parameter_value(v) for k, v in parameters.items()}, what)
+    return shared_memory_ref({k: parameter_value(v) for k, v in parameters.items()}, kind, name)
 
 
 INT64_MIN, INT64_MAX, UINT64_MAX = -(2**63), 2**63 - 1, 2**64 - 1

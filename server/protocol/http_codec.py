@@ -115,9 +115,10 @@ def _placed_input(
 ) -> tuple[InferTensor, int] | None:
     """An input whose parameters place it in binary data or shared memory, and the bytes of
     binary data it takes; None for an input whose data is in the JSON."""
-    parameters = _object(parameters, f"parameters of input '{name}'")
+    if not isinstance(parameters, dict):
+        raise invalid(f"parameters of input '{name}' must be a JSON object")
     size = parameters.get("binary_data_size")
-    shared = shared_memory_ref(parameters, f"input '{name}'")
+    shared = shared_memory_ref(parameters, "input", name)
     if shared is not None:
         if "data" in item or size is not None:
             raise invalid(f"input '{name}' lies in shared memory: it takes no data")
@@ -197,13 +198,13 @@ def _decode_outputs(outputs: object) -> list[RequestedOutput]:
         if not isinstance(item, dict):
             raise invalid("each requested output must be a JSON object")
         name = _string(item.get("name"), "output name")
-        params = _object(item.get("parameters", {}), f"parameters of output '{name}'")
+        params = item.get("parameters", {})
+        if not isinstance(params, dict):
+            raise invalid(f"parameters of output '{name}' must be a JSON object")
         binary = params.get("binary_data")
         if binary is not None and not isinstance(binary, bool):
             raise invalid(f"binary_data of output '{name}' must be true or false")
-        requested.append(
-            RequestedOutput(name, binary, shared_memory_ref(params, f"output '{name}'"))
-        )
+        requested.append(RequestedOutput(name, binary, shared_memory_ref(params, "output", name)))
     return requested
 
 
