@@ -36,8 +36,10 @@ import numpy as np
 import orjson
 import uvloop
 from h1_client import KeepAlivePool
+from h2_client import UnaryClient
 from peers import FEATURES, JSON_BODY, volley_repository
 from serving import ceiling, free_port, machine, start, stop
+from tritonclient.grpc import service_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -109,11 +111,29 @@ def loop_instructions(requests: int) -> int:
         return int(re.search(r"^summary:\s+(\d+)", first_thread, re.M)[1])
 
 
-async def closed_loop(port: int, request: bytes, requests: int) -> None:
-    """`request` sent `requests` times over CONCURRENCY connections, each sending its next
-    request when its answer comes; raises unless all are answered 200."""
-    pool = KeepAlivePool("127.0.0.1", port)
-    await pool.open(CONCURRENCY)
+def grpc_message() -> bytes:
+    """A single-row `ModelInfer` message to the fraud model as perf_analyzer sends it (the input
+    in `raw_input_contents`, both outputs asked for)."""
+    request = pb.ModelInferRequest(model_name="fraud")
+    request.inputs.add(name="features", datatype="FP32", shape=[1, FEATURES])
+    request.raw_input_contents.append(bytes(np.full(FEATURES, 0.5, np.float32).data))
+    for name in ("score", "is_fraud"):
+        request.outputs.add(name=name)
+    return request.SerializeToString()
+
+
+async def closed_loop(port: int, request: bytes, requests: int, grpc: bool = False) -> None:
+    """`request` sent `requests` times, CONCURRENCY at a time, each next one sent when an answer
+    comes: over keep-alive HTTP/1.1 connections, or as gRPC `ModelInfer` calls on one HTTP/2
+    connection (as perf_analyzer does); raises unless all are answered 200 (gRPC: OK)."""
+    if grpc:
+        pool = UnaryClient(f"127.0.0.1:{port}", "/inference.GRPCInferenceService/ModelInfer")
+        await pool.connect()
+        ok = 0
+    else:
+        pool = KeepAlivePool("127.0.0.1", port)
+        await pool.open(CONCURRENCY)
+        ok = 200
     finished = asyncio.get_running_loop().create_future()
     sent = answered = 0
     failed: list[int] = []
@@ -121,7 +141,7 @@ async def closed_loop(port: int, request: bytes, requests: int) -> None:
     def done(status: int) -> None:
         nonlocal sent, answered
         answered += 1
-        if status != 200:
+        if status != ok:
             failed.append(status)
         if answered == requests:
             finished.set_result(None)
@@ -138,22 +158,25 @@ async def closed_loop(port: int, request: bytes, requests: int) -> None:
         raise RuntimeError(f"{len(failed)} requests failed, e.g. with status {failed[0]}")
 
 
-def server_instructions(repository: Path, tree: Path, request: bytes, requests: int) -> int:
+def server_instructions(
+    repository: Path, tree: Path, request: bytes, requests: int, grpc: bool = False
+) -> int:
     """Instructions of a real server's event-loop thread per request (see the module doc)."""
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "callgrind.out"
-        http = free_port()
+        http, grpc_port = free_port(), free_port()
         cmd = ["valgrind", "--tool=callgrind", "--separate-threads=yes", "--cache-sim=no",
                "--instr-atstart=no", f"--callgrind-out-file={out}", sys.executable, "-m",
                "server", "serve", "--model-repository", str(repository), "--host", "127.0.0.1",
-               "--http-port", str(http), "--grpc-port", str(free_port()), "--metrics-port", "0",
+               "--http-port", str(http), "--grpc-port", str(grpc_port), "--metrics-port", "0",
                "--log-level", "warning"]  # fmt: skip
+        port = grpc_port if grpc else http
         proc = start(cmd, f"http://127.0.0.1:{http}/v2/health/ready", cwd=tree)
         try:
-            uvloop.run(closed_loop(http, request, 500))  # warm-up, not counted
+            uvloop.run(closed_loop(port, request, 500, grpc))  # warm-up, not counted
             subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True,
                            capture_output=True)  # fmt: skip
-            uvloop.run(closed_loop(http, request, requests))
+            uvloop.run(closed_loop(port, request, requests, grpc))
             subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True,
                            capture_output=True)  # fmt: skip
             main_thread = next(Path(folder).glob("callgrind.out.*-01")).read_text()
@@ -184,13 +207,15 @@ def main() -> int:
         print(
             f"\nevent-loop instructions per single-row fraud request, whole server, "
             f"c={CONCURRENCY}, {args.requests} requests counted:\n\n"
-            "| tree | HTTP JSON | HTTP binary |\n|---|---:|---:|"
+            "| tree | HTTP JSON | HTTP binary | gRPC |\n|---|---:|---:|---:|"
         )
         with tempfile.TemporaryDirectory() as folder:
             repository = volley_repository(args.models / "fraud", Path(folder))
             for name, tree in trees:
-                requests = (http_request(binary) for binary in (False, True))
-                counts = [server_instructions(repository, tree, r, args.requests) for r in requests]
+                kinds = [(http_request(False), False), (http_request(True), False),
+                         (grpc_message(), True)]  # fmt: skip
+                counts = [server_instructions(repository, tree, request, args.requests, grpc)
+                          for request, grpc in kinds]  # fmt: skip
                 print(f"| {name} | " + " | ".join(f"{c / 1000:,.1f}k" for c in counts) + " |")
         return 0
     if args.instructions:

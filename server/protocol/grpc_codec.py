@@ -61,36 +61,40 @@ def decode_request(request: pb.ModelInferRequest) -> InferenceRequest:
     tensors = []
     raw_index = 0
     for item in request.inputs:
-        shape = tuple(item.shape)
-        check_shape(shape, item.datatype, item.name)
-        shared = _shared_memory(item.parameters, "input", item.name)
+        # Each read of a protobuf field makes a new Python object: read each once.
+        name, datatype, shape = item.name, item.datatype, tuple(item.shape)
+        check_shape(shape, datatype, name)
+        shared = _shared_memory(item.parameters, "input", name)
+        has_contents = item.HasField("contents") and item.contents.ByteSize()
         if shared is not None:
-            if item.HasField("contents") and item.contents.ByteSize():
-                raise invalid(f"input '{item.name}' lies in shared memory: it takes no contents")
-            tensors.append(InferTensor(item.name, item.datatype, shape, NO_DATA, shared))
+            if has_contents:
+                raise invalid(f"input '{name}' lies in shared memory: it takes no contents")
+            tensors.append(InferTensor(name, datatype, shape, NO_DATA, shared))
             continue
-        if raw and item.HasField("contents") and item.contents.ByteSize():
+        if raw and has_contents:
             raise invalid(
                 "contents field must not be specified when using raw_input_contents for "
-                f"'{item.name}' for model '{request.model_name}'"
+                f"'{name}' for model '{request.model_name}'"
             )
         if raw:
-            data = tensor_from_bytes(raw[raw_index], item.datatype, shape)
+            data = tensor_from_bytes(raw[raw_index], datatype, shape)
             raw_index += 1
         else:
             data = _from_contents(item, shape)
-        tensors.append(InferTensor(item.name, item.datatype, shape, data))
-    outputs = [
-        RequestedOutput(o.name, None, _shared_memory(o.parameters, "output", o.name))
-        for o in request.outputs
-    ]
+        tensors.append(InferTensor(name, datatype, shape, data))
+    outputs = []
+    for output in request.outputs:
+        name = output.name
+        shared = _shared_memory(output.parameters, "output", name)
+        outputs.append(RequestedOutput(name, None, shared))
+    parameters = request.parameters
     return InferenceRequest(
         model=request.model_name,
         version=request.model_version,
         inputs=tensors,
         id=request.id,
         outputs=outputs,
-        parameters={k: parameter_value(v) for k, v in request.parameters.items()},
+        parameters={k: parameter_value(v) for k, v in parameters.items()} if parameters else {},
     )
 
 
