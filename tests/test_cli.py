@@ -20,7 +20,7 @@ def test_serve_help_explains_every_flag():
     for flag in ("--model-repository", "--http-port", "--grpc-port", "--metrics-port",
                  "--poll-repository", "--max-request-bytes", "--shutdown-timeout",
                  "--log-level", "--host", "--model-control", "--load-model",
-                 "--strict-readiness", "--workers"):  # fmt: skip
+                 "--strict-readiness", "--workers", "--http-keepalive-timeout"):  # fmt: skip
         assert flag in out
     assert "(default: 8000)" in out and "(default: models)" in out
 
