@@ -112,7 +112,7 @@ class OnnxModel:
         inputs, rows = validate_inputs(self.config, request)
         check_outputs(self.config, request)
         timeout_us = queue_timeout_us(timeout_us, deadline_ns)
-        outputs = await self.batcher.infer(inputs, rows, timeout_us)
+        outputs, _, _ = await self.batcher.infer_timed(inputs, rows, timeout_us)
         return build_response(self.config, self.version, request, outputs)
 
     async def infer_tensors(
