@@ -84,7 +84,9 @@ def tensor_from_bytes(raw: bytes | memoryview, datatype: str, shape: tuple[int, 
     count = element_count(shape)
     if datatype == "BYTES":
         return _bytes_from_wire(raw, count).reshape(shape)
-    dtype = WIRE_DTYPES.get(datatype) or numpy_dtype(datatype)  # the latter: a 400
+    dtype = WIRE_DTYPES.get(datatype)
+    if dtype is None:
+        numpy_dtype(datatype)  # raises the 400 for a datatype Volley does not serve
     expected = count * dtype.itemsize
     if len(raw) != expected:
         raise invalid(

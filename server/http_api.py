@@ -136,12 +136,14 @@ class HttpFrontEnd:
             await _send_answer(send, _refusal_answer(status, message))
         return False
 
+    def _key_refusal(self, path: str, presented: str | None) -> tuple[bool, str] | None:
+        """(authenticated, why) for a call whose API key does not reach `path`, or None."""
+        needed = auth.http_scope(path)
+        return None if needed is None else auth.refusal(self.keys, presented, needed)
+
     def _refusal(self, path: str, presented: str | None, client: str) -> tuple[int, str] | None:
         """(401 or 403, why) for a call whose API key does not reach `path` (logged), or None."""
-        needed = auth.http_scope(path)
-        if needed is None:
-            return None
-        refused = auth.refusal(self.keys, presented, needed)
+        refused = self._key_refusal(path, presented)
         if refused is None:
             return None
         authenticated, message = refused
@@ -156,10 +158,8 @@ class HttpFrontEnd:
         unloading, or the server draining: `DataPlane.refusal`), made from its headers alone so
         its body need not be read or decoded; None when `answer_infer` must handle it (also
         for a call whose API key is refused: that answer says 401 / 403)."""
-        if self.keys is not None:
-            needed = auth.http_scope(route.string)
-            if needed is not None and auth.refusal(self.keys, _bearer(headers), needed):
-                return None  # `answer_infer` refuses it (and logs why)
+        if self.keys is not None and self._key_refusal(route.string, _bearer(headers)):
+            return None  # `answer_infer` refuses it (and logs why)
         error = self.dataplane.refusal(route[1], route[2] or "", "http")
         if error is None:
             return None

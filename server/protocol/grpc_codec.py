@@ -65,17 +65,16 @@ def decode_request(request: pb.ModelInferRequest) -> InferenceRequest:
         name, datatype, shape = item.name, item.datatype, tuple(item.shape)
         check_shape(shape, datatype, name)
         shared = _shared_memory(item.parameters, "input", name)
-        has_contents = item.HasField("contents") and item.contents.ByteSize()
-        if shared is not None:
-            if has_contents:
+        if (shared is not None or raw) and item.HasField("contents") and item.contents.ByteSize():
+            if shared is not None:
                 raise invalid(f"input '{name}' lies in shared memory: it takes no contents")
-            tensors.append(InferTensor(name, datatype, shape, NO_DATA, shared))
-            continue
-        if raw and has_contents:
             raise invalid(
                 "contents field must not be specified when using raw_input_contents for "
                 f"'{name}' for model '{request.model_name}'"
             )
+        if shared is not None:
+            tensors.append(InferTensor(name, datatype, shape, NO_DATA, shared))
+            continue
         if raw:
             data = tensor_from_bytes(raw[raw_index], datatype, shape)
             raw_index += 1
