@@ -15,8 +15,8 @@ CPU time on a shared VM moves by a quarter from minute to minute; `--instruction
 event-loop thread's instructions (valgrind's callgrind, `apt-get install valgrind`) for two run
 lengths and divides the difference by the extra requests: the same figure on every run, for
 comparing two versions of the code. `--whole-server` counts the same way in a real server (`python
--m server serve` under callgrind, instrumented only while a closed loop of 64 keep-alive
-connections sends it single-row JSON requests): the event-loop thread's user-space instructions
+-m server serve` under callgrind, instrumented only while a closed loop keeps 64 single-row
+requests in flight: HTTP JSON, HTTP binary, gRPC): the event-loop thread's user-space instructions
 per request, HTTP parsing, keep-alive, the task per request and the batch hand-offs included
 (the kernel's share of reads and writes is not counted).
 """
@@ -38,7 +38,7 @@ import uvloop
 from h1_client import KeepAlivePool
 from h2_client import UnaryClient
 from peers import FEATURES, JSON_BODY, volley_repository
-from serving import ceiling, free_port, machine, start, stop
+from serving import ceiling, machine, volley_running
 from tritonclient.grpc import service_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +51,7 @@ from server.repository import ModelRepository  # noqa: E402
 CONCURRENCY = 64
 BODY = JSON_BODY
 HEADERS = {b"content-type": b"application/json", b"content-length": str(len(BODY)).encode()}
+ROW = np.full(FEATURES, 0.5, np.float32).tobytes()  # JSON_BODY's row, as binary tensor data
 
 
 def http_request(binary: bool) -> bytes:
@@ -59,14 +60,13 @@ def http_request(binary: bool) -> bytes:
     if not binary:
         body, extra = BODY, "Content-Type: application/json\r\n"
     else:
-        row = bytes(np.full(FEATURES, 0.5, np.float32).data)
         header = orjson.dumps({
             "inputs": [{"name": "features", "datatype": "FP32", "shape": [1, FEATURES],
-                        "parameters": {"binary_data_size": len(row)}}],
+                        "parameters": {"binary_data_size": len(ROW)}}],
             "outputs": [{"name": name, "parameters": {"binary_data": True}}
                         for name in ("score", "is_fraud")],
         })  # fmt: skip
-        body = header + row
+        body = header + ROW
         extra = f"Inference-Header-Content-Length: {len(header)}\r\n"
     head = f"POST /v2/models/fraud/infer HTTP/1.1\r\nHost: volley\r\n{extra}"
     return f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
@@ -107,8 +107,13 @@ def loop_instructions(requests: int) -> int:
              "--windows", "0", "--requests", str(requests), "--only-serve"],
             check=True, capture_output=True,
         )  # fmt: skip
-        first_thread = Path(f"{out}-01").read_text()
-        return int(re.search(r"^summary:\s+(\d+)", first_thread, re.M)[1])
+        return callgrind_total(Path(f"{out}-01").read_text())
+
+
+def callgrind_total(profile: str) -> int:
+    """The instruction total of one thread's callgrind output (`summary:`, or `totals:` in a
+    dump taken with callgrind_control)."""
+    return int(re.search(r"^(?:summary|totals):\s+(\d+)", profile, re.M)[1])
 
 
 def grpc_message() -> bytes:
@@ -116,7 +121,7 @@ def grpc_message() -> bytes:
     in `raw_input_contents`, both outputs asked for)."""
     request = pb.ModelInferRequest(model_name="fraud")
     request.inputs.add(name="features", datatype="FP32", shape=[1, FEATURES])
-    request.raw_input_contents.append(bytes(np.full(FEATURES, 0.5, np.float32).data))
+    request.raw_input_contents.append(ROW)
     for name in ("score", "is_fraud"):
         request.outputs.add(name=name)
     return request.SerializeToString()
@@ -164,25 +169,17 @@ def server_instructions(
     """Instructions of a real server's event-loop thread per request (see the module doc)."""
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "callgrind.out"
-        http, grpc_port = free_port(), free_port()
-        cmd = ["valgrind", "--tool=callgrind", "--separate-threads=yes", "--cache-sim=no",
-               "--instr-atstart=no", f"--callgrind-out-file={out}", sys.executable, "-m",
-               "server", "serve", "--model-repository", str(repository), "--host", "127.0.0.1",
-               "--http-port", str(http), "--grpc-port", str(grpc_port), "--metrics-port", "0",
-               "--log-level", "warning"]  # fmt: skip
-        port = grpc_port if grpc else http
-        proc = start(cmd, f"http://127.0.0.1:{http}/v2/health/ready", cwd=tree)
-        try:
+        valgrind = ("valgrind", "--tool=callgrind", "--separate-threads=yes", "--cache-sim=no",
+                    "--instr-atstart=no", f"--callgrind-out-file={out}")  # fmt: skip
+        with volley_running(repository, tree=tree, launcher=valgrind) as volley:
+            port = int((volley.grpc if grpc else volley.http).rsplit(":", 1)[1])
+            pid = str(volley.proc.pid)
             uvloop.run(closed_loop(port, request, 500, grpc))  # warm-up, not counted
-            subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True,
-                           capture_output=True)  # fmt: skip
+            subprocess.run(["callgrind_control", "-i", "on", pid], check=True, capture_output=True)
             uvloop.run(closed_loop(port, request, requests, grpc))
-            subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True,
-                           capture_output=True)  # fmt: skip
+            subprocess.run(["callgrind_control", "-d", pid], check=True, capture_output=True)
             main_thread = next(Path(folder).glob("callgrind.out.*-01")).read_text()
-        finally:
-            stop(proc)
-        return int(re.search(r"^(?:summary|totals):\s+(\d+)", main_thread, re.M)[1]) // requests
+        return callgrind_total(main_thread) // requests
 
 
 def main() -> int:

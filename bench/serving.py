@@ -216,12 +216,14 @@ def start_volley(
     env: dict | None = None,
     serve: tuple[str, ...] = ("-m", "server", "serve"),
     tree: Path = ROOT,
+    launcher: tuple[str, ...] = (),
 ) -> Volley:
     """`python -m server serve` (or `python *serve`) over `repository` on free loopback ports
     (metrics on the HTTP port), once ready; extra command-line `flags` are passed on, `env`
-    added; `tree`: the checkout whose code runs (see `start`)."""
+    added; `tree`: the checkout whose code runs (see `start`); `launcher`: a command that runs
+    Python (valgrind, say)."""
     http, grpc = free_port(), free_port()
-    cmd = [sys.executable, *serve, "--model-repository", str(repository),
+    cmd = [*launcher, sys.executable, *serve, "--model-repository", str(repository),
            "--host", "127.0.0.1", "--http-port", str(http), "--grpc-port", str(grpc),
            "--metrics-port", "0", "--log-level", "warning", *flags]  # fmt: skip
     proc = start(cmd, f"http://127.0.0.1:{http}/v2/health/ready", env, tree)
@@ -229,9 +231,11 @@ def start_volley(
 
 
 @contextmanager
-def volley_running(repository: Path, *flags: str, tree: Path = ROOT) -> Iterator[Volley]:
+def volley_running(
+    repository: Path, *flags: str, tree: Path = ROOT, launcher: tuple[str, ...] = ()
+) -> Iterator[Volley]:
     """`start_volley` for the length of a `with` block, stopped after it."""
-    volley = start_volley(repository, *flags, tree=tree)
+    volley = start_volley(repository, *flags, tree=tree, launcher=launcher)
     try:
         yield volley
     finally:
