@@ -106,7 +106,7 @@ class DataPlane:
             if shared:
                 self._read_shared_inputs(request)
             served = self.repository.get(request.model, request.version)
-            timeout_us = request_timeout_us(request.parameters)
+            timeout_us = request_timeout_us(request.parameters) if request.parameters else 0
             # No await between the lookup and the hand-over: a reload cannot slip in between.
             response = await served.model.infer(request, timeout_us, deadline_ns)
             if shared:

@@ -112,7 +112,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             if isinstance(request, Malformed):
                 raise invalid(request.message)
-            self.dataplane.admit(grpc_peer_address(context.peer()))
+            if self.dataplane.rate_limiter is not None:
+                self.dataplane.admit(grpc_peer_address(context.peer()))
             decoded = grpc_codec.decode_request(request)
             remaining = context.time_remaining()
             if remaining is not None and "timeout" not in decoded.parameters:

@@ -190,7 +190,6 @@ class HttpFrontEnd:
             header_length, large = self._check_headers(headers)
             if large:  # streamed to the decoder process as it arrives
                 try:
-                    self._check_declared_size(headers)
                     chunks = self._body_chunks(receive)
                     request = await self.offload.decode(chunks, header_length, model, version)
                 finally:
@@ -226,18 +225,23 @@ class HttpFrontEnd:
         )
 
     def _check_headers(self, headers: dict[bytes, bytes]) -> tuple[int | None, bool]:
-        """Check what the headers tell before the body is read: the JSON part's size (413), and
-        for a large uncompressed one a decoder slot (429). Returns the binary header length and
-        whether a slot was taken (the body then streams to the decoder)."""
+        """Check what the headers tell before the body is read: the JSON part's size and the
+        body's (413), and for a large uncompressed JSON part a decoder slot (429). Returns the
+        binary header length and whether a slot was taken (the body then streams to the
+        decoder)."""
         header_length = _int_header(headers.get(b"inference-header-content-length"))
-        identity = headers.get(b"content-encoding", b"identity").lower() == b"identity"
-        declared = header_length
-        if declared is None and identity:
-            declared = _int_header(headers.get(b"content-length"))
-        if declared is None:
-            return header_length, False
-        self._check_json_size(declared)
-        if declared <= OFFLOAD_BYTES or not identity:
+        length = _int_header(headers.get(b"content-length"))
+        encoding = headers.get(b"content-encoding")
+        identity = encoding is None or encoding.lower() == b"identity"
+        declared = header_length if header_length is not None or not identity else length
+        if declared is not None:
+            self._check_json_size(declared)
+        if length is not None and length > self.max_request_bytes:
+            raise VolleyError(
+                ErrorKind.TOO_LARGE,
+                f"request body of {length} bytes exceeds {self.max_request_bytes} bytes",
+            )
+        if declared is None or declared <= OFFLOAD_BYTES or not identity:
             return header_length, False
         self.offload.reserve()
         return header_length, True
@@ -266,8 +270,8 @@ class HttpFrontEnd:
             )
 
     async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
-        """The whole body, decompressed (gzip, deflate), within --max-request-bytes."""
-        self._check_declared_size(headers)
+        """The whole body, decompressed (gzip, deflate), within --max-request-bytes (its declared
+        length was checked by `_check_headers`)."""
         first = await receive()  # most bodies arrive in one message
         if first["type"] == "http.request" and not first.get("more_body", False):
             body = first["body"]
@@ -275,21 +279,15 @@ class HttpFrontEnd:
                 raise self._too_large()
         else:
             body = b"".join([chunk async for chunk in self._body_chunks(receive, first)])
-        encoding = headers.get(b"content-encoding", b"identity").lower()
+        encoding = headers.get(b"content-encoding")
+        if encoding is None:
+            return body
+        encoding = encoding.lower()
         if encoding in (b"gzip", b"deflate"):
-            body = _decompress(body, encoding, self.max_request_bytes)
-        elif encoding != b"identity":
+            return _decompress(body, encoding, self.max_request_bytes)
+        if encoding != b"identity":
             raise invalid(f"unsupported Content-Encoding '{encoding.decode(errors='replace')}'")
         return body
-
-    def _check_declared_size(self, headers: dict[bytes, bytes]) -> None:
-        """413 for a Content-Length past --max-request-bytes, before any of the body is read."""
-        declared = _int_header(headers.get(b"content-length"))
-        if declared is not None and declared > self.max_request_bytes:
-            raise VolleyError(
-                ErrorKind.TOO_LARGE,
-                f"request body of {declared} bytes exceeds {self.max_request_bytes} bytes",
-            )
 
     def _too_large(self) -> VolleyError:
         return VolleyError(

@@ -66,7 +66,8 @@ class VolleyHttpProtocol(HttpToolsProtocol):
         self.server_state.total_requests += 1
         if self.transport.is_closing():
             return
-        self.flow.resume_reading()
+        if self.flow.read_paused:
+            self.flow.resume_reading()
         if self.pipeline:
             cycle, app = self.pipeline.pop()
             self._start_asgi_task(cycle, app)
@@ -244,17 +245,18 @@ class InferExchange:
 
     async def receive(self) -> dict:
         """The body so far as an ASGI `http.request` message (or `http.disconnect`)."""
-        transport = self.protocol.transport
-        if self.expect_continue and not transport.is_closing():
-            transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        protocol = self.protocol
+        if self.expect_continue and not protocol.transport.is_closing():
+            protocol.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             self.expect_continue = False
         while not self.chunks and self.more_body and not self.disconnected:
-            self.protocol.flow.resume_reading()
-            await self.message_event.wait(self.protocol.loop)
+            protocol.flow.resume_reading()
+            await self.message_event.wait(protocol.loop)
         if self.disconnected:
             return {"type": "http.disconnect"}
         chunks, self.chunks, self.buffered = self.chunks, [], 0
-        self.protocol.flow.resume_reading()
+        if protocol.flow.read_paused:  # by `add_body`, past HIGH_WATER_LIMIT
+            protocol.flow.resume_reading()
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         return {"type": "http.request", "body": body, "more_body": self.more_body}
 

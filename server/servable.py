@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -98,6 +99,7 @@ class OnnxModel:
         self.provider = provider
         self.metadata = metadata  # the ONNX file's metadata_props (class names, input size...)
         self.source = source  # the ONNX file, for variants of the graph
+        self._outputs = {spec.name: spec for spec in config.outputs}  # in config order
         self._variants: dict[tuple, OnnxModel] = {}
         self._variant_lock = asyncio.Lock()
 
@@ -110,10 +112,11 @@ class OnnxModel:
     ) -> InferenceResponse:
         """Validate against the config before queueing, so a bad request fails alone."""
         inputs, rows = validate_inputs(self.config, request)
-        check_outputs(self.config, request)
+        if request.outputs:
+            check_outputs(self.config.name, self._outputs, request)
         timeout_us = queue_timeout_us(timeout_us, deadline_ns)
         outputs, _, _ = await self.batcher.infer_timed(inputs, rows, timeout_us)
-        return build_response(self.config, self.version, request, outputs)
+        return build_response(self.config.name, self.version, self._outputs, request, outputs)
 
     async def infer_tensors(
         self, inputs: Tensors, rows: int, timeout_us: int = 0
@@ -243,30 +246,31 @@ def validate_inputs(
     return inputs, max(rows, 1)
 
 
-def check_outputs(config: ModelConfig, request: InferenceRequest) -> None:
-    """Every requested output must exist (checked before the request is queued)."""
-    if not request.outputs:
-        return
-    specs = {t.name for t in config.outputs}
+def check_outputs(
+    model: str, outputs: Mapping[str, TensorConfig], request: InferenceRequest
+) -> None:
+    """Every output requested from `model` (whose outputs by name are `outputs`) must exist;
+    checked before the request is queued."""
     for output in request.outputs:
-        if output.name not in specs:
+        if output.name not in outputs:
             raise invalid(
-                f"unknown output '{output.name}' requested from model '{config.name}', "
-                f"it has {sorted(specs)}"
+                f"unknown output '{output.name}' requested from model '{model}', "
+                f"it has {sorted(outputs)}"
             )
 
 
 def build_response(
-    config: ModelConfig, version: str, request: InferenceRequest, outputs: dict[str, np.ndarray]
+    model: str,
+    version: str,
+    specs: Mapping[str, TensorConfig],
+    request: InferenceRequest,
+    outputs: dict[str, np.ndarray],
 ) -> InferenceResponse:
-    """Pick the requested outputs (all when none are named) and describe them."""
-    if request.outputs:
-        specs = {t.name: t for t in config.outputs}
-        chosen = [specs[o.name] for o in request.outputs]
-    else:
-        chosen = config.outputs
-    tensors = [
-        InferTensor(spec.name, spec.datatype, outputs[spec.name].shape, outputs[spec.name])
-        for spec in chosen
-    ]
-    return InferenceResponse(config.name, version, request.id, tensors)
+    """Pick the requested outputs (all when none are named; `specs`: the model's outputs by
+    name, in config order) and describe them."""
+    chosen = [specs[o.name] for o in request.outputs] if request.outputs else specs.values()
+    tensors = []
+    for spec in chosen:
+        data = outputs[spec.name]
+        tensors.append(InferTensor(spec.name, spec.datatype, data.shape, data))
+    return InferenceResponse(model, version, request.id, tensors)

@@ -55,10 +55,13 @@ class InferenceRequest:
     @property
     def shared_memory(self) -> bool:
         """Whether some input or output names a shared-memory region."""
-        for tensor in self.inputs:  # a loop: cheaper than any() over a generator, per request
+        for tensor in self.inputs:  # loops: cheaper than any() over a generator, per request
             if tensor.shared_memory is not None:
                 return True
-        return any(output.shared_memory for output in self.outputs) if self.outputs else False
+        for output in self.outputs:  # noqa: SIM110 - see above
+            if output.shared_memory is not None:
+                return True
+        return False
 
 
 @dataclass

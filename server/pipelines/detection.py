@@ -128,6 +128,7 @@ class DetectionPipeline:
     def __init__(self, config: DetectionConfig, lookup: ModelLookup, stats: ModelStats) -> None:
         self.detection = config
         self.config = pipeline_model_config(config)
+        self._outputs = {spec.name: spec for spec in self.config.outputs}
         self.version = "1"
         self.stats = stats
         self.provider = "CPUExecutionProvider"  # pre/post-processing runs on the host
@@ -241,7 +242,7 @@ class DetectionPipeline:
     ) -> InferenceResponse:
         plan = self.plan()
         options = detect_options(request.parameters, self.detection, plan.class_names)
-        check_outputs(self.config, request)
+        check_outputs(self.config.name, self._outputs, request)
         loop = asyncio.get_running_loop()
         model, uint8 = await self._feed(plan)
 

@@ -64,14 +64,15 @@ def _our_settings(max_streams: int) -> bytes:
     )
 
 
+# A frame's 9-byte header: the 24-bit length as its top 16 bits and its low 8, then the type,
+# the flags and the stream id (whose reserved top bit is masked off on reading).
+FRAME_HEADER = struct.Struct(">HBBBI")
+
+
 def frame(kind: int, flags: int, stream_id: int, payload: bytes | memoryview = b"") -> bytes:
     """One frame: the 9-byte header, then the payload."""
     size = len(payload)
-    return (
-        bytes((size >> 16, (size >> 8) & 255, size & 255, kind, flags))
-        + stream_id.to_bytes(4, "big")
-        + payload
-    )
+    return FRAME_HEADER.pack(size >> 8, size & 255, kind, flags, stream_id) + payload
 
 
 def _hpack_int(value: int, prefix_bits: int, first: int = 0) -> bytes:
@@ -222,6 +223,11 @@ class Stream:
         if self.closed:
             return
         connection = self.connection
+        if message is not None and trailers is not None and not self.headers_sent:
+            size = len(message) + 5
+            if size <= min(self.send_window, connection.send_window, connection.peer_max_frame):
+                self._respond_at_once(headers, message, trailers)
+                return
         if not self.headers_sent:
             self.headers_sent = True
             connection.send(frame(HEADERS, END_HEADERS, self.id, headers))
@@ -230,6 +236,25 @@ class Stream:
         if trailers is not None:
             self.trailers = trailers
         self.flush()
+
+    def _respond_at_once(self, headers: bytes, message: bytes, trailers: bytes) -> None:
+        """A whole answer that the windows let through (most unary answers): its headers, its
+        message in one DATA frame and its trailers, in one buffer."""
+        size = len(message) + 5
+        self.send_window -= size
+        self.connection.send_window -= size
+        self.headers_sent = self.closed = True
+        self.connection.send(
+            b"".join((
+                frame(HEADERS, END_HEADERS, self.id, headers),
+                FRAME_HEADER.pack(size >> 8, size & 255, DATA, 0, self.id),
+                b"\x00", len(message).to_bytes(4, "big"), message,
+                frame(HEADERS, END_HEADERS | END_STREAM, self.id, trailers),
+            ))
+        )  # fmt: skip
+        if self.writable is not None:
+            self.writable.set()
+        self.connection.end_stream(self)
 
     def finish(self, trailers: bytes) -> None:
         """End the stream with one header block (a call answered by its status alone)."""
@@ -430,15 +455,14 @@ class Connection(asyncio.Protocol):
         received = 0
         view = memoryview(buffer)  # frame payloads are views: no copy until a message is whole
         while size - offset >= 9:
-            length = int.from_bytes(buffer[offset : offset + 3], "big")
+            high, low, kind, flags, stream_id = FRAME_HEADER.unpack_from(buffer, offset)
+            length = high << 8 | low
             if length > MAX_FRAME:
                 raise _ConnectionError(FRAME_SIZE_ERROR, f"frame of {length} bytes")
             end = offset + 9 + length
             if end > size:
                 break
-            kind = buffer[offset + 3]
-            flags = buffer[offset + 4]
-            stream_id = int.from_bytes(buffer[offset + 5 : offset + 9], "big") & 0x7FFFFFFF
+            stream_id &= 0x7FFFFFFF
             payload = view[offset + 9 : end]
             offset = end
             if self._continuing is not None and kind != CONTINUATION:

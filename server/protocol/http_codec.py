@@ -30,6 +30,7 @@ from server.types import (
 )
 
 INT_ONLY = frozenset({int})
+ABSENT = object()  # a member missing from a JSON object (unlike one that is null)
 FLOATS = frozenset({"FP16", "FP32", "FP64"})
 
 
@@ -66,14 +67,19 @@ def decode_request(
             f"{len(binary) - offset} bytes of binary data are not claimed by any input's "
             "binary_data_size"
         )
+    request_id = doc.get("id", "")
+    if type(request_id) is not str:  # orjson gives exact types
+        raise invalid("id must be a string")
+    parameters = doc.get("parameters", ABSENT)
+    if parameters is ABSENT:
+        parameters = {}
+    elif type(parameters) is not dict:
+        raise invalid("parameters must be a JSON object")
+    outputs = doc.get("outputs", ABSENT)
     return InferenceRequest(
-        model=model,
-        version=version,
-        inputs=tensors,
-        id=_string(doc.get("id", ""), "id"),
-        outputs=_decode_outputs(doc["outputs"]) if "outputs" in doc else [],
-        parameters=_object(doc.get("parameters", {}), "parameters"),
-    )
+        model, version, tensors, request_id,
+        [] if outputs is ABSENT else _decode_outputs(outputs), parameters,
+    )  # fmt: skip
 
 
 def _decode_input(item: object, binary: memoryview) -> tuple[InferTensor, int]:
@@ -197,27 +203,20 @@ def _decode_outputs(outputs: object) -> list[RequestedOutput]:
     for item in outputs:
         if not isinstance(item, dict):
             raise invalid("each requested output must be a JSON object")
-        name = _string(item.get("name"), "output name")
-        params = item.get("parameters", {})
-        if not isinstance(params, dict):
+        name = item.get("name")
+        if type(name) is not str:  # orjson gives exact types
+            raise invalid("output name must be a string")
+        params = item.get("parameters", ABSENT)
+        if params is ABSENT:
+            requested.append(RequestedOutput(name))
+            continue
+        if type(params) is not dict:
             raise invalid(f"parameters of output '{name}' must be a JSON object")
         binary = params.get("binary_data")
-        if binary is not None and not isinstance(binary, bool):
+        if binary is not None and type(binary) is not bool:
             raise invalid(f"binary_data of output '{name}' must be true or false")
         requested.append(RequestedOutput(name, binary, shared_memory_ref(params, "output", name)))
     return requested
-
-
-def _string(value: object, what: str) -> str:
-    if not isinstance(value, str):
-        raise invalid(f"{what} must be a string")
-    return value
-
-
-def _object(value: object, what: str) -> dict:
-    if not isinstance(value, dict):
-        raise invalid(f"{what} must be a JSON object")
-    return value
 
 
 def encode_response(
