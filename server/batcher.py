@@ -125,6 +125,11 @@ class Batcher:
             thread.start()
 
     @property
+    def max_queue(self) -> int:
+        """Requests it queues before refusing more (`max_queue_size`)."""
+        return self._max_queue
+
+    @property
     def queued(self) -> int:
         """Requests waiting for a batch."""
         return len(self._queue)

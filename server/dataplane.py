@@ -20,6 +20,7 @@ from server.errors import (
     shared_memory_unsupported,
     unavailable,
 )
+from server.held import HELD
 from server.ratelimit import RateLimiter
 from server.repository import ModelRepository
 from server.servable import FramePolicy
@@ -128,10 +129,15 @@ class DataPlane:
         when it would be taken, or when the lookup fails (its full handling reports that).
 
         A cheap early answer: at 3x overload most requests are refused, and decoding each only
-        to refuse it takes CPU from the ones being served."""
+        to refuse it takes CPU from the ones being served. While the server holds fewer requests
+        than the smallest queue limit, no queue can be full (each queued request is held), so
+        nothing is looked up: what is refused then (an unloading version) is refused by `infer`.
+        """
         if self.draining:
             error = unavailable("server is shutting down")
             version = ""
+        elif HELD.count < self.repository.smallest_queue_limit:
+            return None
         else:
             try:
                 served = self.repository.get(model, version)

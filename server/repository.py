@@ -122,6 +122,12 @@ class ModelRepository:
         self.models: dict[str, ModelEntry] = {}
         # Models the server should serve (readiness): None = every model on disk.
         self.wanted: set[str] | None = set() if control == "explicit" else None
+        # The smallest `queue_limit` of the versions serving: `DataPlane.refusal` reads it.
+        self.smallest_queue_limit = 0
+
+    def _measure_queue_limits(self) -> None:
+        limits = [v.model.queue_limit for e in self.models.values() for v in e.versions.values()]
+        self.smallest_queue_limit = min(limits, default=0)
 
     def names_on_disk(self) -> list[str]:
         """Model folders present in the repository (a symlink leading out of it is skipped)."""
@@ -297,6 +303,7 @@ class ModelRepository:
                 ) from None
             retired = [v for k, v in entry.versions.items() if loaded.get(k) is not v]
             entry.versions = loaded
+            self._measure_queue_limits()
             entry.fingerprint = fingerprint
             entry.state = ModelState.READY if loaded else ModelState.UNAVAILABLE
             entry.reason = "" if loaded else "no version folder with a model.onnx"
@@ -395,6 +402,7 @@ class ModelRepository:
         async with entry.lock:
             retired = list(entry.versions.values())
             entry.versions = {}
+            self._measure_queue_limits()
             entry.state = ModelState.UNLOADING
             await self._retire(retired)
             entry.state = ModelState.UNAVAILABLE

@@ -41,6 +41,7 @@ class Servable(Protocol):
     stats: ModelStats
     provider: str
     frame_policy: FramePolicy | None  # None: stream requests are plain concurrent requests
+    queue_limit: int  # requests it takes in before `refusal` says it is full
 
     @property
     def ready(self) -> bool:
@@ -100,6 +101,7 @@ class OnnxModel:
         self.metadata = metadata  # the ONNX file's metadata_props (class names, input size...)
         self.source = source  # the ONNX file, for variants of the graph
         self._outputs = {spec.name: spec for spec in config.outputs}  # in config order
+        self.queue_limit = batcher.max_queue
         self._variants: dict[tuple, OnnxModel] = {}
         self._variant_lock = asyncio.Lock()
 
