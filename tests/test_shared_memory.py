@@ -210,6 +210,51 @@ def test_bad_regions_and_references_are_refused(server: VolleyProcess, regions: 
         g.close()
 
 
+def test_a_grpc_input_in_shared_memory_takes_no_contents(
+    server: VolleyProcess, regions: list
+) -> None:
+    """A gRPC input that names a registered region and also carries its values, typed or raw,
+    is refused with INVALID_ARGUMENT naming the input; the same input without them is served."""
+    rows = features(3)
+    name, key, handle = region(regions, rows.nbytes)
+    shm.set_shared_memory_region(handle, [rows])
+    g = grpcclient.InferenceServerClient(server.grpc)
+    g.register_system_shared_memory(name, key, rows.nbytes)
+
+    def request(contents: str) -> pb.ModelInferRequest:
+        message = pb.ModelInferRequest(model_name="fraud")
+        tensor = message.inputs.add(name="features", datatype="FP32", shape=[ROWS, FEATURES])
+        tensor.parameters["shared_memory_region"].string_param = name
+        tensor.parameters["shared_memory_byte_size"].int64_param = rows.nbytes
+        if contents == "typed":
+            tensor.contents.fp32_contents.extend(rows.ravel().tolist())
+        elif contents == "raw":
+            message.raw_input_contents.append(rows.tobytes())
+        return message
+
+    try:
+        with grpc.insecure_channel(server.grpc) as channel:
+            call = channel.unary_unary(
+                "/inference.GRPCInferenceService/ModelInfer",
+                request_serializer=pb.ModelInferRequest.SerializeToString,
+                response_deserializer=pb.ModelInferResponse.FromString,
+            )
+            for contents, message in (
+                ("typed", "input 'features' lies in shared memory: it takes no contents"),
+                ("raw", "1 raw_input_contents for 0 inputs"),
+            ):
+                with pytest.raises(grpc.RpcError) as refusal:
+                    call(request(contents), timeout=60)
+                assert refusal.value.code() == grpc.StatusCode.INVALID_ARGUMENT, contents
+                assert message in refusal.value.details(), refusal.value.details()
+            answer = call(request("none"), timeout=60)
+        scores = np.frombuffer(answer.raw_output_contents[0], np.float32)
+        assert scores.shape == (ROWS,) and np.all((scores >= 0) & (scores <= 1)), scores
+    finally:
+        g.unregister_system_shared_memory()
+        g.close()
+
+
 def test_off_unless_allowed(tmp_path: Path) -> None:
     """Without --allow-client-shm a region cannot be registered (501), an inference naming one
     is refused, and the server does not list the extension."""

@@ -15,7 +15,7 @@ from server.datatypes import (
     tensor_from_bytes,
     tensor_to_bytes,
 )
-from server.errors import invalid
+from server.errors import VolleyError, invalid
 from server.shm import NAME_PARAMETER, OFFSET_PARAMETER, SIZE_PARAMETER, shared_memory_ref
 from server.types import (
     NO_DATA,
@@ -54,10 +54,7 @@ def decode_request(request: pb.ModelInferRequest) -> InferenceRequest:
     if raw and len(raw) != len(request.inputs):
         in_request = sum(NAME_PARAMETER not in i.parameters for i in request.inputs)
         if len(raw) != in_request:
-            raise invalid(
-                f"{len(raw)} raw_input_contents for {in_request} inputs: give one per input "
-                "(none for an input in shared memory)"
-            )
+            raise _raw_count_error(len(raw), in_request)
     tensors = []
     raw_index = 0
     for item in request.inputs:
@@ -81,6 +78,8 @@ def decode_request(request: pb.ModelInferRequest) -> InferenceRequest:
         else:
             data = _from_contents(item, shape)
         tensors.append(InferTensor(name, datatype, shape, data))
+    if raw_index != len(raw):  # as many as inputs, but some of those are in shared memory
+        raise _raw_count_error(len(raw), raw_index)
     outputs = []
     for output in request.outputs:
         name = output.name
@@ -94,6 +93,13 @@ def decode_request(request: pb.ModelInferRequest) -> InferenceRequest:
         id=request.id,
         outputs=outputs,
         parameters={k: parameter_value(v) for k, v in parameters.items()} if parameters else {},
+    )
+
+
+def _raw_count_error(raw: int, in_request: int) -> VolleyError:
+    return invalid(
+        f"{raw} raw_input_contents for {in_request} inputs: give one per input "
+        "(none for an input in shared memory)"
     )
 
 
