@@ -168,13 +168,19 @@ class HttpFrontEnd:
         )
 
     async def answer_infer(
-        self, route: re.Match, headers: dict[bytes, bytes], client: str, receive: Receive
+        self,
+        route: re.Match,
+        headers: dict[bytes, bytes],
+        client: str,
+        receive: Receive,
+        body: bytes | None = None,
     ) -> Answer:
         """Answer one `POST /v2/models/{model}[/versions/{version}]/infer` (`route`: its path
         matched by INFER_ROUTE); never raises.
 
-        `receive` yields the body as ASGI `http.request` messages; `client` is the peer's
-        address (for the rate limit and the log).
+        `receive` yields the body as ASGI `http.request` messages, unless the caller passes the
+        whole `body` (the connection read it with the headers); `client` is the peer's address
+        (for the rate limit and the log).
         """
         model, version = route[1], route[2] or ""
         if self.keys is not None:
@@ -186,16 +192,20 @@ class HttpFrontEnd:
                 return _refusal_answer(status, message)
         body_read = reached = False
         try:
-            self.dataplane.admit(client)
+            if self.dataplane.rate_limiter is not None:
+                self.dataplane.admit(client)
             header_length, large = self._check_headers(headers)
             if large:  # streamed to the decoder process as it arrives
                 try:
-                    chunks = self._body_chunks(receive)
+                    chunks = self._body_chunks(receive) if body is None else _one(body)
                     request = await self.offload.decode(chunks, header_length, model, version)
                 finally:
                     self.offload.release()
             else:
-                body = await self._read_body(headers, receive)
+                if body is None:
+                    body = await self._read_body(headers, receive)
+                else:
+                    body = self._whole_body(headers, body)
                 body_read = True
                 request = await self._decode(body, header_length, model, version)
             body_read = reached = True  # from here on the data plane counts the outcome
@@ -270,15 +280,17 @@ class HttpFrontEnd:
             )
 
     async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
-        """The whole body, decompressed (gzip, deflate), within --max-request-bytes (its declared
-        length was checked by `_check_headers`)."""
+        """The whole body, as `_whole_body` gives it."""
         first = await receive()  # most bodies arrive in one message
         if first["type"] == "http.request" and not first.get("more_body", False):
-            body = first["body"]
-            if len(body) > self.max_request_bytes:
-                raise self._too_large()
-        else:
-            body = b"".join([chunk async for chunk in self._body_chunks(receive, first)])
+            return self._whole_body(headers, first["body"])
+        body = b"".join([chunk async for chunk in self._body_chunks(receive, first)])
+        return self._whole_body(headers, body)
+
+    def _whole_body(self, headers: dict[bytes, bytes], body: bytes) -> bytes:
+        """`body`, all of it, within --max-request-bytes and decompressed (gzip, deflate)."""
+        if len(body) > self.max_request_bytes:
+            raise self._too_large()
         encoding = headers.get(b"content-encoding")
         if encoding is None:
             return body

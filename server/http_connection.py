@@ -243,6 +243,17 @@ class InferExchange:
         self.more_body = False
         self.message_event.set()
 
+    def take_whole_body(self) -> bytes | None:
+        """The body, taken, if all of it has been read (as it mostly has by the time the exchange
+        runs: it came with the headers) and no `100 Continue` is due; else None, and `receive`
+        gives it as it comes."""
+        if self.more_body or self.expect_continue or self.disconnected:
+            return None
+        chunks, self.chunks, self.buffered = self.chunks, [], 0
+        if self.protocol.flow.read_paused:
+            self.protocol.flow.resume_reading()
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
     async def receive(self) -> dict:
         """The body so far as an ASGI `http.request` message (or `http.disconnect`)."""
         protocol = self.protocol
@@ -266,7 +277,7 @@ class InferExchange:
         client = protocol.client[0] if protocol.client else "?"
         try:
             answer = await protocol.front_end.answer_infer(
-                self.route, self.headers, client, self.receive
+                self.route, self.headers, client, self.receive, self.take_whole_body()
             )
             if self.disconnected:
                 return
