@@ -197,7 +197,10 @@ class HttpFrontEnd:
             header_length, large = self._check_headers(headers)
             if large:  # streamed to the decoder process as it arrives
                 try:
-                    chunks = self._body_chunks(receive) if body is None else _one(body)
+                    if body is None:
+                        chunks = self._body_chunks(receive)
+                    else:
+                        chunks = _one(self._within_limit(body))
                     request = await self.offload.decode(chunks, header_length, model, version)
                 finally:
                     self.offload.release()
@@ -289,8 +292,7 @@ class HttpFrontEnd:
 
     def _whole_body(self, headers: dict[bytes, bytes], body: bytes) -> bytes:
         """`body`, all of it, within --max-request-bytes and decompressed (gzip, deflate)."""
-        if len(body) > self.max_request_bytes:
-            raise self._too_large()
+        body = self._within_limit(body)
         encoding = headers.get(b"content-encoding")
         if encoding is None:
             return body
@@ -299,6 +301,12 @@ class HttpFrontEnd:
             return _decompress(body, encoding, self.max_request_bytes)
         if encoding != b"identity":
             raise invalid(f"unsupported Content-Encoding '{encoding.decode(errors='replace')}'")
+        return body
+
+    def _within_limit(self, body: bytes) -> bytes:
+        """`body`, or a 413 where it is larger than --max-request-bytes."""
+        if len(body) > self.max_request_bytes:
+            raise self._too_large()
         return body
 
     def _too_large(self) -> VolleyError:

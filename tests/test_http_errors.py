@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import socket
 import threading
 import time
 import zlib
@@ -497,6 +498,31 @@ def test_oversized_chunked_body(small_server: VolleyProcess) -> None:
     chunks = iter([body[i : i + 8192] for i in range(0, len(body), 8192)])
     response = post(infer_url(small_server, "rowsum"), chunks)
     assert_error(response, 413, "request body exceeds 100000 bytes")
+
+
+def test_oversized_chunked_body_headed_for_the_decoder_process(small_server: VolleyProcess) -> None:
+    """A chunked body whose declared JSON part is large enough for the decoder process is held
+    to the same limit, whether it streams there or arrives whole with its headers (one write:
+    the server has all of it before the request is handled)."""
+    body = big_body()[:110_000]  # over the limit; its JSON part is cut, but it is never read
+    head = (
+        f"POST /v2/models/rowsum/infer HTTP/1.1\r\nHost: test\r\n"
+        f"Inference-Header-Content-Length: {2 * len(body)}\r\n"  # past OFFLOAD_BYTES
+        f"Transfer-Encoding: chunked\r\n\r\n"
+    ).encode()
+    for chunks in ([body[:50_000], body[50_000:]], [body]):
+        request = head + b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
+        host, port = small_server.http.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=TIMEOUT) as connection:
+            connection.sendall(request)
+            answer = b""
+            while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+                data = connection.recv(65536)
+                if not data:
+                    break
+                answer += data
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        assert b"request body exceeds 100000 bytes" in answer, answer[-200:]
 
 
 def test_oversized_after_decompression(small_server: VolleyProcess) -> None:
