@@ -100,6 +100,7 @@ class OnnxModel:
         self.provider = provider
         self.metadata = metadata  # the ONNX file's metadata_props (class names, input size...)
         self.source = source  # the ONNX file, for variants of the graph
+        self._input_names = frozenset(spec.name for spec in config.inputs)
         self._outputs = {spec.name: spec for spec in config.outputs}  # in config order
         self.queue_limit = batcher.max_queue
         self._variants: dict[tuple, OnnxModel] = {}
@@ -113,7 +114,7 @@ class OnnxModel:
         self, request: InferenceRequest, timeout_us: int, deadline_ns: int | None = None
     ) -> InferenceResponse:
         """Validate against the config before queueing, so a bad request fails alone."""
-        inputs, rows = validate_inputs(self.config, request)
+        inputs, rows = validate_inputs(self.config, self._input_names, request)
         if request.outputs:
             check_outputs(self.config.name, self._outputs, request)
         timeout_us = queue_timeout_us(timeout_us, deadline_ns)
@@ -185,9 +186,10 @@ class OnnxModel:
 
 
 def validate_inputs(
-    config: ModelConfig, request: InferenceRequest
+    config: ModelConfig, names: frozenset[str], request: InferenceRequest
 ) -> tuple[dict[str, np.ndarray], int]:
-    """Check names, datatypes and shapes against the config; return inputs in config order."""
+    """Check names (`names`: the config's input names), datatypes and shapes against the
+    config; return inputs in config order."""
     given = {tensor.name: tensor for tensor in request.inputs}
     if len(given) != len(request.inputs):
         seen: set[str] = set()
@@ -195,12 +197,10 @@ def validate_inputs(
             if tensor.name in seen:
                 raise invalid(f"input '{tensor.name}' is given twice")
             seen.add(tensor.name)
-    expected = {spec.name for spec in config.inputs}
-    if not expected.issuperset(given):
-        unknown = sorted(given.keys() - expected)
+    if not names.issuperset(given):
+        unknown = sorted(given.keys() - names)
         raise invalid(
-            f"unexpected input {unknown[0]!r} for model '{config.name}', "
-            f"expected {sorted(expected)}"
+            f"unexpected input {unknown[0]!r} for model '{config.name}', expected {sorted(names)}"
         )
     batching = config.batching
     rows = -1

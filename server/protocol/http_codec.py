@@ -59,7 +59,7 @@ def decode_request(
     offset = 0
     tensors = []
     for item in inputs:
-        tensor, used = _decode_input(item, binary[offset:])
+        tensor, used = _decode_input(item, binary[offset:] if offset else binary)
         tensors.append(tensor)
         offset += used
     if offset != len(binary):
