@@ -9,7 +9,7 @@ import numpy as np
 NO_DATA = np.empty(0, dtype=np.uint8)  # the data of a tensor that lies in shared memory
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SharedMemoryRef:
     """Where a tensor lies in a client's registered shared-memory region (`server.shm`)."""
 
@@ -18,7 +18,7 @@ class SharedMemoryRef:
     offset: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class InferTensor:
     """A named tensor with the datatype and shape the client declared. A request's input named
     by `shared_memory` has no data until the data plane reads it; a response's output with one
@@ -31,7 +31,7 @@ class InferTensor:
     shared_memory: SharedMemoryRef | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestedOutput:
     """An output the client asked for; `binary` is the HTTP binary-data choice (None: default),
     `shared_memory` where to put it instead of the response."""
@@ -41,7 +41,7 @@ class RequestedOutput:
     shared_memory: SharedMemoryRef | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class InferenceRequest:
     """One inference request, decoded from HTTP JSON, HTTP binary or gRPC."""
 
@@ -64,7 +64,7 @@ class InferenceRequest:
         return False
 
 
-@dataclass
+@dataclass(slots=True)
 class InferenceResponse:
     """The answer to one request: its own rows of every requested output."""
 
