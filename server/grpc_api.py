@@ -121,7 +121,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 decoded.parameters["timeout"] = max(int(remaining * 1e6), 1)
             reached = True  # from here on the data plane counts the outcome
             response = await self.dataplane.infer(decoded, "grpc")
-            return grpc_codec.encode_response(response)
+            return grpc_codec.encode_response_bytes(response)
         except Exception as exc:  # a bug: the client gets a request id, the log the details
             await self._refuse(context, exc, model, counted=reached)
 
@@ -319,6 +319,10 @@ def _refusing_malformed(method: Callable) -> Callable:
     return handler
 
 
+def _serialized(answer: bytes) -> bytes:
+    return answer
+
+
 def _methods(servicer: InferenceServicer) -> dict[str, Method]:
     """The service's methods by path, with deserializers that turn an unparsable message into
     `Malformed` instead of an exception."""
@@ -331,7 +335,7 @@ def _methods(servicer: InferenceServicer) -> dict[str, Method]:
         if method.client_streaming:  # ModelStreamInfer: Malformed is handled in the stream
             served = Method(implementation, deserialize, serialize, streaming=True)
         elif method.name == "ModelInfer":  # the hot path: it checks (and counts) Malformed itself
-            served = Method(implementation, deserialize, serialize)
+            served = Method(implementation, deserialize, _serialized)  # and answers in bytes
         else:
             served = Method(_refusing_malformed(implementation), deserialize, serialize)
         methods[f"/{service.full_name}/{method.name}"] = served

@@ -51,6 +51,23 @@ def test_infer_matches_onnxruntime(client, repository):
     assert_close(result.as_numpy("score"), want)
 
 
+def test_answers_of_changing_shapes_ids_and_versions(client, repository):
+    """A unary answer is assembled from a head serialized once per model, version and output
+    shapes, and its own id and contents: each answer still carries its own."""
+    rng = np.random.default_rng(9)
+    for i, (rows, version) in enumerate([(1, "2"), (3, "2"), (1, "1"), (3, "1"), (1, "2")]):
+        x = rng.standard_normal((rows, 32)).astype(np.float32)
+        request_id = f"shape-{i}" if i % 2 else ""
+        result = client.infer("mlp", [_input(x)], model_version=version, request_id=request_id)
+        response = result.get_response()
+        assert (response.model_name, response.model_version, response.id) == (
+            "mlp", version, request_id
+        )  # fmt: skip
+        want = ort_outputs(repository / "mlp" / version / "model.onnx", {"input": x})["score"]
+        assert result.as_numpy("score").shape == want.shape == (rows, 1)
+        assert_close(result.as_numpy("score"), want)
+
+
 def test_every_datatype(client, repository):
     rng = np.random.default_rng(1)
     feeds = {

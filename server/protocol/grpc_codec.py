@@ -26,6 +26,9 @@ from server.types import (
     SharedMemoryRef,
 )
 
+HEADS_KEPT = 256  # serialized response heads kept (`encode_response_bytes`)
+_heads: dict[tuple, bytes] = {}
+
 CONTENTS_FIELD = {
     "BOOL": "bool_contents",
     "INT8": "int_contents",
@@ -174,3 +177,33 @@ def encode_response(response: InferenceResponse) -> pb.ModelInferResponse:
         if tensor.shared_memory.offset:
             output.parameters[OFFSET_PARAMETER].int64_param = tensor.shared_memory.offset
     return message
+
+
+def encode_response_bytes(response: InferenceResponse) -> bytes:
+    """`encode_response`, serialized: the unary answer's bytes.
+
+    The head of an answer (model, version, each output's name, datatype and shape) is the same
+    for every answer of the same shapes, so it is serialized once and kept (up to HEADS_KEPT of
+    them); the rest (id, raw contents) is serialized on its own and appended. Protobuf reads
+    concatenated messages as one merged message, and the two parts set different fields.
+    """
+    outputs = response.outputs
+    for tensor in outputs:
+        if tensor.shared_memory is not None:  # its parameters are set per request
+            return encode_response(response).SerializeToString()
+    if response.parameters:
+        return encode_response(response).SerializeToString()
+    key = (response.model, response.version, *[(t.name, t.datatype, t.shape) for t in outputs])
+    head = _heads.get(key)
+    if head is None:
+        message = pb.ModelInferResponse(model_name=response.model, model_version=response.version)
+        for tensor in outputs:
+            message.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        head = message.SerializeToString()
+        if len(_heads) >= HEADS_KEPT:
+            _heads.clear()
+        _heads[key] = head
+    rest = pb.ModelInferResponse(
+        id=response.id, raw_output_contents=[tensor_to_bytes(t.data) for t in outputs]
+    )
+    return head + rest.SerializeToString()
