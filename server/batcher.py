@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from server.config import DEFAULT_MAX_QUEUE_SIZE, ModelConfig
-from server.errors import ErrorKind, VolleyError, internal, new_request_id
+from server.errors import ErrorKind, VolleyError, internal, new_request_id, raise_if_set
 from server.held import HELD
 from server.runtime import OnnxInstance
 from server.stats import ModelStats
@@ -166,8 +166,7 @@ class Batcher:
             deadline_ns=now + timeout_us * 1000 if timeout_us else None,
         )
         with self._lock:
-            if self._draining or len(self._queue) >= self._max_queue:  # `refusal`, inline
-                raise self.refusal()
+            raise_if_set(self.refusal())
             inline = self._runs_inline(rows)
             if inline:
                 pending.started = True

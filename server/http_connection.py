@@ -249,8 +249,12 @@ class InferExchange:
         gives it as it comes."""
         if self.more_body or self.expect_continue or self.disconnected:
             return None
+        return self._take_chunks()
+
+    def _take_chunks(self) -> bytes:
+        """The body read so far, taken; reading resumes if `add_body` paused it."""
         chunks, self.chunks, self.buffered = self.chunks, [], 0
-        if self.protocol.flow.read_paused:
+        if self.protocol.flow.read_paused:  # by `add_body`, past HIGH_WATER_LIMIT
             self.protocol.flow.resume_reading()
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
@@ -265,11 +269,7 @@ class InferExchange:
             await self.message_event.wait(protocol.loop)
         if self.disconnected:
             return {"type": "http.disconnect"}
-        chunks, self.chunks, self.buffered = self.chunks, [], 0
-        if protocol.flow.read_paused:  # by `add_body`, past HIGH_WATER_LIMIT
-            protocol.flow.resume_reading()
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        return {"type": "http.request", "body": body, "more_body": self.more_body}
+        return {"type": "http.request", "body": self._take_chunks(), "more_body": self.more_body}
 
     async def run_asgi(self, _app: object) -> None:
         """Answer the request (named after the coroutine uvicorn starts for each request)."""

@@ -147,16 +147,12 @@ class ModelStats:
 
     def record_queue(self, ns: int) -> None:
         """Time one request waited before its batch started."""
-        queue = self.queue  # updated here, not by `Duration.add`: a call less per request
-        queue.count += 1
-        queue.ns += ns
+        self.queue.add(ns)
         self._queue_seconds.observe(ns / 1e9)
 
     def record_success(self, ns: int) -> None:
         """A request answered with outputs, `ns` after it reached the batcher."""
-        success = self.success  # as in `record_queue`
-        success.count += 1
-        success.ns += ns
+        self.success.add(ns)
         self._request_seconds.observe(ns / 1e9)
 
     def record_failure(self, ns: int) -> None:

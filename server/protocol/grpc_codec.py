@@ -160,13 +160,11 @@ def _from_contents(item: pb.ModelInferRequest.InferInputTensor, shape: tuple) ->
 
 def encode_response(response: InferenceResponse) -> pb.ModelInferResponse:
     """Encode outputs as `raw_output_contents`, one per output, in order."""
-    message = pb.ModelInferResponse(
-        model_name=response.model, model_version=response.version, id=response.id
-    )
+    message = _described(response)
+    message.id = response.id
     for key, value in response.parameters.items():
         set_parameter(message.parameters[key], value)
-    for tensor in response.outputs:
-        output = message.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+    for tensor, output in zip(response.outputs, message.outputs, strict=True):
         if tensor.shared_memory is None:
             message.raw_output_contents.append(tensor_to_bytes(tensor.data))
             continue
@@ -179,13 +177,22 @@ def encode_response(response: InferenceResponse) -> pb.ModelInferResponse:
     return message
 
 
+def _described(response: InferenceResponse) -> pb.ModelInferResponse:
+    """A response naming the model and version and describing each output (name, datatype,
+    shape), without contents."""
+    message = pb.ModelInferResponse(model_name=response.model, model_version=response.version)
+    for tensor in response.outputs:
+        message.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+    return message
+
+
 def encode_response_bytes(response: InferenceResponse) -> bytes:
     """`encode_response`, serialized: the unary answer's bytes.
 
-    The head of an answer (model, version, each output's name, datatype and shape) is the same
-    for every answer of the same shapes, so it is serialized once and kept (up to HEADS_KEPT of
-    them); the rest (id, raw contents) is serialized on its own and appended. Protobuf reads
-    concatenated messages as one merged message, and the two parts set different fields.
+    The head of an answer (`_described`) is the same for every answer of the same shapes, so
+    it is serialized once and kept (up to HEADS_KEPT of them); the rest (id, raw contents) is
+    serialized on its own and appended. Protobuf reads concatenated messages as one merged
+    message, and the two parts set different fields.
     """
     outputs = response.outputs
     for tensor in outputs:
@@ -196,10 +203,7 @@ def encode_response_bytes(response: InferenceResponse) -> bytes:
     key = (response.model, response.version, *[(t.name, t.datatype, t.shape) for t in outputs])
     head = _heads.get(key)
     if head is None:
-        message = pb.ModelInferResponse(model_name=response.model, model_version=response.version)
-        for tensor in outputs:
-            message.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
-        head = message.SerializeToString()
+        head = _described(response).SerializeToString()
         if len(_heads) >= HEADS_KEPT:
             _heads.clear()
         _heads[key] = head
