@@ -281,7 +281,13 @@ def detector_batching(http: str) -> str:
     inferences = sum(int(s["inference_count"]) for s in stats)
     executions = sum(int(s["execution_count"]) for s in stats)
     mean = inferences / max(executions, 1)
-    return f"Detector: {inferences:,} images in {executions:,} batches (mean {mean:.1f})"
+    stages = {"gather": "compute_input", "run": "compute_infer", "split": "compute_output"}
+    per_batch = []
+    for label, key in stages.items():  # batch_stats count each batch once (not per request)
+        ns = sum(int(b[key]["ns"]) for s in stats for b in s["batch_stats"])
+        per_batch.append(f"{label} {ns / max(executions, 1) / 1e6:.2f}")
+    return (f"Detector: {inferences:,} images in {executions:,} batches (mean {mean:.1f}); "
+            f"mean ms per batch: {' / '.join(per_batch)}")  # fmt: skip
 
 
 def served(
