@@ -14,6 +14,12 @@ Run it where onnxruntime-gpu sees a GPU (it also runs on a CPU, for a smoke test
    JPEG per request to `detect`, raw pixels to `detect`, and float tensors to `detector`; then
    30 FPS camera streams; then one JPEG at a time over HTTP and gRPC.
 
+Served runs sweep every combination of `--workers`, `--decode-processes`,
+`--switch-interval-ms` and `--detector-instances`; each prints the detector's mean gather / run /
+split time per batch from the v2 statistics. `--py-spy DIR` also samples every server thread
+(native frames, idle ones too: a thread waiting for the GIL shows it) through the middle of each
+camera load, as collapsed stacks, one file per setting (needs `py-spy` on the PATH).
+
 The load generators run on the same machine and take CPU from the server.
 """
 
@@ -23,7 +29,9 @@ import argparse
 import itertools
 import multiprocessing
 import os
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -290,25 +298,68 @@ def detector_batching(http: str) -> str:
             f"mean ms per batch: {' / '.join(per_batch)}")  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Setting:
+    """One served configuration of the sweep."""
+
+    workers: int
+    decoders: int  # detect's decode_processes (0: threads)
+    switch_ms: float | None  # the server processes' GIL switch interval (None: Python's)
+    instances: int  # the detector's instance_count
+
+    def title(self) -> str:
+        title = (f"Volley `--workers {self.workers}`, `detect` with decode_processes: "
+                 f"{self.decoders}, detector instance_count: {self.instances}")  # fmt: skip
+        if self.switch_ms is not None:
+            title += f", GIL switch interval {self.switch_ms} ms"
+        return title
+
+    def detector_changes(self) -> dict:
+        changes: dict = {"instance_count": self.instances}
+        if self.instances == 1:
+            changes["solo_session"] = False  # a lone instance always runs alone
+        return changes
+
+    def slug(self) -> str:
+        return f"w{self.workers}-d{self.decoders}-i{self.instances}-s{self.switch_ms or 'default'}"
+
+
+def py_spy_record(pid: int, seconds: float, file: Path, label: str) -> None:
+    """Append `seconds` of py-spy samples of `pid` and its worker processes to `file`: every
+    thread, idle ones too, with native frames (a thread waiting for the GIL shows it), as
+    collapsed stacks with their sample counts."""
+    with tempfile.NamedTemporaryFile(suffix=".txt") as raw:
+        done = subprocess.run(
+            ["py-spy", "record", "--native", "--idle", "--threads", "--subprocesses",
+             "--rate", "100", "--duration", str(max(1, round(seconds))), "--format", "raw",
+             "--output", raw.name, "--pid", str(pid)],
+            capture_output=True, text=True, timeout=seconds + 60, check=False,
+        )  # fmt: skip
+        stacks = Path(raw.name).read_text()
+    with file.open("a") as out:
+        out.write(f"===== {label} (py-spy exit {done.returncode}) {done.stderr[-500:]}\n")
+        out.write(stacks)
+
+
 def served(
     args: argparse.Namespace,
-    workers: int,
-    decoders: int,
-    switch_ms: float | None,
+    setting: Setting,
     frames: list[bytes],
     loop_ms,
 ) -> list[str]:
-    """Start Volley with `workers` processes (`detect` with `decoders` decoder processes, a GIL
-    switch interval of `switch_ms`) and run every served load against it."""
+    """Start Volley as `setting` says and run every served load against it."""
     with (
-        repository_copy(args.models, "detect", decode_processes=decoders) as models,
-        switch_interval(switch_ms) as env,
+        repository_copy(args.models, "detector", **setting.detector_changes()) as detector,
+        repository_copy(detector, "detect", decode_processes=setting.decoders) as models,
+        switch_interval(setting.switch_ms) as env,
     ):
-        volley = start_volley(models, "--workers", str(workers), env=env)
-        return served_on(args, volley, frames, loop_ms)
+        volley = start_volley(models, "--workers", str(setting.workers), env=env)
+        return served_on(args, volley, frames, loop_ms, setting)
 
 
-def served_on(args: argparse.Namespace, volley: Volley, frames: list[bytes], loop_ms) -> list[str]:
+def served_on(
+    args: argparse.Namespace, volley: Volley, frames: list[bytes], loop_ms, setting: Setting
+) -> list[str]:
     """Every served load against `volley`, which is stopped after."""
     http = f"http://{volley.http}"
     addresses = {"http": volley.http, "grpc": volley.grpc}
@@ -329,9 +380,18 @@ def served_on(args: argparse.Namespace, volley: Volley, frames: list[bytes], loo
                 "sustained (p99 <= 100 ms, < 1 % skipped) |",
                 "|---:|---:|---:|---:|---:|---|:---:|"]  # fmt: skip
         for streams in (int(s) for s in args.streams.split(",")):
+            spy = None
+            if args.py_spy:  # samples of every thread through the middle of the load
+                file = args.py_spy / f"pyspy-{setting.slug()}.txt"
+                spy = threading.Timer(args.seconds / 4, py_spy_record,
+                                      (volley.proc.pid, args.seconds / 2, file,
+                                       f"{streams} cameras"))  # fmt: skip
+                spy.start()
             out.append(
                 served_cameras(addresses["grpc"], streams, args.load_processes, args.seconds)
             )
+            if spy is not None:
+                spy.join()
         single = single_image(addresses["http"], addresses["grpc"], frames[0], 200)
         out += ["", "| one 640x480 JPEG at a time | p50 ms | p99 ms |", "|---|---:|---:|",
                 f"| in-process single loop | {np.percentile(loop_ms, 50):.2f} | "
@@ -360,6 +420,12 @@ def main() -> int:
         "--switch-interval-ms",
         default="default",
         help="and per GIL switch interval of the server processes (default: Python's 5 ms)",
+    )
+    parser.add_argument("--detector-instances", default="2", help="and per detector instance_count")
+    parser.add_argument(
+        "--py-spy",
+        type=Path,
+        help="folder: py-spy samples of the server through the middle of each camera load",
     )
     parser.add_argument("--kinds", default="jpeg,fraud-grpc,fraud-http", help=", ".join(KINDS))
     args = parser.parse_args()
@@ -396,18 +462,19 @@ def main() -> int:
                f"{calls / elapsed:,.0f} calls/s, p50 {np.median(ms):.3f} ms")  # fmt: skip
 
     switches = [float(s) if s != "default" else None for s in args.switch_interval_ms.split(",")]
-    for workers, decoders, switch_ms in itertools.product(
+    if args.py_spy:
+        args.py_spy.mkdir(parents=True, exist_ok=True)
+    for workers, decoders, switch_ms, instances in itertools.product(
         [int(w) for w in args.workers.split(",")],
         [int(d) for d in args.decode_processes.split(",")],
         switches,
+        [int(n) for n in args.detector_instances.split(",")],
     ):
-        title = f"Volley `--workers {workers}`, `detect` with decode_processes: {decoders}"
-        if switch_ms is not None:
-            title += f", GIL switch interval {switch_ms} ms"
-        out += ["", f"### {title}", ""]
-        section = served(args, workers, decoders, switch_ms, frames, loop_ms)
+        setting = Setting(workers, decoders, switch_ms, instances)
+        out += ["", f"### {setting.title()}", ""]
+        section = served(args, setting, frames, loop_ms)
         out += section
-        print(f"{title}:", *section, sep="\n", file=sys.stderr)  # progress
+        print(f"{setting.title()}:", *section, sep="\n", file=sys.stderr)  # progress
     print("\n".join(out))
     return 0
 
