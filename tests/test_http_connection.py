@@ -1,6 +1,7 @@
 """HTTP/1.1 connection behaviour of the infer route, which Volley's own connection protocol
 serves (server/http_connection.py): pipelining, Expect: 100-continue, HTTP/1.0, bodies that
-arrive in pieces or never, large answers. Raw sockets, so every byte on the wire is checked.
+arrive in pieces or never, large answers, and generated pipelines of requests in every framing
+cut into arbitrary writes. Raw sockets, so every byte on the wire is checked.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import pytest
 import requests
 import tritonclient.http as httpclient
 from conftest import VolleyProcess, build_repository, serving
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from reference import assert_close, ort_outputs
 
 MLP = "mlp/versions/1"
@@ -302,3 +305,93 @@ def test_the_idle_connection_closes_on_time(models: Path) -> None:
             time.sleep(timeout / 2)  # a second request inside the timeout: still open
         assert conn.closed_by_server()
         assert timeout - 0.05 <= time.monotonic() - answered <= timeout + 1.0
+
+
+def _chunked(body: bytes, cuts: list[int], upper: bool, extension: bool) -> bytes:
+    """`body` in chunked transfer coding, cut at `cuts`, hex sizes in either case, chunk
+    extensions (which a server must ignore) if `extension`."""
+    edges = sorted({0, len(body), *(c % (len(body) + 1) for c in cuts)})
+    out = b""
+    for start, end in zip(edges, edges[1:], strict=False):
+        size = f"{end - start:X}" if upper else f"{end - start:x}"
+        out += size.encode() + (b";part=yes" if extension else b"") + b"\r\n"
+        out += body[start:end] + b"\r\n"
+    return out + b"0\r\n\r\n"
+
+
+@st.composite
+def framed_request(draw: st.DrawFn, seed: int) -> tuple[bytes, int, np.ndarray | None]:
+    """One request framed as clients may frame it: (wire bytes, expected status, the rows of
+    an infer request or None)."""
+    kind = draw(st.sampled_from(["json", "json", "binary", "ready", "metadata"]))
+    if kind == "ready":
+        return b"GET /v2/health/ready HTTP/1.1\r\nHost: t\r\n\r\n", 200, None
+    if kind == "metadata":
+        return b"GET /v2/models/mlp HTTP/1.1\r\nHost: t\r\n\r\n", 200, None
+    data = rows(seed, draw(st.integers(1, 3)))
+    headers = "Host: t\r\n"
+    if kind == "json":
+        head, body = infer_request(MLP, data)
+        body_headers = "Content-Type: application/json\r\n"
+    else:
+        tensor = {"name": "input", "datatype": "FP32", "shape": list(data.shape),
+                  "parameters": {"binary_data_size": data.nbytes}}  # fmt: skip
+        header = json.dumps({"inputs": [tensor]})
+        body = header.encode() + data.tobytes()
+        body_headers = f"Inference-Header-Content-Length: {len(header)}\r\n"
+    if draw(st.booleans()):
+        body_headers += "Expect: 100-continue\r\n"
+    if draw(st.booleans()):
+        cuts = draw(st.lists(st.integers(0, 10**6), max_size=5))
+        wire_body = _chunked(body, cuts, draw(st.booleans()), draw(st.booleans()))
+        body_headers += "Transfer-Encoding: chunked\r\n"
+    else:
+        wire_body = body
+        spaces = " " * draw(st.integers(0, 2))
+        body_headers += f"Content-Length:{spaces} {len(body)}\r\n"
+    head = f"POST /v2/models/{MLP}/infer HTTP/1.1\r\n{headers}{body_headers}\r\n".encode()
+    return head + wire_body, 200, data
+
+
+@st.composite
+def pipelines(draw: st.DrawFn) -> tuple[list[tuple[bytes, int, np.ndarray | None]], list[int]]:
+    """Several requests back to back, and the byte offsets at which the client's writes end."""
+    requests_ = [draw(framed_request(100 + i)) for i in range(draw(st.integers(1, 6)))]
+    total = sum(len(wire) for wire, _, _ in requests_)
+    cuts = sorted(set(draw(st.lists(st.integers(1, max(total - 1, 1)), max_size=8))))
+    return requests_, cuts
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+@given(pipeline=pipelines())
+def test_pipelined_requests_in_any_framing_and_any_writes_are_each_answered(
+    volley: VolleyProcess, models: Path, pipeline: tuple[list, list[int]]
+) -> None:
+    """Infer (JSON and binary tensors), readiness and metadata requests back to back on one
+    connection, bodies with Content-Length or chunked (any cuts, either hex case, extensions),
+    some with Expect: 100-continue, all cut into arbitrary writes: every request gets exactly
+    one answer, in order, with ONNX Runtime's scores, and the connection stays open."""
+    requests_, cuts = pipeline
+    wire = b"".join(w for w, _, _ in requests_)
+    conn = Connection(volley)
+    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        for start, end in zip([0, *cuts], [*cuts, len(wire)], strict=True):
+            conn.send(wire[start:end])
+            time.sleep(0.001)
+        for _, status, data in requests_:
+            got, headers, body = conn.response()
+            while got == 100:  # an interim answer to Expect: 100-continue
+                got, headers, body = conn.response()
+            assert got == status, body
+            if data is not None:
+                if headers.get("content-type", "").startswith("application/json"):
+                    assert_close(scores(body), expected(models, data))
+                else:  # binary answer: JSON header, then the raw scores
+                    size = int(headers["inference-header-content-length"])
+                    raw = np.frombuffer(body[size:], np.float32).reshape(len(data), -1)
+                    assert_close(raw, expected(models, data))
+        conn.send(b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert conn.response()[0] == 200  # still open and in step
+    finally:
+        conn.close()
