@@ -128,6 +128,8 @@ def http_scope(path: str) -> str | None:
         return None
     if path.startswith("/v2/repository/") or path.endswith("/stats") or path == "/metrics":
         return ADMIN
+    if path == "/v2/logging":
+        return ADMIN
     if "sharedmemory" in path or path == "/v2/openapi.json" or path.startswith("/docs"):
         return ADMIN
     return INFER

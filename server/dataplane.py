@@ -21,6 +21,7 @@ from server.errors import (
     unavailable,
 )
 from server.held import HELD
+from server.log_settings import process_settings
 from server.ratelimit import RateLimiter
 from server.repository import ModelRepository
 from server.servable import FramePolicy
@@ -232,6 +233,15 @@ class DataPlane:
     async def unload(self, model: str) -> None:
         """A client's unload request (explicit model control)."""
         await self.repository.request_unload(model)
+
+    def log_settings(self) -> dict[str, object]:
+        """The logging extension's settings (`server.log_settings`)."""
+        return dict(process_settings().current)
+
+    async def update_log_settings(self, changes: dict[str, object]) -> dict[str, object]:
+        """Change some log settings (a client error names a bad one); returns them all."""
+        settings = process_settings()
+        return settings.apply(settings.check(changes))
 
     def frame_policy(self, model: str, version: str) -> FramePolicy | None:
         """How a stream's frames to this model are served (None: as plain requests)."""

@@ -243,6 +243,25 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             await _abort(context, exc)
         return pb.RepositoryModelUnloadResponse()
 
+    async def LogSettings(self, request, context):
+        """Triton's logging extension: no settings asks for them, some change them."""
+        settings = self.dataplane.log_settings()
+        if request.settings:
+            changes = {
+                name: None if (kind := value.WhichOneof("parameter_choice")) is None
+                else getattr(value, kind)
+                for name, value in request.settings.items()
+            }  # fmt: skip
+            try:
+                settings = await self.dataplane.update_log_settings(changes)
+            except VolleyError as exc:
+                await _abort(context, exc)
+        answer = pb.LogSettingsResponse()
+        for name, value in settings.items():
+            field = {bool: "bool_param", int: "uint32_param", str: "string_param"}[type(value)]
+            setattr(answer.settings[name], field, value)
+        return answer
+
     # System shared memory is the data plane's (`server/shm.py`, with --allow-client-shm; off,
     # status lists no region and register says so). CUDA shared memory is not supported: status
     # lists no region, unregister has nothing to do (perf_analyzer unregisters all at start),

@@ -497,6 +497,16 @@ def control_app(dataplane: DataPlane, max_body_bytes: int) -> FastAPI:
         await dataplane.unload(model)
         return json_response({})
 
+    @app.get("/v2/logging")
+    async def get_log_settings() -> Response:
+        return json_response(dataplane.log_settings())
+
+    @app.post("/v2/logging")
+    async def update_log_settings(request: Request) -> Response:
+        return json_response(
+            await dataplane.update_log_settings(await _json_body(request, max_body_bytes))
+        )
+
     @app.get("/v2/systemsharedmemory/status")
     @app.get("/v2/systemsharedmemory/region/{region}/status")
     async def system_shared_memory_status(region: str = "") -> Response:

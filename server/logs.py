@@ -8,6 +8,8 @@ import time
 
 import orjson
 
+from server import log_settings
+
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
     "message",
     "asctime",
@@ -33,7 +35,8 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(level: str) -> None:
-    """Send every logger (ours, uvicorn's, grpc's) to stderr as JSON lines at `level`."""
+    """Send every logger (ours, uvicorn's, grpc's) to stderr as JSON lines at `level`, with
+    settings that the logging extension can change later (`server.log_settings`)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
@@ -42,3 +45,4 @@ def configure(level: str) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    log_settings.install(level)

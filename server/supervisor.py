@@ -39,6 +39,7 @@ from server import ipc
 from server.cpus import WORKERS_ENV
 from server.errors import VolleyError, region_already_registered
 from server.ipc import CONTROL_SOCKET, worker_socket
+from server.log_settings import process_settings
 from server.metrics import PIDS_FILE
 from server.paths import model_folder
 from server.settings import ServeSettings
@@ -81,6 +82,7 @@ class Supervisor:
         self.slots = [_Slot(index) for index in range(settings.workers)]
         self.journal: dict[str, dict] = {}  # the last load/unload request per model, in order
         self.regions: dict[str, dict] = {}  # shared-memory registrations in force, by name
+        self.log_changes: dict[str, object] = {}  # every log setting changed since the start
         self.control = asyncio.Lock()  # one model control request (or registration) at a time
         self.stop = asyncio.Event()
         self.stopping = False
@@ -183,7 +185,8 @@ class Supervisor:
         staged.replace(self.directory / PIDS_FILE)
 
     async def _answer(self, message: dict) -> dict:
-        """A worker's request: register, serving, stats, load or unload."""
+        """A worker's request: register, serving, stats, load, unload, a shared-memory
+        registration or log settings."""
         op = message["op"]
         if op == "register":
             await self._register(self.slots[message["index"]], message["pid"])
@@ -198,6 +201,12 @@ class Supervisor:
         if op in ("shm_register", "shm_unregister"):
             async with self.control:
                 await self._shared_memory(message)
+            return {}
+        if op == "log_settings":  # checked by the worker that took the request
+            async with self.control:
+                process_settings().apply(message["settings"])  # the supervisor's own logs
+                self.log_changes.update(message["settings"])
+                await self._fan_out(message)
             return {}
         async with self.control:
             if self._is_model_folder(message["model"]):
@@ -231,7 +240,10 @@ class Supervisor:
         async with self.control:
             if slot.process is None or slot.process.pid != pid:
                 return  # an earlier process of the slot, gone meanwhile
-            for request in [*self.journal.values(), *self.regions.values()]:
+            replay = [*self.journal.values(), *self.regions.values()]
+            if self.log_changes:
+                replay.append({"op": "log_settings", "settings": self.log_changes})
+            for request in replay:
                 await self._send(slot, request)  # its outcome is the other workers' outcome
             slot.registered = True
 

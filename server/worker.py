@@ -3,7 +3,8 @@ shares with the other workers (SO_REUSEPORT), under the supervisor (`server.supe
 
 Started as `python -P -m server.worker` with its arguments pickled on stdin. What must agree
 between workers goes through the supervisor: load and unload requests (every worker applies
-one before it is answered), statistics (summed over the workers), repository polls.
+one before it is answered), statistics (summed over the workers), repository polls, shared
+memory registrations and log settings.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from server.child_process import die_with_parent
 from server.dataplane import DataPlane
 from server.errors import VolleyError, unavailable
 from server.ipc import CONTROL_SOCKET, worker_socket
+from server.log_settings import process_settings
 from server.ratelimit import RateLimiter
 from server.repository import CONTROL_REFUSED, ModelRepository
 from server.shm import check_registration
@@ -95,6 +97,8 @@ class Worker:
             )
         elif op == "shm_unregister":
             self._dataplane.shared_memory.unregister(message["name"])
+        elif op == "log_settings":
+            process_settings().apply(message["settings"])
         elif op == "stats":
             try:
                 return {"stats": await self._dataplane.own_statistics(**message["args"])}
@@ -141,6 +145,13 @@ class WorkerDataPlane(DataPlane):
         if self.repository.control != "explicit":
             raise unavailable(CONTROL_REFUSED)
         await ipc.call(self.worker.control, {"op": "unload", "model": model})
+
+    async def update_log_settings(self, changes: dict[str, object]) -> dict[str, object]:
+        """Change the log settings of every process (through the supervisor, which keeps them
+        for workers that start later); checked here first, so a bad one changes nothing."""
+        checked = process_settings().check(changes)
+        await ipc.call(self.worker.control, {"op": "log_settings", "settings": checked})
+        return self.log_settings()
 
     async def register_shared_memory(
         self, name: str, key: str, offset: int, byte_size: int

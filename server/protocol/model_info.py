@@ -101,6 +101,7 @@ def server_metadata(version: str, shared_memory: bool = False) -> dict:
         "statistics",
         "schedule_policy",
         "parameters",
+        "logging",
     ]
     if shared_memory:
         extensions.append("system_shared_memory")
