@@ -26,6 +26,7 @@ TYPES: dict[str, type] = {
     "log_verbose_level": int,
     "log_format": str,
 }
+KINDS = {bool: "a boolean", int: "an integer", str: "a string"}
 FIXED = {"log_file": "", "log_format": "json"}  # what Volley does, and the only value accepted
 MAX_VERBOSE_LEVEL = 2**32 - 1  # a uint32 over gRPC
 
@@ -87,7 +88,7 @@ class LogSettings:
                 continue
             wanted = TYPES[name]
             if type(value) is not wanted:  # bool is not an int here, nor the other way round
-                raise invalid(f"log setting '{name}' must be a {wanted.__name__}, got {value!r}")
+                raise invalid(f"log setting '{name}' must be {KINDS[wanted]}, got {value!r}")
             if name in FIXED and value != FIXED[name]:
                 raise invalid(
                     f"log setting '{name}' can only be {FIXED[name]!r}: Volley writes JSON "

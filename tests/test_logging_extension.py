@@ -101,8 +101,8 @@ def server(models: Path):
     ("change", "message"),
     [
         ({"log_colour": True}, "unknown log setting 'log_colour'"),
-        ({"log_info": 1}, "'log_info' must be a bool"),
-        ({"log_verbose_level": True}, "'log_verbose_level' must be a int"),
+        ({"log_info": 1}, "'log_info' must be a boolean"),
+        ({"log_verbose_level": True}, "'log_verbose_level' must be an integer"),
         ({"log_verbose_level": -1}, "must be 0 to 4294967295"),
         ({"log_file": "/etc/passwd"}, "'log_file' can only be ''"),
         ({"log_format": "ISO8601"}, "'log_format' can only be 'json'"),
