@@ -19,13 +19,13 @@ import onnx_models
 import pytest
 import tritonclient.grpc as grpcclient
 from conftest import VolleyProcess, serving
+from http2_wire import PREFACE, frame, literal_headers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as pb
 
 pytestmark = pytest.mark.timeout(600)
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 SERVICE = "/inference.GRPCInferenceService/"
 CLOSE_WITHIN_S = 10  # after the client's EOF; generous for a busy 2-core machine
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY = range(8)
@@ -54,23 +54,6 @@ def still_serving(volley: VolleyProcess):
     with grpcclient.InferenceServerClient(volley.grpc) as client:
         assert client.infer("mlp", [tensor]).as_numpy("score").shape == (1, 1)
     assert "Traceback" not in volley.log()
-
-
-def frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
-    return (
-        struct.pack(">I", len(payload))[1:]
-        + bytes((kind, flags))
-        + struct.pack(">I", stream)
-        + payload
-    )
-
-
-def literal_headers(pairs: list[tuple[str, str]]) -> bytes:
-    """An HPACK block of literal headers without indexing (no dynamic table changes)."""
-    out = b""
-    for name, value in pairs:
-        out += b"\x00" + bytes((len(name),)) + name.encode() + bytes((len(value),)) + value.encode()
-    return out
 
 
 def call_headers(method: str) -> bytes:

@@ -17,6 +17,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aiogrpcclient
 from conftest import VolleyProcess, serving
+from http2_wire import PREFACE, frame, literal_headers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as pb
@@ -26,7 +27,6 @@ from server.protocol.http2 import PREFACE_TIMEOUT_S
 
 SERVICE = "/inference.GRPCInferenceService/"
 BIG = (1024, 1024)  # 4 MiB of FP32 each way: past every default HTTP/2 window
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 INFER_KEY = "transport-test-key-0123456789"
 
 
@@ -152,13 +152,13 @@ def test_a_message_past_the_limit_is_refused_from_its_length(volley: VolleyProce
     """A message whose declared length passes the limit is refused from its first bytes."""
     with socket.create_connection(_address(volley)) as sock:
         sock.settimeout(10)
-        sock.sendall(PREFACE + _frame(4, 0, 0, b""))
-        block = _literal_headers(
+        sock.sendall(PREFACE + frame(4, 0, 0, b""))
+        block = literal_headers(
             [(":method", "POST"), (":scheme", "http"), (":path", SERVICE + "ModelInfer"),
              (":authority", "x"), ("content-type", "application/grpc"),
              ("authorization", AUTH["authorization"])]
         )  # fmt: skip
-        sock.sendall(_frame(1, 0x4, 1, block) + _frame(0, 0, 1, b"\x00" + struct.pack(">I", 2**31)))
+        sock.sendall(frame(1, 0x4, 1, block) + frame(0, 0, 1, b"\x00" + struct.pack(">I", 2**31)))
         received = _read_until_closed_or(sock, b"grpc-status")
     assert b"grpc-status\x018" in received  # RESOURCE_EXHAUSTED, a literal header
     assert b"larger than max" in received
@@ -170,16 +170,16 @@ def test_a_request_that_trickles_in_a_few_bytes_at_a_time(volley: VolleyProcess)
     request.inputs.add(name="input", datatype="FP32", shape=[64, 8])
     request.raw_input_contents.append(np.ones((64, 8), np.float32).tobytes())
     message = request.SerializeToString()
-    block = _literal_headers(
+    block = literal_headers(
         [(":method", "POST"), (":scheme", "http"), (":path", SERVICE + "ModelInfer"),
          (":authority", "x"), ("content-type", "application/grpc"),
          ("authorization", AUTH["authorization"])]
     )  # fmt: skip
     wire = (
         PREFACE
-        + _frame(4, 0, 0, b"")
-        + _frame(1, 0x4, 1, block)
-        + _frame(0, 0x1, 1, b"\x00" + struct.pack(">I", len(message)) + message)
+        + frame(4, 0, 0, b"")
+        + frame(1, 0x4, 1, block)
+        + frame(0, 0x1, 1, b"\x00" + struct.pack(">I", len(message)) + message)
     )
     with socket.create_connection(_address(volley)) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -213,7 +213,7 @@ def test_random_frames_never_break_the_server(volley: VolleyProcess, garbage: by
     the connection; it never stops serving others (checked after each test)."""
     with socket.create_connection(_address(volley)) as sock:
         sock.settimeout(5)
-        sock.sendall(PREFACE + _frame(4, 0, 0, b"") + garbage)
+        sock.sendall(PREFACE + frame(4, 0, 0, b"") + garbage)
         sock.shutdown(socket.SHUT_WR)
         _read_until_closed_or(sock, None)
 
@@ -221,22 +221,6 @@ def test_random_frames_never_break_the_server(volley: VolleyProcess, garbage: by
 def _address(volley: VolleyProcess) -> tuple[str, int]:
     host, port = volley.grpc.rsplit(":", 1)
     return host, int(port)
-
-
-def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
-    return (
-        struct.pack(">I", len(payload))[1:]
-        + bytes((kind, flags))
-        + struct.pack(">I", stream)
-        + payload
-    )
-
-
-def _literal_headers(pairs: list[tuple[str, str]]) -> bytes:
-    out = b""
-    for name, value in pairs:
-        out += b"\x00" + bytes((len(name),)) + name.encode() + bytes((len(value),)) + value.encode()
-    return out
 
 
 def _read_until_closed_or(sock: socket.socket, marker: bytes | None) -> bytes:
