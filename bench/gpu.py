@@ -19,6 +19,9 @@ Served runs sweep every combination of `--workers`, `--decode-processes`,
 split time per batch from the v2 statistics. `--py-spy DIR` also samples every server thread
 (native frames, idle ones too: a thread waiting for the GIL shows it) through the middle of each
 camera load, as collapsed stacks, one file per setting (needs `py-spy` on the PATH).
+`--perf-analyzer BIN` runs the fraud loads under Triton's perf_analyzer (C++, the wheel
+perf-analyzer==2.60.0 runs as it is where glibc is 2.38 or newer) instead of Python clients,
+whose own CPU use bounded the `--workers` scaling measured on 16 cores.
 
 The load generators run on the same machine and take CPU from the server.
 """
@@ -43,7 +46,15 @@ import onnxruntime as ort
 import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from serving import Volley, machine, repository_copy, start_volley, stop, switch_interval
+from serving import (
+    Volley,
+    machine,
+    perf_analyzer,
+    repository_copy,
+    start_volley,
+    stop,
+    switch_interval,
+)
 from vision import FPS, OPTIONS, STAGES, StreamLog, camera, camera_frames, single_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -248,6 +259,16 @@ def served_load(addresses: dict, kind: str, procs: int, threads: int, seconds: f
             f"{p99:.1f} | {server} | {errors} |")  # fmt: skip
 
 
+def perf_analyzer_load(args: argparse.Namespace, addresses: dict, kind: str) -> str:
+    """A fraud load from perf_analyzer (C++: far less CPU per request than the Python clients)
+    at as many concurrent requests as the Python load would have."""
+    protocol = "http" if kind.endswith("-http") else "grpc"
+    clients = args.load_processes * args.load_threads
+    rps, p50, p99 = perf_analyzer("fraud", addresses[protocol], protocol, clients, [],
+                                  args.seconds, binary=[str(args.perf_analyzer)])  # fmt: skip
+    return f"| {kind}, perf_analyzer | {clients} | {rps:,.0f} | {p50:.1f} | {p99:.1f} | - | 0 |"
+
+
 def camera_group(address: str, streams: list[str], seconds: float, queue) -> None:
     frames = camera_frames()
     logs = {name: StreamLog() for name in streams}
@@ -371,6 +392,9 @@ def served_on(
                 "in the server, p50 ms | errors |",
                 "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
         for kind in args.kinds.split(","):
+            if args.perf_analyzer and kind.startswith("fraud-"):
+                out.append(perf_analyzer_load(args, addresses, kind))
+                continue
             out.append(
                 served_load(addresses, kind, args.load_processes, args.load_threads, args.seconds)
             )
@@ -428,6 +452,11 @@ def main() -> int:
         help="folder: py-spy samples of the server through the middle of each camera load",
     )
     parser.add_argument("--kinds", default="jpeg,fraud-grpc,fraud-http", help=", ".join(KINDS))
+    parser.add_argument(
+        "--perf-analyzer",
+        type=Path,
+        help="perf_analyzer binary: the fraud loads run under it instead of Python clients",
+    )
     args = parser.parse_args()
 
     inst = make_instances(args.models)

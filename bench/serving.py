@@ -119,13 +119,19 @@ def wait_for(url: str, timeout: float = 60) -> None:
 
 
 def perf_analyzer(
-    model: str, url: str, protocol: str, concurrency: int, extra: list[str], seconds: float
+    model: str,
+    url: str,
+    protocol: str,
+    concurrency: int,
+    extra: list[str],
+    seconds: float,
+    binary: list[str] = PERF_ANALYZER,
 ) -> tuple[float, float, float]:
-    """req/s, p50 ms, p99 ms at one concurrency."""
+    """req/s, p50 ms, p99 ms at one concurrency (`binary`: the command that runs it)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "pa.csv"
         cmd = [
-            *PERF_ANALYZER, "-m", model, "-u", url, "-i", protocol,
+            *binary, "-m", model, "-u", url, "-i", protocol,
             "--concurrency-range", str(concurrency),
             "--measurement-interval", str(int(seconds * 1000)),
             "--max-trials", "10", "--stability-percentage", "25",
