@@ -19,7 +19,7 @@ import onnx_models
 import pytest
 import tritonclient.grpc as grpcclient
 from conftest import VolleyProcess, serving
-from http2_wire import PREFACE, frame, literal_headers
+from http2_wire import PREFACE, frame, frames_in, literal_headers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as pb
@@ -261,28 +261,19 @@ def window_updates(received: bytes, start: int) -> tuple[bytes, int]:
     """WINDOW_UPDATE frames giving back what the whole DATA frames from offset `start` took, and
     the offset after the last whole frame."""
     out, at = b"", start
-    while at + 9 <= len(received):
-        length = int.from_bytes(received[at : at + 3], "big")
-        if at + 9 + length > len(received):
-            break
-        stream = int.from_bytes(received[at + 5 : at + 9], "big") & 0x7FFFFFFF
-        if received[at + 3] == DATA and length:
-            increment = struct.pack(">I", length)
-            out += frame(WINDOW_UPDATE, 0, stream, increment) + frame(
-                WINDOW_UPDATE, 0, 0, increment
-            )
-        at += 9 + length
+    for kind, stream, payload, end in frames_in(received, start):
+        if kind == DATA and payload:
+            increment = struct.pack(">I", len(payload))
+            out += frame(WINDOW_UPDATE, 0, stream, increment)
+            out += frame(WINDOW_UPDATE, 0, 0, increment)
+        at = end
     return out, at
 
 
 def answered_streams(received: bytes) -> set[int]:
     """Streams on which the server sent trailers with grpc-status 0."""
-    streams, at = set(), 0
-    while at + 9 <= len(received):
-        length = int.from_bytes(received[at : at + 3], "big")
-        kind, stream = received[at + 3], int.from_bytes(received[at + 5 : at + 9], "big")
-        payload = received[at + 9 : at + 9 + length]
-        if kind == HEADERS and b"grpc-status" in payload and b"grpc-status\x010" in payload:
-            streams.add(stream & 0x7FFFFFFF)
-        at += 9 + length
-    return streams
+    return {
+        stream
+        for kind, stream, payload, _ in frames_in(received)
+        if kind == HEADERS and b"grpc-status\x010" in payload
+    }
