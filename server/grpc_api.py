@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 MAX_STREAM_INFLIGHT = 256
 # The inference methods and the protocol label their requests are counted under.
 INFER_METHODS = {"ModelInfer": "grpc", "ModelStreamInfer": "grpc_stream"}
+LOG_SETTING_FIELD = {bool: "bool_param", int: "uint32_param", str: "string_param"}
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
@@ -258,8 +259,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 await _abort(context, exc)
         answer = pb.LogSettingsResponse()
         for name, value in settings.items():
-            field = {bool: "bool_param", int: "uint32_param", str: "string_param"}[type(value)]
-            setattr(answer.settings[name], field, value)
+            setattr(answer.settings[name], LOG_SETTING_FIELD[type(value)], value)
         return answer
 
     # System shared memory is the data plane's (`server/shm.py`, with --allow-client-shm; off,

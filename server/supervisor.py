@@ -82,7 +82,6 @@ class Supervisor:
         self.slots = [_Slot(index) for index in range(settings.workers)]
         self.journal: dict[str, dict] = {}  # the last load/unload request per model, in order
         self.regions: dict[str, dict] = {}  # shared-memory registrations in force, by name
-        self.log_changes: dict[str, object] = {}  # every log setting changed since the start
         self.control = asyncio.Lock()  # one model control request (or registration) at a time
         self.stop = asyncio.Event()
         self.stopping = False
@@ -204,8 +203,7 @@ class Supervisor:
             return {}
         if op == "log_settings":  # checked by the worker that took the request
             async with self.control:
-                process_settings().apply(message["settings"])  # the supervisor's own logs
-                self.log_changes.update(message["settings"])
+                process_settings().apply(message["settings"])  # its own logs, and the replay
                 await self._fan_out(message)
             return {}
         async with self.control:
@@ -240,10 +238,8 @@ class Supervisor:
         async with self.control:
             if slot.process is None or slot.process.pid != pid:
                 return  # an earlier process of the slot, gone meanwhile
-            replay = [*self.journal.values(), *self.regions.values()]
-            if self.log_changes:
-                replay.append({"op": "log_settings", "settings": self.log_changes})
-            for request in replay:
+            settings = {"op": "log_settings", "settings": process_settings().current}
+            for request in [*self.journal.values(), *self.regions.values(), settings]:
                 await self._send(slot, request)  # its outcome is the other workers' outcome
             slot.registered = True
 
