@@ -8,6 +8,8 @@ Run it where onnxruntime-gpu sees a GPU (it also runs on a CPU, for a smoke test
 1. Detector, in process, per batch size: `sess.run` on host float32 (what a plain server pays),
    Volley's staged instance (page-locked buffers, IO binding) on float32, and the same on uint8
    images converted inside the graph (what the detect pipeline sends on a GPU).
+   Then the uint8 instance on batches whose size changes every call (as a busy server forms
+   them), at their own shape and padded to `max_batch_size` (`pad_device_batches`).
 2. In-process pipeline ceiling: decode + letterbox on a thread per core, batches of the
    detector's size through the uint8 staged instance, NMS; no server.
 3. Volley serving `models/`: concurrent gRPC clients in several processes sending one 640x480
@@ -15,8 +17,11 @@ Run it where onnxruntime-gpu sees a GPU (it also runs on a CPU, for a smoke test
    30 FPS camera streams; then one JPEG at a time over HTTP and gRPC.
 
 Served runs sweep every combination of `--workers`, `--decode-processes`,
-`--switch-interval-ms` and `--detector-instances`; each prints the detector's mean gather / run /
-split time per batch from the v2 statistics. `--py-spy DIR` also samples every server thread
+`--switch-interval-ms`, `--detector-instances` and `--detector-options` (other detector config
+changes); each prints the detector's mean gather / run / split time per batch from the v2
+statistics. `--probe DIR` loads `bench/server_probe.py` into the server processes and prints,
+per setting, the GIL wait a thread meets, the cores used and each ONNX Runtime call's wall and
+thread CPU time. `--py-spy DIR` also samples every server thread
 (native frames, idle ones too: a thread waiting for the GIL shows it) through the middle of each
 camera load, as collapsed stacks, one file per setting (needs `py-spy` on the PATH).
 `--perf-analyzer BIN` runs the fraud loads under Triton's perf_analyzer (C++, the wheel
@@ -46,21 +51,22 @@ import onnxruntime as ort
 import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+import yaml
 from serving import (
     Volley,
     machine,
     perf_analyzer,
     repository_copy,
+    server_sitecustomize,
     start_volley,
     stop,
-    switch_interval,
 )
 from vision import FPS, OPTIONS, STAGES, StreamLog, camera, camera_frames, single_image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from server.config import build_config  # noqa: E402
+from server.config import ModelConfig, build_config  # noqa: E402
 from server.image_front import uint8_image_graph  # noqa: E402
 from server.pipelines.images import decode_image, letterbox  # noqa: E402
 from server.pipelines.layouts import read_candidates  # noqa: E402
@@ -108,12 +114,50 @@ def make_instances(models: Path) -> Instances:
     name = config.inputs[0].name
     host = ort.InferenceSession(str(model_file), providers=provider_settings(config))
     staged = OnnxInstance(model_file, config, 0, staged=True)
+    uint8 = OnnxInstance(*uint8_detector(models), 0, staged=True)
+    return Instances(host, staged, uint8, name, config.max_batch_size)
+
+
+def uint8_detector(models: Path) -> tuple[bytes, ModelConfig]:
+    """The shipped detector taking uint8 [H, W, 3] images (converted in the graph), its config."""
+    folder = models / "detector"
+    model_file = folder / "1" / "model.onnx"
+    config = build_config(folder, model_file)
+    name = config.inputs[0].name
     uint8_config = config.model_copy(
         update={"inputs": (config.inputs[0].model_copy(update={"datatype": "UINT8",
                                                                "dims": (SIZE, SIZE, 3)}),)}
     )  # fmt: skip
-    uint8 = OnnxInstance(uint8_image_graph(model_file, name, 1 / 255), uint8_config, 0, staged=True)
-    return Instances(host, staged, uint8, name, config.max_batch_size)
+    return uint8_image_graph(model_file, name, 1 / 255), uint8_config
+
+
+SHAPE_CYCLE = (16, 11, 7, 14, 9, 12, 5, 15)  # batch sizes as a busy server forms them
+
+
+def shape_changes(models: Path, inst: Instances, seconds: float) -> list[str]:
+    """The uint8 detector on batches whose size changes every call, run at their own shape and
+    padded to `max_batch_size` rows (`pad_device_batches`), beside batches of one size."""
+    graph, config = uint8_detector(models)
+    rng = np.random.default_rng(1)
+    frames = rng.integers(0, 256, (inst.batch, SIZE, SIZE, 3), dtype=np.uint8)
+    lines = ["| batches | run at | ms per batch (mean) | images/s |", "|---|---|---:|---:|"]
+    for padded in (False, True):
+        instance = OnnxInstance(graph, config, 0, staged=True, padded=padded)
+        for label, sizes in (
+            (f"all {inst.batch} rows", (inst.batch,)),
+            ("sizes " + ", ".join(map(str, SHAPE_CYCLE)), SHAPE_CYCLE),
+        ):
+            turn = itertools.cycle(sizes)
+
+            def call(instance=instance, turn=turn) -> None:
+                rows = next(turn)
+                instance.run({inst.name: instance.gather(inst.name, [frames[:rows]])})
+
+            _, _, ms = timed(call, seconds)
+            run_at = "max_batch_size (padded)" if instance.padded else "their own size"
+            images = np.mean(sizes) / ms.mean() * 1e3
+            lines.append(f"| {label} | {run_at} | {ms.mean():.2f} | {images:,.0f} |")
+    return lines
 
 
 def detector_table(inst: Instances, batches: list[int], seconds: float) -> list[str]:
@@ -327,22 +371,30 @@ class Setting:
     decoders: int  # detect's decode_processes (0: threads)
     switch_ms: float | None  # the server processes' GIL switch interval (None: Python's)
     instances: int  # the detector's instance_count
+    options: str  # more detector config changes, "key=value,..." ("default": none)
 
     def title(self) -> str:
         title = (f"Volley `--workers {self.workers}`, `detect` with decode_processes: "
                  f"{self.decoders}, detector instance_count: {self.instances}")  # fmt: skip
         if self.switch_ms is not None:
             title += f", GIL switch interval {self.switch_ms} ms"
+        if self.options != "default":
+            title += f", detector {self.options}"
         return title
 
     def detector_changes(self) -> dict:
         changes: dict = {"instance_count": self.instances}
         if self.instances == 1:
             changes["solo_session"] = False  # a lone instance always runs alone
+        if self.options != "default":
+            for pair in self.options.split(","):
+                key, value = pair.split("=", 1)
+                changes[key] = yaml.safe_load(value)
         return changes
 
     def slug(self) -> str:
-        return f"w{self.workers}-d{self.decoders}-i{self.instances}-s{self.switch_ms or 'default'}"
+        slug = f"w{self.workers}-d{self.decoders}-i{self.instances}-s{self.switch_ms or 'default'}"
+        return slug if self.options == "default" else f"{slug}-{self.options.replace('=', '')}"
 
 
 def py_spy_record(pid: int, seconds: float, file: Path, label: str) -> None:
@@ -369,13 +421,49 @@ def served(
     loop_ms,
 ) -> list[str]:
     """Start Volley as `setting` says and run every served load against it."""
+    probe = None
+    if args.probe:
+        probe = args.probe / setting.slug()
+        probe.mkdir(parents=True, exist_ok=True)
     with (
         repository_copy(args.models, "detector", **setting.detector_changes()) as detector,
         repository_copy(detector, "detect", decode_processes=setting.decoders) as models,
-        switch_interval(setting.switch_ms) as env,
+        server_sitecustomize(setting.switch_ms, probe) as env,
     ):
         volley = start_volley(models, "--workers", str(setting.workers), env=env)
-        return served_on(args, volley, frames, loop_ms, setting)
+        out = served_on(args, volley, frames, loop_ms, setting)
+    return out if probe is None else out + ["", *probe_summary(probe)]
+
+
+def probe_summary(folder: Path) -> list[str]:
+    """`server_probe`'s lines, per server process, over the seconds it ran the detector."""
+    out = ["| process | seconds under load | GIL wait p50 / p99 / max ms (medians) | cores | "
+           "threads | ONNX Runtime calls: count, mean wall / thread CPU ms |",
+           "|---|---:|---|---:|---:|---|"]  # fmt: skip
+    for file in sorted(folder.glob("probe-*.txt")):
+        rows = [
+            dict(f.split("=", 1) for f in line.split()) for line in file.read_text().splitlines()
+        ]
+        busy = [r for r in rows if any(k.startswith(("images", "pixels")) for k in r)]
+        if not busy:
+            continue
+        gil = np.median([[float(v) for v in r["gil"].split("/")] for r in busy], axis=0)
+        calls: dict[str, list[float]] = {}
+        for r in busy:
+            for key, value in r.items():
+                if "." in key:
+                    n, wall, cpu = (float(v) for v in value.split("/"))
+                    total = calls.setdefault(key, [0.0, 0.0, 0.0])
+                    total[0] += n
+                    total[1] += n * wall
+                    total[2] += n * cpu
+        runs = "; ".join(
+            f"{k} {n:,.0f}, {w / n:.2f} / {c / n:.2f}" for k, (n, w, c) in calls.items()
+        )
+        out.append(f"| {file.stem} | {len(busy)} | {' / '.join(f'{v:.2f}' for v in gil)} | "
+                   f"{np.median([float(r['cpu']) for r in busy]):.2f} | "
+                   f"{max(int(r['threads']) for r in busy)} | {runs} |")  # fmt: skip
+    return out
 
 
 def served_on(
@@ -447,6 +535,17 @@ def main() -> int:
     )
     parser.add_argument("--detector-instances", default="2", help="and per detector instance_count")
     parser.add_argument(
+        "--detector-options",
+        default="default",
+        help="and per set of other detector config changes: 'key=value,...' sets separated by '|'",
+    )
+    parser.add_argument(
+        "--probe",
+        type=Path,
+        help="folder: per second GIL wait, cores and ONNX Runtime call times inside the server "
+        "(bench/server_probe.py), summarized under each setting",
+    )
+    parser.add_argument(
         "--py-spy",
         type=Path,
         help="folder: py-spy samples of the server through the middle of each camera load",
@@ -462,6 +561,12 @@ def main() -> int:
     inst = make_instances(args.models)
     frames = camera_frames()
     table = detector_table(inst, [int(b) for b in args.batches.split(",")], args.seconds / 2)
+    table += [
+        "",
+        "Batch sizes that change, in process:",
+        "",
+        *shape_changes(args.models, inst, args.seconds / 2),
+    ]
     out = [
         f"Machine: {machine()}, GPU: {gpu_name()}",
         f"Detector provider: {inst.staged.provider}; staging buffers page-locked: "
@@ -493,13 +598,14 @@ def main() -> int:
     switches = [float(s) if s != "default" else None for s in args.switch_interval_ms.split(",")]
     if args.py_spy:
         args.py_spy.mkdir(parents=True, exist_ok=True)
-    for workers, decoders, switch_ms, instances in itertools.product(
+    for workers, decoders, switch_ms, instances, options in itertools.product(
         [int(w) for w in args.workers.split(",")],
         [int(d) for d in args.decode_processes.split(",")],
         switches,
         [int(n) for n in args.detector_instances.split(",")],
+        args.detector_options.split("|"),
     ):
-        setting = Setting(workers, decoders, switch_ms, instances)
+        setting = Setting(workers, decoders, switch_ms, instances, options)
         out += ["", f"### {setting.title()}", ""]
         section = served(args, setting, frames, loop_ms)
         out += section

@@ -41,7 +41,7 @@ import orjson
 import uvloop
 from h1_client import LOST, KeepAlivePool
 from h2_client import UnaryClient
-from serving import machine, repository_copy, rss_mb, start_volley, stop, switch_interval
+from serving import machine, repository_copy, rss_mb, server_sitecustomize, start_volley, stop
 from tritonclient.grpc import service_pb2 as pb
 from vision import camera_frames, ceiling
 
@@ -385,7 +385,7 @@ def report(ceiling_fps: float, steps: list[Step], args: argparse.Namespace) -> s
 async def run(args: argparse.Namespace, frames: list[bytes]) -> list[Step]:
     with (
         repository_copy(args.models, "detect", max_queue_size=args.queue) as repository,
-        switch_interval(args.switch_interval_ms) as env,
+        server_sitecustomize(args.switch_interval_ms) as env,
     ):
         volley = start_volley(repository, env=env)
         proc = volley.proc

@@ -264,16 +264,23 @@ def repository_copy(models: Path, model: str, **changes: object) -> Iterator[Pat
 
 
 @contextmanager
-def switch_interval(ms: float | None) -> Iterator[dict]:
-    """Environment that makes Python processes started with it use a GIL switch interval of
-    `ms` (a `sitecustomize` on PYTHONPATH; None: Python's default, 5 ms), for experiments."""
-    if ms is None:
+def server_sitecustomize(
+    switch_ms: float | None = None, probe: Path | None = None
+) -> Iterator[dict]:
+    """Environment for experiments on the server processes started with it (a `sitecustomize` on
+    PYTHONPATH): a GIL switch interval of `switch_ms` (None: Python's 5 ms), and with `probe` a
+    folder, `server_probe`'s once-a-second GIL, CPU and ONNX Runtime timings written into it."""
+    lines = []
+    if switch_ms is not None:
+        lines.append(f"import sys\nsys.setswitchinterval({switch_ms / 1000!r})")
+    if probe is not None:
+        lines.append(f"import server_probe\nserver_probe.start({str(probe)!r})")
+    if not lines:
         yield {}
         return
-    with tempfile.TemporaryDirectory(prefix="volley-switch-") as folder:
-        Path(folder, "sitecustomize.py").write_text(
-            f"import sys\nsys.setswitchinterval({ms / 1000!r})\n"
-        )
+    with tempfile.TemporaryDirectory(prefix="volley-site-") as folder:
+        Path(folder, "sitecustomize.py").write_text("\n".join(lines) + "\n")
+        shutil.copy(Path(__file__).with_name("server_probe.py"), folder)
         path = os.pathsep.join(p for p in (folder, os.environ.get("PYTHONPATH")) if p)
         yield {"PYTHONPATH": path}
 

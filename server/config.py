@@ -134,6 +134,12 @@ class ModelConfig(_Strict):
         description="a lone one-row request to an idle model whose one-row runs take less than "
         "this (measured) runs on the event loop, skipping two thread hand-offs; 0 = never",
     )
+    pad_device_batches: bool = Field(
+        True,
+        description="on a GPU, run every batch at max_batch_size rows (the rows past the batch "
+        "are ignored): a new batch shape makes cuDNN set its convolutions up again, which cost "
+        "more CPU time than the whole batch takes on the GPU (bench/RESULTS.md)",
+    )
     cudnn_conv_algo_search: Literal["heuristic", "exhaustive", "default"] = Field(
         "heuristic",
         description="how cuDNN picks convolution kernels on CUDA: 'exhaustive' times every "

@@ -81,9 +81,10 @@ class OnnxInstance:
     """One ONNX Runtime session: a model instance that runs one batch at a time.
 
     `staged`: gather batches in page-locked buffers and run with IO binding (default: when the
-    session runs on a GPU). `solo`: the version's spare session for batches that run alone
-    (`solo_session`), with all the usable CPUs' threads. Outputs are always fresh arrays the
-    caller may keep.
+    session runs on a GPU). `padded`: a staged batch runs at the buffers' full `max_batch_size`
+    rows, so the graph always sees one shape (default: on a GPU, as `pad_device_batches` says).
+    `solo`: the version's spare session for batches that run alone (`solo_session`), with all
+    the usable CPUs' threads. Outputs are always fresh arrays the caller may keep.
     """
 
     def __init__(
@@ -93,6 +94,7 @@ class OnnxInstance:
         index: int,
         staged: bool | None = None,
         solo: bool = False,
+        padded: bool | None = None,
     ) -> None:
         options = ort.SessionOptions()
         self.threads = usable_cpus() if solo else cpu_threads(config)
@@ -112,7 +114,11 @@ class OnnxInstance:
         self.provider = self.session.get_providers()[0]
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         self.output_names = [o.name for o in config.outputs]
-        self.staged = self.provider in DEVICE_PROVIDERS if staged is None else staged
+        on_device = self.provider in DEVICE_PROVIDERS
+        self.staged = on_device if staged is None else staged
+        if padded is None:
+            padded = on_device and config.pad_device_batches
+        self.padded = self.staged and padded and config.max_batch_size > 0
         self.pinned = False  # whether the staging buffers are page-locked (set as they are made)
         self._rows = max(config.max_batch_size, 1)
         self._buffers: dict[tuple, np.ndarray] = {}
@@ -145,6 +151,7 @@ class OnnxInstance:
 
     def _run_bound(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run with IO binding: inputs from host memory, outputs copied back into host memory."""
+        inputs, rows = self._padded(inputs)
         binding = self.session.io_binding()
         for name, value in inputs.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
@@ -152,7 +159,23 @@ class OnnxInstance:
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
         results = binding.copy_outputs_to_cpu()
+        if rows is not None:
+            results = [result[:rows] for result in results]
         return dict(zip(self.output_names, results, strict=True))
+
+    def _padded(self, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int | None]:
+        """The inputs as whole staging buffers and the batch's rows, where every input is the
+        head of its buffer (as `gather` leaves it) and padding is on; else them unchanged."""
+        if not self.padded:
+            return inputs, None
+        whole = {}
+        for name, value in inputs.items():
+            buffer = self._buffers.get((name, value.dtype.str, value.shape[1:]))
+            if buffer is None or value.ctypes.data != buffer.ctypes.data:
+                return inputs, None
+            whole[name] = buffer
+        rows = {len(value) for value in inputs.values()}
+        return (whole, rows.pop()) if len(rows) == 1 else (inputs, None)
 
 
 def onnx_strings(array: np.ndarray) -> np.ndarray:
@@ -171,7 +194,8 @@ def load_instances(source: Path | bytes, config: ModelConfig) -> list[OnnxInstan
     A configured warmup must succeed (the model is not served otherwise, as in Triton). Without
     one, a zero-data warmup runs best-effort: a graph that cannot take zeros or empty strings
     (say, one that parses its string input) still serves, with a warning in the log. On a GPU
-    that default warmup runs every batch size (`device_warmup_sizes`).
+    that default warmup runs the one shape a padded instance runs (`max_batch_size`), or every
+    batch size (`device_warmup_sizes`) where padding is off.
     """
     instances = [OnnxInstance(source, config, i) for i in range(config.instance_count)]
     if config.solo_session and instances[0].provider not in DEVICE_PROVIDERS:
@@ -182,7 +206,8 @@ def load_instances(source: Path | bytes, config: ModelConfig) -> list[OnnxInstan
             continue
         default = WarmupConfig()
         if instance.provider in DEVICE_PROVIDERS and config.batching:
-            default = WarmupConfig(batch_sizes=device_warmup_sizes(config.max_batch_size))
+            sizes = device_warmup_sizes(config.max_batch_size)
+            default = WarmupConfig(batch_sizes=(sizes[-1],) if instance.padded else sizes)
         try:
             warm_up(instance, config, default)
         except Exception as exc:  # ORT raises several types; any means "zeros don't fit"

@@ -164,7 +164,7 @@ class OnnxModel:
             "uint8 image variant loaded",
             extra={"event": "uint8_variant_loaded", "model": self.config.name,
                    "version": self.version, "provider": instances[0].provider,
-                   "staged": instances[0].staged},
+                   "staged": instances[0].staged, "padded": instances[0].padded},
         )  # fmt: skip
         batcher = Batcher(config, instances, self.stats, label=f"{config.name}-uint8")
         return OnnxModel(

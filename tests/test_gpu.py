@@ -92,4 +92,4 @@ def test_detect_pipeline_sends_uint8_images_to_the_gpu(tmp_path):
         events = [json.loads(line) for line in server.log().splitlines() if line.strip()]
         variants = [e for e in events if e.get("event") == "uint8_variant_loaded"]
         assert variants and variants[0]["provider"] == "CUDAExecutionProvider", variants
-        assert variants[0]["staged"] is True
+        assert variants[0]["staged"] is True and variants[0]["padded"] is True

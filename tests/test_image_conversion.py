@@ -20,7 +20,7 @@ from conftest import copy_shipped_models, serving
 from onnx import TensorProto, helper, numpy_helper
 from vision_scenes import encode, matched_fraction, scene_image
 
-from server.config import build_config
+from server.config import ModelConfig, TensorConfig, build_config
 from server.image_front import uint8_image_graph
 from server.pinned import pinned_empty
 from server.runtime import OnnxInstance, device_warmup_sizes, provider_settings
@@ -82,6 +82,17 @@ def test_uint8_graph_refuses_inputs_that_are_not_float_images(tmp_path):
         uint8_image_graph(mlp(tmp_path / "mlp.onnx"), "input", 1.0)
 
 
+def assert_same_confident_detections(got: np.ndarray, want: np.ndarray) -> None:
+    """Per image, the confident detections agree (near-equal weak ones may swap places between
+    kernels)."""
+    assert got.shape == want.shape
+    for image, expected in zip(got, want, strict=True):
+        image, expected = (rows[rows[:, 4] > 0.5] for rows in (image, expected))
+        image, expected = (rows[np.lexsort(rows[:, :2].T)] for rows in (image, expected))
+        assert len(image) == len(expected) > 0
+        np.testing.assert_allclose(image, expected, rtol=1e-4, atol=1e-3)
+
+
 def test_staged_instance_with_io_binding_matches_a_plain_run(tmp_path):
     config = build_config(ROOT / "models" / "detector", DETECTOR)
     plain = OnnxInstance(DETECTOR, config, 0, staged=False)
@@ -96,12 +107,7 @@ def test_staged_instance_with_io_binding_matches_a_plain_run(tmp_path):
     assert batch.base is not None and staged.gather("images", parts[:1]).base is batch.base
     first = staged.run({"images": staged.gather("images", parts)})
     want = plain.run({"images": images})
-    for got, expected in zip(first["detections"], want["detections"], strict=True):
-        # Confident detections agree (near-equal weak ones may swap places between kernels).
-        got, expected = (rows[rows[:, 4] > 0.5] for rows in (got, expected))
-        got, expected = (rows[np.lexsort(rows[:, :2].T)] for rows in (got, expected))
-        assert len(got) == len(expected) > 0
-        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
+    assert_same_confident_detections(first["detections"], want["detections"])
     kept = first["detections"].copy()
     staged.run({"images": staged.gather("images", [np.zeros((6, 3, 320, 320), np.float32)])})
     np.testing.assert_array_equal(first["detections"], kept)  # outputs are the caller's own
@@ -197,3 +203,62 @@ def test_an_unknown_convolution_search_is_refused_with_the_field_named(tmp_path)
     write_config(tmp_path / "m", {"cudnn_conv_algo_search": "fastest"})
     with pytest.raises(ConfigError, match="cudnn_conv_algo_search"):
         build_config(tmp_path / "m", model)
+
+
+def batch_size_seen(path: Path) -> Path:
+    """FP32 [N, 1] -> [N, 1] where every row holds N: the batch size the graph ran at."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Mul", ["x", "zero"], ["zeros"]),
+            helper.make_node("Add", ["zeros", "one"], ["ones"]),
+            helper.make_node("ReduceSum", ["ones", "axis0"], ["rows"], keepdims=1),
+            helper.make_node("Mul", ["ones", "rows"], ["y"]),
+        ],
+        "rows",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 1])],
+        [
+            numpy_helper.from_array(np.array(0, np.float32), "zero"),
+            numpy_helper.from_array(np.array(1, np.float32), "one"),
+            numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def test_padded_batches_run_at_the_batch_size_limit_and_return_their_own_rows(tmp_path):
+    model = batch_size_seen(tmp_path / "rows.onnx")
+    config = ModelConfig(
+        name="rows",
+        max_batch_size=8,
+        inputs=(TensorConfig(name="x", datatype="FP32", dims=(1,)),),
+        outputs=(TensorConfig(name="y", datatype="FP32", dims=(1,)),),
+    )
+    assert config.pad_device_batches  # the default: padded wherever the instance is on a GPU
+    padded = OnnxInstance(model, config, 0, staged=True, padded=True)
+    exact = OnnxInstance(model, config, 0, staged=True, padded=False)
+    for rows in (3, 8, 1, 5):
+        parts = [np.ones((1, 1), np.float32)] * rows
+        got = padded.run({"x": padded.gather("x", parts)})["y"]
+        assert got.shape == (rows, 1)
+        assert (got == 8).all()  # the graph saw the whole staging buffer
+        assert (exact.run({"x": exact.gather("x", parts)})["y"] == rows).all()
+    # Inputs that are not the head of a staging buffer run as they are.
+    assert (padded.run({"x": np.ones((2, 1), np.float32)})["y"] == 2).all()
+    off = config.model_copy(update={"pad_device_batches": False})
+    assert not OnnxInstance(model, off, 0, staged=True).padded
+    assert not OnnxInstance(model, config, 0).padded  # on the CPU: never
+
+
+def test_padded_detector_batches_match_a_plain_run_whatever_the_padding_rows_hold():
+    config = build_config(ROOT / "models" / "detector", DETECTOR)
+    plain = OnnxInstance(DETECTOR, config, 0, staged=False)
+    padded = OnnxInstance(DETECTOR, config, 0, staged=True, padded=True)
+    scenes = np.stack([scene_image(seed, (320, 320), 1.0).image for seed in range(5)])
+    images = float_input(scenes, 1 / 255)
+    padded.run({"images": padded.gather("images", [images[::-1]])})  # leaves rows behind
+    got = padded.run({"images": padded.gather("images", [images[:2]])})["detections"]
+    assert_same_confident_detections(got, plain.run({"images": images[:2]})["detections"])
