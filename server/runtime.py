@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from server.config import ModelConfig, WarmupConfig, cpu_threads
+from server.copies import join_rows
 from server.cpus import usable_cpus
 from server.datatypes import numpy_dtype
 from server.pinned import pinned_empty
@@ -132,12 +133,17 @@ class OnnxInstance:
 
     def gather(self, name: str, parts: list[np.ndarray]) -> np.ndarray:
         """The batch of one input: its requests' rows joined, in a staging buffer if staged."""
-        staged = self.staged and parts[0].dtype != np.object_
-        if staged and (rows := sum(len(p) for p in parts)) <= self._rows:
-            batch = self._buffer(name, parts[0].dtype, parts[0].shape[1:])[:rows]
-            np.concatenate(parts, out=batch)
-            return batch
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        first = parts[0]
+        if first.dtype == np.object_:
+            return first if len(parts) == 1 else np.concatenate(parts)
+        rows = sum(len(p) for p in parts)
+        if self.staged and rows <= self._rows:
+            batch = self._buffer(name, first.dtype, first.shape[1:])[:rows]
+        elif len(parts) == 1:
+            return first
+        else:
+            batch = np.empty((rows, *first.shape[1:]), first.dtype)
+        return join_rows(parts, batch)
 
     def _buffer(self, name: str, dtype: np.dtype, item_shape: tuple[int, ...]) -> np.ndarray:
         """This instance's staging buffer for `name` (`max_batch_size` rows), made on first use."""

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from functools import lru_cache
 
 import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from server.copies import join_rows
 from server.errors import invalid
 
 # Pillow only reads headers here, and the size check below is the pipeline's own (configurable);
@@ -96,20 +98,25 @@ def decode_image(
     check_size(width, height, what, max_pixels)
     factor = reduction(width, height, fit) if kind == "JPEG" else 1
     try:
-        bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), REDUCED_FLAGS[factor])
+        rgb = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), REDUCED_FLAGS[factor])
     except cv2.error:
-        bgr = None
+        rgb = None
     expected = (-(-height // factor), -(-width // factor))
-    if bgr is None or bgr.shape[:2] != expected:
+    if rgb is None or rgb.shape[:2] != expected:
         raise invalid(f"{what}: the image data is truncated or corrupt")
-    return Decoded(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), width, height)
+    return Decoded(rgb, width, height)
+
+
+def _rgb(flags: int) -> int:
+    """OpenCV decode flags that give RGB instead of BGR (no second pass to swap channels)."""
+    return flags & ~cv2.IMREAD_COLOR | cv2.IMREAD_COLOR_RGB
 
 
 REDUCED_FLAGS = {
-    1: cv2.IMREAD_COLOR,
-    2: cv2.IMREAD_REDUCED_COLOR_2,
-    4: cv2.IMREAD_REDUCED_COLOR_4,
-    8: cv2.IMREAD_REDUCED_COLOR_8,
+    1: _rgb(cv2.IMREAD_COLOR),
+    2: _rgb(cv2.IMREAD_REDUCED_COLOR_2),
+    4: _rgb(cv2.IMREAD_REDUCED_COLOR_4),
+    8: _rgb(cv2.IMREAD_REDUCED_COLOR_8),
 }
 
 
@@ -137,17 +144,32 @@ def letterbox(
     """Scale to fit (height, width) keeping the aspect ratio, and centre it on padding.
 
     `size` = (width, height) of the original image when `rgb` was decoded at a reduced scale.
+    The image is scaled (or copied) straight into a new canvas of the padding colour: one
+    OpenCV call that lets the GIL go, at most (`server/copies.py` says why that counts).
     """
     w, h = size or (rgb.shape[1], rgb.shape[0])
     scale = min(height / h, width / w)
     new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
-    if (new_w, new_h) != rgb.shape[1::-1]:
-        shrink = new_w < rgb.shape[1]
-        interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-        rgb = cv2.resize(rgb, (new_w, new_h), interpolation=interpolation)
     pad_x, pad_y = (width - new_w) // 2, (height - new_h) // 2
-    out = cv2.copyMakeBorder(
-        rgb, pad_y, height - new_h - pad_y, pad_x, width - new_w - pad_x,
-        cv2.BORDER_CONSTANT, value=(pad_value, pad_value, pad_value),
-    )  # fmt: skip
+    out = padding_canvas(height, width, pad_value)
+    inside = out[pad_y : pad_y + new_h, pad_x : pad_x + new_w]
+    if (new_w, new_h) != rgb.shape[1::-1]:
+        interpolation = cv2.INTER_AREA if new_w < rgb.shape[1] else cv2.INTER_LINEAR
+        scaled = cv2.resize(rgb, (new_w, new_h), dst=inside, interpolation=interpolation)
+        if scaled is not inside:  # OpenCV made its own array: copy it in
+            inside[...] = scaled
+    else:
+        join_rows([rgb], inside)
     return Letterboxed(out, scale, pad_x, pad_y, w, h)
+
+
+@lru_cache(maxsize=8)
+def _padding_bytes(height: int, width: int, pad_value: int) -> bytes:
+    return bytes([pad_value]) * (height * width * 3)
+
+
+def padding_canvas(height: int, width: int, pad_value: int) -> np.ndarray:
+    """A new uint8 [height, width, 3] image of the padding colour (one memory copy that keeps
+    the GIL, where `np.full` may let it go)."""
+    canvas = bytearray(_padding_bytes(height, width, pad_value))
+    return np.frombuffer(canvas, dtype=np.uint8).reshape(height, width, 3)
