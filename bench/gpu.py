@@ -56,10 +56,11 @@ from serving import (
     Volley,
     machine,
     perf_analyzer,
+    probe_env,
     repository_copy,
-    server_sitecustomize,
     start_volley,
     stop,
+    switch_flags,
 )
 from vision import FPS, OPTIONS, STAGES, StreamLog, camera, camera_frames, single_image
 
@@ -428,9 +429,10 @@ def served(
     with (
         repository_copy(args.models, "detector", **setting.detector_changes()) as detector,
         repository_copy(detector, "detect", decode_processes=setting.decoders) as models,
-        server_sitecustomize(setting.switch_ms, probe) as env,
+        probe_env(probe) as env,
     ):
-        volley = start_volley(models, "--workers", str(setting.workers), env=env)
+        flags = ("--workers", str(setting.workers), *switch_flags(setting.switch_ms))
+        volley = start_volley(models, *flags, env=env)
         out = served_on(args, volley, frames, loop_ms, setting)
     return out if probe is None else out + ["", *probe_summary(probe)]
 

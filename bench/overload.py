@@ -41,7 +41,7 @@ import orjson
 import uvloop
 from h1_client import LOST, KeepAlivePool
 from h2_client import UnaryClient
-from serving import machine, repository_copy, rss_mb, server_sitecustomize, start_volley, stop
+from serving import machine, repository_copy, rss_mb, start_volley, stop, switch_flags
 from tritonclient.grpc import service_pb2 as pb
 from vision import camera_frames, ceiling
 
@@ -383,11 +383,8 @@ def report(ceiling_fps: float, steps: list[Step], args: argparse.Namespace) -> s
 
 
 async def run(args: argparse.Namespace, frames: list[bytes]) -> list[Step]:
-    with (
-        repository_copy(args.models, "detect", max_queue_size=args.queue) as repository,
-        server_sitecustomize(args.switch_interval_ms) as env,
-    ):
-        volley = start_volley(repository, env=env)
+    with repository_copy(args.models, "detect", max_queue_size=args.queue) as repository:
+        volley = start_volley(repository, *switch_flags(args.switch_interval_ms))
         proc = volley.proc
         os.nice(args.generator_nice)  # from here on: the load generator's priority
         if args.protocol == "grpc":

@@ -1,5 +1,5 @@
 """Diagnostics a benchmark loads into Volley's processes (a `sitecustomize`, see
-`serving.server_sitecustomize`); never imported by the server itself.
+`serving.probe_env`); never imported by the server itself.
 
 Once a second each process appends one line to `<folder>/probe-<pid>.txt`:
 

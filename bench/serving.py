@@ -263,23 +263,23 @@ def repository_copy(models: Path, model: str, **changes: object) -> Iterator[Pat
         yield repository
 
 
+def switch_flags(ms: float | None) -> tuple[str, ...]:
+    """`volley serve` flags for a GIL switch interval of `ms` (None: Python's 5 ms)."""
+    return () if ms is None else ("--switch-interval-ms", f"{ms:g}")
+
+
 @contextmanager
-def server_sitecustomize(
-    switch_ms: float | None = None, probe: Path | None = None
-) -> Iterator[dict]:
-    """Environment for experiments on the server processes started with it (a `sitecustomize` on
-    PYTHONPATH): a GIL switch interval of `switch_ms` (None: Python's 5 ms), and with `probe` a
-    folder, `server_probe`'s once-a-second GIL, CPU and ONNX Runtime timings written into it."""
-    lines = []
-    if switch_ms is not None:
-        lines.append(f"import sys\nsys.setswitchinterval({switch_ms / 1000!r})")
-    if probe is not None:
-        lines.append(f"import server_probe\nserver_probe.start({str(probe)!r})")
-    if not lines:
+def probe_env(probe: Path | None) -> Iterator[dict]:
+    """Environment that loads `server_probe` into the server processes started with it (a
+    `sitecustomize` on PYTHONPATH), writing its once-a-second GIL, CPU and ONNX Runtime timings
+    into the folder `probe` (None: nothing added)."""
+    if probe is None:
         yield {}
         return
-    with tempfile.TemporaryDirectory(prefix="volley-site-") as folder:
-        Path(folder, "sitecustomize.py").write_text("\n".join(lines) + "\n")
+    with tempfile.TemporaryDirectory(prefix="volley-probe-") as folder:
+        Path(folder, "sitecustomize.py").write_text(
+            f"import server_probe\nserver_probe.start({str(probe)!r})\n"
+        )
         shutil.copy(Path(__file__).with_name("server_probe.py"), folder)
         path = os.pathsep.join(p for p in (folder, os.environ.get("PYTHONPATH")) if p)
         yield {"PYTHONPATH": path}

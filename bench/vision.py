@@ -30,7 +30,7 @@ import numpy as np
 import onnxruntime as ort
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from serving import machine, repository_copy, start_volley, stop
+from serving import machine, repository_copy, start_volley, stop, switch_flags
 from tritonclient.grpc import service_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -289,6 +289,11 @@ def main() -> int:
         help="cameras as one asyncio process of raw gRPC streams with pre-serialized frames "
         "(a lean client; default: a tritonclient stream per camera, on threads)",
     )
+    parser.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        help="the server's GIL switch interval (default: Python's 5 ms)",
+    )
     args = parser.parse_args()
 
     frames = camera_frames()
@@ -307,7 +312,7 @@ def measure(
     models: Path,
 ) -> int:
     """Serve `models` and measure single images, then cameras until they are not sustained."""
-    volley = start_volley(models)
+    volley = start_volley(models, *switch_flags(args.switch_interval_ms))
     try:
         grpc_address = volley.grpc
         single = single_image(volley.http, grpc_address, frames[0], args.requests)
@@ -319,7 +324,7 @@ def measure(
                 break
     finally:
         stop(volley.proc)
-    print(report(ceiling_fps, ceiling_ms, rows, single, args.decode_processes))
+    print(report(ceiling_fps, ceiling_ms, rows, single, args))
     return 0
 
 
@@ -328,13 +333,16 @@ def report(
     ceiling_ms: np.ndarray,
     rows: list[CameraRow],
     single: dict,
-    decode_processes: int,
+    args: argparse.Namespace,
 ) -> str:
     best = max((r.streams for r in rows if r.sustained), default=0)
-    decoding = f"{decode_processes} decoder processes" if decode_processes else "threads"
+    decoders = args.decode_processes
+    decoding = f"{decoders} decoder processes" if decoders else "threads"
+    switch = args.switch_interval_ms
     lines = [
         f"Machine: {machine()}",
-        f"`detect` decodes on: {decoding}",
+        f"`detect` decodes on: {decoding}; the server's GIL switch interval: "
+        f"{'5 ms (Python default)' if switch is None else f'{switch:g} ms'}",
         "",
         f"In-process ceiling (decode + letterbox + infer + NMS, one loop): {ceiling_fps:.1f} "
         f"frames/s, p50 {np.percentile(ceiling_ms, 50):.2f} ms, "

@@ -16,6 +16,7 @@ import contextlib
 import gc
 import logging
 import signal
+import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -108,6 +109,8 @@ async def _started(listeners: list[_Listener], tasks: list[asyncio.Task]) -> Non
 
 async def serve(settings: ServeSettings, worker: Worker | None = None) -> int:
     """Run until SIGTERM/SIGINT, then drain and return the exit code."""
+    if settings.switch_interval_ms is not None:
+        sys.setswitchinterval(settings.switch_interval_ms / 1000)
     repository = ModelRepository(settings.model_repository, settings.model_control)
     limiter = None
     if settings.rate_limit > 0:
@@ -183,6 +186,7 @@ async def serve(settings: ServeSettings, worker: Worker | None = None) -> int:
             "http_port": settings.http_port,
             "grpc_port": settings.grpc_port,
             "metrics_port": settings.metrics_port,
+            "switch_interval_ms": round(sys.getswitchinterval() * 1000, 3),
         },
     )
     poller = None

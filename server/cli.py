@@ -154,6 +154,15 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "requests keep coming (0: sleep at once)",
     )
     p.add_argument(
+        "--switch-interval-ms",
+        type=_switch_interval_ms,
+        metavar="MS",
+        help="how long a thread running Python keeps the GIL while others wait for it "
+        "(Python's default: 5). Lower serves camera streams with less latency and fewer "
+        "skipped frames (the decode and batch threads wait less behind the event loop), for "
+        "some throughput of small requests (bench/RESULTS.md, 'switch interval')",
+    )
+    p.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -337,6 +346,17 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _switch_interval_ms(text: str) -> float:
+    """`--switch-interval-ms`: 0.05 to 100 milliseconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.05 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"expected 0.05 to 100 milliseconds, got {text!r}")
+    return value
+
+
 def _busy_poll_us(text: str) -> int:
     """`--busy-poll-us`: a whole number of microseconds, 0 to 1,000,000."""
     try:
@@ -452,6 +472,7 @@ def _serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         allow_client_shm=args.allow_client_shm,
         busy_poll_us=args.busy_poll_us,
+        switch_interval_ms=args.switch_interval_ms,
     )
     try:
         check_startup(settings)

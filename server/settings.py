@@ -42,6 +42,7 @@ class ServeSettings:
     workers: int = 1  # server processes sharing the ports (server/supervisor.py)
     allow_client_shm: bool = False  # clients may register system shared memory (server/shm.py)
     busy_poll_us: int = 0  # the loop polls this long after going idle (server/busy_poll.py)
+    switch_interval_ms: float | None = None  # the GIL switch interval (None: Python's, 5 ms)
 
 
 class StartupError(Exception):
