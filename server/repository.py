@@ -383,6 +383,8 @@ class ModelRepository:
                 "provider": provider,
                 "instances": len(instances),
                 "max_batch_size": config.max_batch_size,
+                "staged": instances[0].staged,  # page-locked buffers, IO binding (a GPU)
+                "padded": instances[0].padded,  # batches run at max_batch_size rows
                 "seconds": round(seconds, 3),
             },
         )

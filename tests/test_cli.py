@@ -39,6 +39,8 @@ def test_logs_are_json_lines_naming_the_execution_provider(server):
     # onnxruntime build offers it, else the CPU.
     expected = "CUDAExecutionProvider" if ON_GPU else "CPUExecutionProvider"
     assert {e["provider"] for e in loaded} == {expected}, loaded
+    # Staged in page-locked buffers and padded to one batch shape on a GPU only.
+    assert {(e["staged"], e["padded"]) for e in loaded if e["model"] == "mlp"} == {(ON_GPU,) * 2}
     assert all({"ts", "level", "logger", "msg"} <= set(e) for e in events)
 
 
