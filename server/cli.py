@@ -346,26 +346,23 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     )
 
 
-def _switch_interval_ms(text: str) -> float:
-    """`--switch-interval-ms`: 0.05 to 100 milliseconds."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.05 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"expected 0.05 to 100 milliseconds, got {text!r}")
-    return value
+def _number_between(convert: type, low: float, high: float, unit: str):
+    """An argparse type: a number (`convert`: int or float) from `low` to `high` `unit`."""
+
+    def parse(text: str) -> float:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected {low} to {high} {unit}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _busy_poll_us(text: str) -> int:
-    """`--busy-poll-us`: a whole number of microseconds, 0 to 1,000,000."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 1_000_000:
-        raise argparse.ArgumentTypeError(f"expected 0 to 1000000 microseconds, got {text!r}")
-    return value
+_switch_interval_ms = _number_between(float, 0.05, 100, "milliseconds")
+_busy_poll_us = _number_between(int, 0, 1_000_000, "microseconds")
 
 
 def _keepalive_seconds(text: str) -> float:

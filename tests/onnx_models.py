@@ -34,7 +34,7 @@ def mlp(path: Path, features: int = 32, hidden: int = 256, seed: int = 0) -> Pat
         [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch", 1])],
         inits,
     )
-    return _save(graph, path)
+    return save(graph, path)
 
 
 def dtypes(path: Path) -> Path:
@@ -76,7 +76,7 @@ def dtypes(path: Path) -> Path:
         ],
         [two, one, three],
     )
-    return _save(graph, path)
+    return save(graph, path)
 
 
 # Every datatype docs/model-config.md lists, as (v2 name, ONNX type, numpy dtype).
@@ -114,7 +114,7 @@ def every_datatype(path: Path, width: int = 3) -> Path:
         [helper.make_tensor_value_info(f"{n}_out", kind, ["batch", width]) for n, kind in names],
         consts,
     )  # fmt: skip
-    return _save(graph, path)
+    return save(graph, path)
 
 
 def strings(path: Path) -> Path:
@@ -125,7 +125,7 @@ def strings(path: Path) -> Path:
         [helper.make_tensor_value_info("text", TensorProto.STRING, ["batch", 2])],
         [helper.make_tensor_value_info("text_out", TensorProto.STRING, ["batch", 2])],
     )
-    return _save(graph, path)
+    return save(graph, path)
 
 
 def parsed_strings(path: Path) -> Path:
@@ -146,7 +146,7 @@ def parsed_strings(path: Path) -> Path:
         [helper.make_tensor_value_info(n, TensorProto.INT32, ["batch", 16])
          for n in ("OUTPUT0", "OUTPUT1")],
     )  # fmt: skip
-    return _save(graph, path)
+    return save(graph, path)
 
 
 def variable_length(path: Path) -> Path:
@@ -159,10 +159,11 @@ def variable_length(path: Path) -> Path:
         [helper.make_tensor_value_info("total", TensorProto.FLOAT, ["batch", 1])],
         [axes],
     )
-    return _save(graph, path)
+    return save(graph, path)
 
 
-def _save(graph: onnx.GraphProto, path: Path) -> Path:
+def save(graph: onnx.GraphProto, path: Path) -> Path:
+    """Write `graph` as a checked opset-17 model at `path` (folders made); returns `path`."""
     model = helper.make_model(graph, opset_imports=OPSET)
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -212,7 +213,7 @@ def slow(path: Path, iterations: int = 10000, width: int = 512) -> Path:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
         [w, trips, cond],
     )
-    return _save(graph, path)
+    return save(graph, path)
 
 
 def fixed_scale(path: Path, shape: tuple[int, ...] = (2, 3), factor: float = 2.0) -> Path:
@@ -225,4 +226,4 @@ def fixed_scale(path: Path, shape: tuple[int, ...] = (2, 3), factor: float = 2.0
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))],
         [scale],
     )
-    return _save(graph, path)
+    return save(graph, path)

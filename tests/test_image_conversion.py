@@ -11,6 +11,7 @@ import mmap
 from pathlib import Path
 
 import numpy as np
+import onnx_models
 import onnxruntime as ort
 import pytest
 import requests
@@ -58,10 +59,7 @@ def fp16_doubler(path: Path) -> Path:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["n", 3, 2, 2])],
         [numpy_helper.from_array(np.array(2, np.float16), "two")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path.write_bytes(model.SerializeToString())
-    return path
+    return onnx_models.save(graph, path)
 
 
 def test_uint8_graph_casts_to_fp16_and_keeps_the_channel_order(tmp_path):
@@ -223,10 +221,7 @@ def batch_size_seen(path: Path) -> Path:
             numpy_helper.from_array(np.array([0], np.int64), "axis0"),
         ],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path.write_bytes(model.SerializeToString())
-    return path
+    return onnx_models.save(graph, path)
 
 
 def test_padded_batches_run_at_the_batch_size_limit_and_return_their_own_rows(tmp_path):
