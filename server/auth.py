@@ -128,7 +128,7 @@ def http_scope(path: str) -> str | None:
         return None
     if path.startswith("/v2/repository/") or path.endswith("/stats") or path == "/metrics":
         return ADMIN
-    if path == "/v2/logging":
+    if path == "/v2/logging" or path.endswith("/trace/setting"):
         return ADMIN
     if "sharedmemory" in path or path == "/v2/openapi.json" or path.startswith("/docs"):
         return ADMIN

@@ -20,7 +20,13 @@ from tritonclient.grpc import service_pb2 as pb
 
 from server import __version__, auth
 from server.dataplane import FORBIDDEN, OUTCOMES, UNAUTHENTICATED, DataPlane
-from server.errors import VolleyError, invalid, shared_memory_unsupported, unexpected
+from server.errors import (
+    VolleyError,
+    invalid,
+    shared_memory_unsupported,
+    trace_unsupported,
+    unexpected,
+)
 from server.grpc_server import Context, GrpcServer, Method
 from server.held import HELD
 from server.protocol import grpc_codec
@@ -304,6 +310,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def CudaSharedMemoryRegister(self, request, context):
         await _abort(context, shared_memory_unsupported("cuda"))
+
+    async def TraceSetting(self, request, context):
+        await _abort(context, trace_unsupported())
 
 
 class Malformed:

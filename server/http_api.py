@@ -30,6 +30,7 @@ from server.errors import (
     VolleyError,
     invalid,
     shared_memory_unsupported,
+    trace_unsupported,
     unexpected,
 )
 from server.protocol import http_codec
@@ -544,6 +545,15 @@ def control_app(dataplane: DataPlane, max_body_bytes: int) -> FastAPI:
     @app.post("/v2/cudasharedmemory/region/{region}/register")
     async def cuda_shared_memory_register(region: str) -> Response:
         raise shared_memory_unsupported("cuda")
+
+    @app.get("/v2/trace/setting")
+    @app.post("/v2/trace/setting")
+    @app.get("/v2/models/{model}/trace/setting")
+    @app.post("/v2/models/{model}/trace/setting")
+    @app.get("/v2/models/{model}/versions/{version}/trace/setting")
+    @app.post("/v2/models/{model}/versions/{version}/trace/setting")
+    async def trace_setting(model: str = "", version: str = "") -> Response:
+        raise trace_unsupported()
 
     @app.websocket("/v2/models/{model}/stream")
     async def frame_stream(websocket: WebSocket, model: str) -> None:
