@@ -13,6 +13,7 @@ camera frame (`decode_image` + `letterbox` of a 640x480 JPEG), with the GIL wait
 
 from __future__ import annotations
 
+import itertools
 import sys
 import threading
 import time
@@ -70,7 +71,7 @@ class Spinners:
 def frame_table() -> list[str]:
     """A decode thread's work per camera frame, alone and beside a thread running Python."""
     frames = [encode(scene_image(seed, (320, 240), 2.0).image, quality=80) for seed in range(8)]
-    turn = iter(range(10**9))
+    turn = itertools.count()
 
     def prepare() -> None:
         decoded = decode_image(frames[next(turn) % 8], "frame", 40_000_000, fit=(320, 320))

@@ -104,6 +104,8 @@ class Instances:
     host: ort.InferenceSession
     staged: OnnxInstance
     uint8: OnnxInstance
+    uint8_graph: bytes  # the detector taking uint8 [H, W, 3] images (converted in the graph)
+    uint8_config: ModelConfig
     name: str
     batch: int  # the detector's max_batch_size
 
@@ -115,35 +117,26 @@ def make_instances(models: Path) -> Instances:
     name = config.inputs[0].name
     host = ort.InferenceSession(str(model_file), providers=provider_settings(config))
     staged = OnnxInstance(model_file, config, 0, staged=True)
-    uint8 = OnnxInstance(*uint8_detector(models), 0, staged=True)
-    return Instances(host, staged, uint8, name, config.max_batch_size)
-
-
-def uint8_detector(models: Path) -> tuple[bytes, ModelConfig]:
-    """The shipped detector taking uint8 [H, W, 3] images (converted in the graph), its config."""
-    folder = models / "detector"
-    model_file = folder / "1" / "model.onnx"
-    config = build_config(folder, model_file)
-    name = config.inputs[0].name
     uint8_config = config.model_copy(
         update={"inputs": (config.inputs[0].model_copy(update={"datatype": "UINT8",
                                                                "dims": (SIZE, SIZE, 3)}),)}
     )  # fmt: skip
-    return uint8_image_graph(model_file, name, 1 / 255), uint8_config
+    graph = uint8_image_graph(model_file, name, 1 / 255)
+    uint8 = OnnxInstance(graph, uint8_config, 0, staged=True)
+    return Instances(host, staged, uint8, graph, uint8_config, name, config.max_batch_size)
 
 
 SHAPE_CYCLE = (16, 11, 7, 14, 9, 12, 5, 15)  # batch sizes as a busy server forms them
 
 
-def shape_changes(models: Path, inst: Instances, seconds: float) -> list[str]:
+def shape_changes(inst: Instances, seconds: float) -> list[str]:
     """The uint8 detector on batches whose size changes every call, run at their own shape and
     padded to `max_batch_size` rows (`pad_device_batches`), beside batches of one size."""
-    graph, config = uint8_detector(models)
     rng = np.random.default_rng(1)
     frames = rng.integers(0, 256, (inst.batch, SIZE, SIZE, 3), dtype=np.uint8)
     lines = ["| batches | run at | ms per batch (mean) | images/s |", "|---|---|---:|---:|"]
     for padded in (False, True):
-        instance = OnnxInstance(graph, config, 0, staged=True, padded=padded)
+        instance = OnnxInstance(inst.uint8_graph, inst.uint8_config, 0, staged=True, padded=padded)
         for label, sizes in (
             (f"all {inst.batch} rows", (inst.batch,)),
             ("sizes " + ", ".join(map(str, SHAPE_CYCLE)), SHAPE_CYCLE),
@@ -567,7 +560,7 @@ def main() -> int:
         "",
         "Batch sizes that change, in process:",
         "",
-        *shape_changes(args.models, inst, args.seconds / 2),
+        *shape_changes(inst, args.seconds / 2),
     ]
     out = [
         f"Machine: {machine()}, GPU: {gpu_name()}",

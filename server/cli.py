@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from server import __version__
@@ -346,7 +347,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     )
 
 
-def _number_between(convert: type, low: float, high: float, unit: str):
+def _number_between(convert: type, low: float, high: float, unit: str) -> Callable[[str], float]:
     """An argparse type: a number (`convert`: int or float) from `low` to `high` `unit`."""
 
     def parse(text: str) -> float:

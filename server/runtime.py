@@ -147,7 +147,7 @@ class OnnxInstance:
 
     def _buffer(self, name: str, dtype: np.dtype, item_shape: tuple[int, ...]) -> np.ndarray:
         """This instance's staging buffer for `name` (`max_batch_size` rows), made on first use."""
-        key = (name, dtype.str, item_shape)
+        key = _buffer_key(name, dtype, item_shape)
         buffer = self._buffers.get(key)
         if buffer is None:
             shape = (self._rows, *item_shape)
@@ -176,12 +176,17 @@ class OnnxInstance:
             return inputs, None
         whole = {}
         for name, value in inputs.items():
-            buffer = self._buffers.get((name, value.dtype.str, value.shape[1:]))
+            buffer = self._buffers.get(_buffer_key(name, value.dtype, value.shape[1:]))
             if buffer is None or value.ctypes.data != buffer.ctypes.data:
                 return inputs, None
             whole[name] = buffer
         rows = {len(value) for value in inputs.values()}
         return (whole, rows.pop()) if len(rows) == 1 else (inputs, None)
+
+
+def _buffer_key(name: str, dtype: np.dtype, item_shape: tuple[int, ...]) -> tuple:
+    """Which staging buffer holds an input's rows: one per name, dtype and row shape."""
+    return (name, dtype.str, item_shape)
 
 
 def onnx_strings(array: np.ndarray) -> np.ndarray:
@@ -212,8 +217,11 @@ def load_instances(source: Path | bytes, config: ModelConfig) -> list[OnnxInstan
             continue
         default = WarmupConfig()
         if instance.provider in DEVICE_PROVIDERS and config.batching:
-            sizes = device_warmup_sizes(config.max_batch_size)
-            default = WarmupConfig(batch_sizes=(sizes[-1],) if instance.padded else sizes)
+            if instance.padded:  # the one shape its batches run at
+                sizes: tuple[int, ...] = (config.max_batch_size,)
+            else:
+                sizes = device_warmup_sizes(config.max_batch_size)
+            default = WarmupConfig(batch_sizes=sizes)
         try:
             warm_up(instance, config, default)
         except Exception as exc:  # ORT raises several types; any means "zeros don't fit"

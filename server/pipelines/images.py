@@ -157,7 +157,7 @@ def letterbox(
         interpolation = cv2.INTER_AREA if new_w < rgb.shape[1] else cv2.INTER_LINEAR
         scaled = cv2.resize(rgb, (new_w, new_h), dst=inside, interpolation=interpolation)
         if scaled is not inside:  # OpenCV made its own array: copy it in
-            inside[...] = scaled
+            join_rows([scaled], inside)
     else:
         join_rows([rgb], inside)
     return Letterboxed(out, scale, pad_x, pad_y, w, h)
