@@ -36,6 +36,7 @@ from server.repository import ModelRepository
 from server.settings import ServeSettings, StartupError
 from server.shm import SystemSharedMemory
 from server.tls import TlsFiles
+from server.tracing import TRACER
 
 if TYPE_CHECKING:
     from server.worker import Worker
@@ -111,6 +112,7 @@ async def serve(settings: ServeSettings, worker: Worker | None = None) -> int:
     """Run until SIGTERM/SIGINT, then drain and return the exit code."""
     if settings.switch_interval_ms is not None:
         sys.setswitchinterval(settings.switch_interval_ms / 1000)
+    TRACER.configure(settings.trace, settings.trace_file, None if worker is None else worker.index)
     repository = ModelRepository(settings.model_repository, settings.model_control)
     limiter = None
     if settings.rate_limit > 0:
@@ -221,6 +223,7 @@ async def serve(settings: ServeSettings, worker: Worker | None = None) -> int:
     if worker is not None:
         await worker.leave()
     HELD.busy_poll = None
+    TRACER.close()
     log.info("stopped", extra={"event": "stopped"})
     return 0
 

@@ -38,6 +38,7 @@ from server.errors import ErrorKind, VolleyError, internal, new_request_id, rais
 from server.held import HELD
 from server.runtime import OnnxInstance
 from server.stats import ModelStats
+from server.tracing import Trace
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ Tensors = dict[str, np.ndarray]
 # (each new batch weighs 1/8), so a model that slows down stops running inline.
 INLINE_MIN_RUNS = 16
 INLINE_WEIGHT = 0.125
+# Triton's names for when a batch started, had its inputs ready, had run, and was split up
+COMPUTE_STAMPS = ("COMPUTE_START", "COMPUTE_INPUT_END", "COMPUTE_OUTPUT_START", "COMPUTE_END")
 
 
 @dataclass(eq=False, slots=True)
@@ -62,6 +65,7 @@ class Pending:
     started: bool = field(default=False)
     start_ns: int = 0  # when its batch started
     compute_ns: int = 0  # how long its batch ran
+    trace: Trace | None = None  # the request's, when it is traced
 
 
 @dataclass
@@ -151,9 +155,10 @@ class Batcher:
         return outputs
 
     async def infer_timed(
-        self, inputs: Tensors, rows: int, timeout_us: int = 0
+        self, inputs: Tensors, rows: int, timeout_us: int = 0, trace: Trace | None = None
     ) -> tuple[Tensors, int, int]:
-        """`infer`, also returning how long the request queued and its batch ran (ns)."""
+        """`infer`, also returning how long the request queued and its batch ran (ns); a
+        `trace` gets the queue and compute timestamps."""
         now = time.perf_counter_ns()
         timeout_us = timeout_us or self._default_timeout_us
         key = tuple([a.shape[1:] for a in inputs.values()]) if self._batching else ()
@@ -165,6 +170,9 @@ class Batcher:
             arrival_ns=now,
             deadline_ns=now + timeout_us * 1000 if timeout_us else None,
         )
+        if trace is not None:
+            pending.trace = trace
+            trace.stamp("QUEUE_START", now)
         with self._lock:
             raise_if_set(self.refusal())
             inline = self._runs_inline(rows)
@@ -320,7 +328,7 @@ class Batcher:
     def _execute(self, instance: OnnxInstance, batch: Batch) -> tuple[Callable, tuple]:
         """Run `batch`; the loop callback that answers its requests, and its arguments."""
         try:
-            outputs, timings = run_batch(instance, batch, self.config.batching)
+            outputs, stamps = run_batch(instance, batch, self.config.batching)
         except Exception:  # ORT raises many types; each fails the batch, not the thread
             request_id = new_request_id()
             log.exception(
@@ -334,7 +342,7 @@ class Batcher:
             )
             error = internal(f"model '{self.config.name}' failed on this batch", request_id)
             return self._fail, (batch, error)
-        return self._finish, (batch, outputs, timings)
+        return self._finish, (batch, outputs, stamps)
 
     def _next_batch(self) -> Batch | None:
         """Block until a batch is due (or the batcher stops) and take it out of the queue."""
@@ -417,9 +425,13 @@ class Batcher:
             pending.future.set_exception(self._timeout_error(timeout_us))
         self._check_idle()
 
-    def _finish(self, batch: Batch, outputs: list[Tensors], timings: tuple[int, int, int]) -> None:
-        self.stats.record_batch(batch.rows, len(batch.requests), *timings, batch.reason)
-        compute_ns = sum(timings)
+    def _finish(
+        self, batch: Batch, outputs: list[Tensors], stamps: tuple[int, int, int, int]
+    ) -> None:
+        start, inputs_end, outputs_start, end = stamps
+        gather, run, split = inputs_end - start, outputs_start - inputs_end, end - outputs_start
+        self.stats.record_batch(batch.rows, len(batch.requests), gather, run, split, batch.reason)
+        compute_ns = end - start
         if batch.rows == 1:
             self._one_row_runs += 1
             weight = max(INLINE_WEIGHT, 1 / self._one_row_runs)
@@ -427,6 +439,9 @@ class Batcher:
         for pending, result in zip(batch.requests, outputs, strict=True):
             pending.start_ns, pending.compute_ns = batch.start_ns, compute_ns
             self.stats.record_queue(batch.start_ns - pending.arrival_ns)
+            if pending.trace is not None:
+                for name, ns in zip(COMPUTE_STAMPS, stamps, strict=True):
+                    pending.trace.stamp(name, ns)
             if not pending.future.done():
                 pending.future.set_result(result)
         self._batch_done()
@@ -451,8 +466,9 @@ class Batcher:
 
 def run_batch(
     instance: OnnxInstance, batch: Batch, batching: bool
-) -> tuple[list[Tensors], tuple[int, int, int]]:
-    """Concatenate, run and split one batch; returns per-request outputs and stage times (ns)."""
+) -> tuple[list[Tensors], tuple[int, int, int, int]]:
+    """Concatenate, run and split one batch; returns per-request outputs and when each stage
+    began and the last ended (perf_counter ns: COMPUTE_STAMPS)."""
     t0 = time.perf_counter_ns()
     requests = batch.requests
     inputs = {name: instance.gather(name, [p.inputs[name] for p in requests])
@@ -476,4 +492,4 @@ def run_batch(
             split.append({name: value[offset:end] for name, value in outputs.items()})
             offset = end
     t3 = time.perf_counter_ns()
-    return split, (t1 - t0, t2 - t1, t3 - t2)
+    return split, (t0, t1, t2, t3)

@@ -164,6 +164,17 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "some throughput of small requests (bench/RESULTS.md, 'switch interval')",
     )
     p.add_argument(
+        "--trace-config",
+        action="append",
+        default=[],
+        metavar="[triton,]SETTING=VALUE",
+        help="request tracing, as Triton's flag: triton,file=PATH (where traces go; needed to "
+        "trace at all), level=TIMESTAMPS or TENSORS (again for both; default OFF), rate=N (one "
+        "request in N, default 1000), count=N (traces to collect, default -1: no limit), "
+        "triton,log-frequency=N (write every N traces to PATH.<k>; default 0: to PATH when the "
+        "server stops). Clients change all but the file at run time (docs/tracing.md)",
+    )
+    p.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -432,6 +443,7 @@ def _serve(args: argparse.Namespace) -> int:
     from server import logs
     from server.settings import ServeSettings, StartupError, check_startup
     from server.tls import TlsFiles
+    from server.tracing import parse_trace_config
 
     logs.configure(args.log_level)
     control = args.model_control or ("poll" if args.poll_repository > 0 else "explicit")
@@ -446,6 +458,10 @@ def _serve(args: argparse.Namespace) -> int:
     tls = None
     if args.tls_cert is not None:
         tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
+    try:
+        trace, trace_file = parse_trace_config(args.trace_config)
+    except ValueError as exc:
+        return _usage_error(str(exc))
     default_all = args.model_control is None and not args.load_model
     load_models = ("*",) if default_all else tuple(args.load_model or ())
     settings = ServeSettings(
@@ -471,6 +487,8 @@ def _serve(args: argparse.Namespace) -> int:
         allow_client_shm=args.allow_client_shm,
         busy_poll_us=args.busy_poll_us,
         switch_interval_ms=args.switch_interval_ms,
+        trace=trace,
+        trace_file=trace_file,
     )
     try:
         check_startup(settings)

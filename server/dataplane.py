@@ -17,6 +17,7 @@ from server.errors import (
     ErrorKind,
     VolleyError,
     invalid,
+    not_found,
     shared_memory_unsupported,
     unavailable,
 )
@@ -26,6 +27,7 @@ from server.ratelimit import RateLimiter
 from server.repository import ModelRepository
 from server.servable import FramePolicy
 from server.shm import SystemSharedMemory
+from server.tracing import TRACER, Trace
 from server.types import (
     NO_DATA,
     InferenceRequest,
@@ -45,6 +47,9 @@ OUTCOMES = {
     ErrorKind.INTERNAL: "failed",
     ErrorKind.UNSUPPORTED: "invalid",
 }
+# Unary HTTP and gRPC requests are sampled for tracing by their front ends, which record when
+# they were read and answered; the data plane samples the others (stream requests and frames).
+SAMPLED_BY_FRONT_END = frozenset({"http", "grpc"})
 UNAUTHENTICATED, FORBIDDEN = "unauthenticated", "forbidden"  # API key missing / scope too small
 
 
@@ -100,7 +105,14 @@ class DataPlane:
         by_protocol = self.inflight_by_protocol
         by_protocol[protocol] = by_protocol.get(protocol, 0) + 1
         self.arrivals += 1
-        served = None
+        served = response = None
+        trace = request.trace
+        if TRACER.on and protocol not in SAMPLED_BY_FRONT_END:
+            trace = request.trace = TRACER.sample(request.model)
+            if trace is not None:
+                trace.owned = True
+        if trace is not None:
+            trace.stamp("REQUEST_START")
         try:
             if self.draining:
                 raise unavailable("server is shutting down")
@@ -108,6 +120,8 @@ class DataPlane:
             if shared:
                 self._read_shared_inputs(request)
             served = self.repository.get(request.model, request.version)
+            if trace is not None:
+                trace_request(trace, request, served.version)
             timeout_us = request_timeout_us(request.parameters) if request.parameters else 0
             # No await between the lookup and the hand-over: a reload cannot slip in between.
             response = await served.model.infer(request, timeout_us, deadline_ns)
@@ -121,6 +135,8 @@ class DataPlane:
             raise
         finally:
             by_protocol[protocol] -= 1
+            if trace is not None:
+                trace_response(trace, response)
         _outcome_counter(request.model, str(served.version), protocol, "success").inc()
         return response
 
@@ -243,12 +259,48 @@ class DataPlane:
         settings = process_settings()
         return settings.apply(settings.check(changes))
 
+    def trace_settings(self, model: str = "") -> dict[str, object]:
+        """The trace extension's settings of `model` (or the global ones)."""
+        self._known(model)
+        return TRACER.settings(model)
+
+    async def update_trace_settings(self, model: str, changes: dict) -> dict[str, object]:
+        """Change the trace settings of `model` (or the global ones); returns them all."""
+        self._known(model)
+        return TRACER.apply(model, TRACER.check(changes))
+
+    def _known(self, model: str) -> None:
+        """Trace settings are kept for the repository's models only (a client must not grow
+        them with made-up names)."""
+        if model and model not in self.repository.models:
+            raise not_found(f"Request for unknown model: '{model}' is not found")
+
     def frame_policy(self, model: str, version: str) -> FramePolicy | None:
         """How a stream's frames to this model are served (None: as plain requests)."""
         try:
             return self.repository.get(model, version).model.frame_policy
         except VolleyError:
             return None
+
+
+def trace_request(trace: Trace, request: InferenceRequest, version: int | str) -> None:
+    """What a trace records of a request once its model version is known."""
+    trace.version = str(version)
+    trace.request_id = request.id
+    if trace.tensors:
+        for tensor in request.inputs:
+            trace.tensor("TENSOR_QUEUE_INPUT", tensor.name, tensor.datatype, tensor.data)
+
+
+def trace_response(trace: Trace, response: InferenceResponse | None) -> None:
+    """The end of a traced request (`response`: None if it failed); a trace the data plane
+    started is finished here, one a front end started is finished by it once sent."""
+    trace.stamp("REQUEST_END")
+    if trace.tensors and response is not None:
+        for tensor in response.outputs:
+            trace.tensor("TENSOR_BACKEND_OUTPUT", tensor.name, tensor.datatype, tensor.data)
+    if trace.owned:
+        trace.finish()
 
 
 def request_timeout_us(parameters: dict) -> int:

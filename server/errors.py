@@ -97,16 +97,6 @@ def shared_memory_unsupported(kind: str = "system") -> VolleyError:
     return VolleyError(ErrorKind.UNSUPPORTED, message)
 
 
-def trace_unsupported() -> VolleyError:
-    """Triton's trace extension, which Volley does not have (and does not list)."""
-    return VolleyError(
-        ErrorKind.UNSUPPORTED,
-        "trace settings are not supported by Volley ('trace' is not among the server's "
-        "extensions): per-stage times are in the statistics (/v2/models/<model>/stats, gRPC "
-        "ModelStatistics) and the Prometheus metrics",
-    )
-
-
 def region_already_registered(name: str) -> VolleyError:
     """A shared-memory registration under a name in use (Triton's wording). Here, not in
     `server.shm`, because the supervisor says it too and must not import numpy."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections.abc import Callable
 
 import grpc
@@ -24,7 +25,6 @@ from server.errors import (
     VolleyError,
     invalid,
     shared_memory_unsupported,
-    trace_unsupported,
     unexpected,
 )
 from server.grpc_server import Context, GrpcServer, Method
@@ -38,6 +38,7 @@ from server.protocol.model_info import (
 )
 from server.ratelimit import grpc_peer_address
 from server.streams import FrameAnswer, FrameStream
+from server.tracing import TRACER, Trace
 from server.types import InferenceRequest
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             refused = self.dataplane.refusal(model, request.model_version, "grpc")
             if refused is not None:
                 await _abort(context, refused)
+        if TRACER.on:
+            context.trace = trace_call(model, context)
         try:
             if isinstance(request, Malformed):
                 raise invalid(request.message)
@@ -127,6 +130,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 # A client deadline bounds the queue wait too: no work for a caller who left.
                 decoded.parameters["timeout"] = max(int(remaining * 1e6), 1)
             reached = True  # from here on the data plane counts the outcome
+            decoded.trace = context.trace
             response = await self.dataplane.infer(decoded, "grpc")
             return grpc_codec.encode_response_bytes(response)
         except Exception as exc:  # a bug: the client gets a request id, the log the details
@@ -312,7 +316,31 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         await _abort(context, shared_memory_unsupported("cuda"))
 
     async def TraceSetting(self, request, context):
-        await _abort(context, trace_unsupported())
+        """Triton's trace extension: no settings asks for them, some change them (a setting
+        with no value goes back to the global one, or globally to the start-up one)."""
+        model = request.model_name
+        try:
+            if request.settings:
+                changes = {name: list(value.value) for name, value in request.settings.items()}
+                settings = await self.dataplane.update_trace_settings(model, changes)
+            else:
+                settings = self.dataplane.trace_settings(model)
+        except VolleyError as exc:
+            await _abort(context, exc)
+        answer = pb.TraceSettingResponse()
+        for name, value in settings.items():
+            answer.settings[name].value.extend(value if isinstance(value, list) else [value])
+        return answer
+
+
+def trace_call(model: str, context: Context) -> Trace | None:
+    """A trace for this ModelInfer call if it is one to trace, with when it was read."""
+    trace = TRACER.sample(model)
+    if trace is not None:
+        now = time.perf_counter_ns()
+        trace.stamp("GRPC_WAITREAD_START", context.opened_ns or now)
+        trace.stamp("GRPC_WAITREAD_END", context.read_ns or now)
+    return trace
 
 
 class Malformed:

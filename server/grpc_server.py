@@ -14,6 +14,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import grpc
 
 from server.held import HELD
 from server.protocol import http2
+from server.tracing import TRACER, Trace
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,7 @@ def end_call(stream: http2.Stream, code: int, details: str) -> None:
 class Context:
     """What a handler knows of its call (the subset of `grpc.aio.ServicerContext` Volley uses)."""
 
-    __slots__ = ("_peer", "deadline", "_loop")
+    __slots__ = ("_peer", "deadline", "_loop", "trace", "opened_ns", "read_ns")
 
     def __init__(
         self,
@@ -97,6 +99,9 @@ class Context:
         self._peer = peer
         self.deadline = deadline  # the loop's clock; None: the client set no deadline
         self._loop = loop
+        self.trace: Trace | None = None  # set by a handler that traces the call
+        # while tracing is on: when the call opened and its request was read (perf_counter ns)
+        self.opened_ns = self.read_ns = 0
 
     def peer(self) -> str:
         """The client's address, as grpcio writes it ("ipv4:127.0.0.1:50000")."""
@@ -169,6 +174,8 @@ class UnaryCall(_Call):
     def half_close(self) -> None:
         if self.request is None:
             raise http2.StreamError(INTERNAL, "a unary call sent no request")
+        if TRACER.on:
+            self.context.read_ns = time.perf_counter_ns()
         loop = asyncio.get_running_loop()
         self.task = loop.create_task(self._run())
         HELD.hold(self.task)
@@ -192,10 +199,18 @@ class UnaryCall(_Call):
             end_call(stream, UNKNOWN, "unexpected server error")
         else:
             if self._fits(body):
-                stream.respond(RESPONSE_HEADERS, body, OK_TRAILERS)
+                trace = self.context.trace
+                if trace is None:
+                    stream.respond(RESPONSE_HEADERS, body, OK_TRAILERS)
+                else:
+                    trace.stamp("GRPC_SEND_START")
+                    stream.respond(RESPONSE_HEADERS, body, OK_TRAILERS)
+                    trace.stamp("GRPC_SEND_END")
         finally:
             if self.timer is not None:
                 self.timer.cancel()
+            if self.context.trace is not None:
+                self.context.trace.finish()
 
     def _expire(self) -> None:
         if self.task is not None and not self.task.done():
@@ -347,6 +362,8 @@ class GrpcServer:
             if seconds is not None:
                 deadline = loop.time() + seconds
         context = Context(stream.connection.peer, deadline, loop)
+        if TRACER.on:
+            context.opened_ns = time.perf_counter_ns()
         if method.streaming:
             return StreamCall(self, stream, method, context)
         return UnaryCall(self, stream, method, context)

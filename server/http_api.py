@@ -30,7 +30,6 @@ from server.errors import (
     VolleyError,
     invalid,
     shared_memory_unsupported,
-    trace_unsupported,
     unexpected,
 )
 from server.protocol import http_codec
@@ -41,6 +40,7 @@ from server.protocol.model_info import (
     server_metadata,
     triton_config,
 )
+from server.tracing import TRACER, Trace
 from server.types import InferenceRequest
 from server.websocket import serve_frames
 
@@ -107,8 +107,15 @@ class HttpFrontEnd:
         infer = INFER_ROUTE.match(scope["path"]) if scope["type"] == "http" else None
         if infer and scope["method"] == "POST":
             client = (scope.get("client") or ("?",))[0]
-            answer = await self.answer_infer(infer, dict(scope["headers"]), client, receive)
-            await _send_answer(send, answer)
+            trace = TRACER.sample(infer[1]) if TRACER.on else None
+            try:
+                answer = await self.answer_infer(
+                    infer, dict(scope["headers"]), client, receive, trace=trace
+                )
+                await _send_answer(send, answer)
+            finally:
+                if trace is not None:
+                    trace.finish()
             return
         guarded = self.keys is not None and scope["type"] in ("http", "websocket")
         if guarded and not await self._authorized(scope, receive, send):
@@ -175,13 +182,14 @@ class HttpFrontEnd:
         client: str,
         receive: Receive,
         body: bytes | None = None,
+        trace: Trace | None = None,
     ) -> Answer:
         """Answer one `POST /v2/models/{model}[/versions/{version}]/infer` (`route`: its path
         matched by INFER_ROUTE); never raises.
 
         `receive` yields the body as ASGI `http.request` messages, unless the caller passes the
         whole `body` (the connection read it with the headers); `client` is the peer's address
-        (for the rate limit and the log).
+        (for the rate limit and the log); `trace` is the request's when it is traced.
         """
         model, version = route[1], route[2] or ""
         if self.keys is not None:
@@ -213,6 +221,7 @@ class HttpFrontEnd:
                 body_read = True
                 request = await self._decode(body, header_length, model, version)
             body_read = reached = True  # from here on the data plane counts the outcome
+            request.trace = trace
             response = await self.dataplane.infer(request, "http")
             payload, json_length = http_codec.encode_response(response, request)
         except Exception as exc:  # a bug must still answer the client, never hang it
@@ -547,13 +556,15 @@ def control_app(dataplane: DataPlane, max_body_bytes: int) -> FastAPI:
         raise shared_memory_unsupported("cuda")
 
     @app.get("/v2/trace/setting")
-    @app.post("/v2/trace/setting")
     @app.get("/v2/models/{model}/trace/setting")
+    async def get_trace_settings(model: str = "") -> Response:
+        return json_response(dataplane.trace_settings(model))
+
+    @app.post("/v2/trace/setting")
     @app.post("/v2/models/{model}/trace/setting")
-    @app.get("/v2/models/{model}/versions/{version}/trace/setting")
-    @app.post("/v2/models/{model}/versions/{version}/trace/setting")
-    async def trace_setting(model: str = "", version: str = "") -> Response:
-        raise trace_unsupported()
+    async def update_trace_settings(request: Request, model: str = "") -> Response:
+        changes = await _json_body(request, max_body_bytes)
+        return json_response(await dataplane.update_trace_settings(model, changes))
 
     @app.websocket("/v2/models/{model}/stream")
     async def frame_stream(websocket: WebSocket, model: str) -> None:

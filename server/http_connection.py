@@ -25,6 +25,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from server.held import HELD
 from server.http_api import INFER_ROUTE, Answer, HttpFrontEnd
+from server.tracing import TRACER
 
 log = logging.getLogger(__name__)
 SMALL_BODY = 65536  # answers up to this size go out with their head in one buffer
@@ -223,6 +224,9 @@ class InferExchange:
         self.message_event = _Wakeup()  # the protocol wakes a waiting `receive` through it
         self.held = True  # counted in HELD until answered (or dropped unanswered)
         HELD.add()
+        self.trace = TRACER.sample(route[1]) if TRACER.on else None
+        if self.trace is not None:
+            self.trace.stamp("HTTP_RECV_START")
 
     def release(self) -> None:
         """No longer held: answered, or never to be (its connection is gone)."""
@@ -242,6 +246,8 @@ class InferExchange:
     def end_body(self) -> None:
         self.more_body = False
         self.message_event.set()
+        if self.trace is not None:
+            self.trace.stamp("HTTP_RECV_END")
 
     def take_whole_body(self) -> bytes | None:
         """The body, taken, if all of it has been read (as it mostly has by the time the exchange
@@ -277,7 +283,7 @@ class InferExchange:
         client = protocol.client[0] if protocol.client else "?"
         try:
             answer = await protocol.front_end.answer_infer(
-                self.route, self.headers, client, self.receive, self.take_whole_body()
+                self.route, self.headers, client, self.receive, self.take_whole_body(), self.trace
             )
             if self.disconnected:
                 return
@@ -287,16 +293,23 @@ class InferExchange:
             if protocol.flow.write_paused:
                 await protocol.flow.drain()
             head = _head(answer, keep_alive, protocol.server_state.default_headers)
+            trace = self.trace
+            if trace is not None:
+                trace.stamp("HTTP_SEND_START")
             if len(answer.body) <= SMALL_BODY:
                 protocol.transport.write(head + answer.body)
             else:  # not copied into one buffer
                 protocol.transport.writelines((head, answer.body))
+            if trace is not None:
+                trace.stamp("HTTP_SEND_END")
         except Exception:  # a bug: the client sees its connection close, the log has the cause
             log.exception("infer exchange failed", extra={"event": "http_exchange_failed"})
             protocol.transport.close()
             return
         finally:
             self.release()
+            if self.trace is not None:
+                self.trace.finish()
         self.response_complete = True
         if not keep_alive:
             protocol.transport.close()

@@ -22,6 +22,7 @@ from server.config import ModelConfig, TensorConfig
 from server.errors import ErrorKind, VolleyError, invalid
 from server.runtime import load_instances, onnx_strings
 from server.stats import ModelStats
+from server.tracing import Trace
 from server.types import InferenceRequest, InferenceResponse, InferTensor
 
 log = logging.getLogger(__name__)
@@ -118,17 +119,17 @@ class OnnxModel:
         if request.outputs:
             check_outputs(self.config.name, self._outputs, request)
         timeout_us = queue_timeout_us(timeout_us, deadline_ns)
-        outputs, _, _ = await self.batcher.infer_timed(inputs, rows, timeout_us)
+        outputs, _, _ = await self.batcher.infer_timed(inputs, rows, timeout_us, request.trace)
         return build_response(self.config.name, self.version, self._outputs, request, outputs)
 
     async def infer_tensors(
-        self, inputs: Tensors, rows: int, timeout_us: int = 0
+        self, inputs: Tensors, rows: int, timeout_us: int = 0, trace: Trace | None = None
     ) -> tuple[Tensors, int, int]:
         """Run ready-made, valid tensors through the batcher (for pipelines).
 
         Returns the outputs, how long the request queued and how long its batch ran (ns).
         """
-        return await self.batcher.infer_timed(inputs, rows, timeout_us)
+        return await self.batcher.infer_timed(inputs, rows, timeout_us, trace)
 
     async def uint8_images(
         self, input_name: str, scale: float, height: int, width: int

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from server.auth import ApiKeys, KeyFileError
+from server.tracing import TraceValues
 
 if TYPE_CHECKING:
     from server.tls import TlsFiles
@@ -43,6 +44,8 @@ class ServeSettings:
     allow_client_shm: bool = False  # clients may register system shared memory (server/shm.py)
     busy_poll_us: int = 0  # the loop polls this long after going idle (server/busy_poll.py)
     switch_interval_ms: float | None = None  # the GIL switch interval (None: Python's, 5 ms)
+    trace: TraceValues = TraceValues()  # the trace settings at start (`--trace-config`)
+    trace_file: str = ""  # where traces are written ("": tracing cannot be turned on)
 
 
 class StartupError(Exception):

@@ -43,6 +43,7 @@ from server.log_settings import process_settings
 from server.metrics import PIDS_FILE
 from server.paths import model_folder
 from server.settings import ServeSettings
+from server.tracing import TRACER
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class Supervisor:
 
     def __init__(self, settings: ServeSettings, log_level: str, directory: Path) -> None:
         self.settings = settings
+        TRACER.configure(settings.trace, settings.trace_file)  # kept to replay, never written
         self.log_level = log_level
         self.directory = directory
         self.slots = [_Slot(index) for index in range(settings.workers)]
@@ -206,6 +208,11 @@ class Supervisor:
                 process_settings().apply(message["settings"])  # its own logs, and the replay
                 await self._fan_out(message)
             return {}
+        if op == "trace_settings":  # checked and applied by the worker that took the request
+            async with self.control:
+                TRACER.apply(message["model"], message["changes"])  # kept for the replay
+                await self._fan_out(message, skip=message["from"])
+            return {}
         async with self.control:
             if self._is_model_folder(message["model"]):
                 self.journal.pop(message["model"], None)
@@ -239,7 +246,8 @@ class Supervisor:
             if slot.process is None or slot.process.pid != pid:
                 return  # an earlier process of the slot, gone meanwhile
             settings = {"op": "log_settings", "settings": process_settings().current}
-            for request in [*self.journal.values(), *self.regions.values(), settings]:
+            trace = {"op": "trace_state", "state": TRACER.state()}
+            for request in [*self.journal.values(), *self.regions.values(), settings, trace]:
                 await self._send(slot, request)  # its outcome is the other workers' outcome
             slot.registered = True
 

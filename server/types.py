@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from server.tracing import Trace
 
 NO_DATA = np.empty(0, dtype=np.uint8)  # the data of a tensor that lies in shared memory
 
@@ -51,6 +55,7 @@ class InferenceRequest:
     id: str = ""
     outputs: list[RequestedOutput] = field(default_factory=list)
     parameters: dict = field(default_factory=dict)
+    trace: Trace | None = None  # set when the request is traced (`server.tracing`)
 
     @property
     def shared_memory(self) -> bool:

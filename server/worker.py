@@ -28,6 +28,7 @@ from server.ratelimit import RateLimiter
 from server.repository import CONTROL_REFUSED, ModelRepository
 from server.shm import check_registration
 from server.stats import merge_stats
+from server.tracing import TRACER
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,10 @@ class Worker:
             self._dataplane.shared_memory.unregister(message["name"])
         elif op == "log_settings":
             process_settings().apply(message["settings"])
+        elif op == "trace_settings":
+            TRACER.apply(message["model"], message["changes"])
+        elif op == "trace_state":
+            TRACER.restore(message["state"])
         elif op == "stats":
             try:
                 return {"stats": await self._dataplane.own_statistics(**message["args"])}
@@ -152,6 +157,15 @@ class WorkerDataPlane(DataPlane):
         checked = process_settings().check(changes)
         await ipc.call(self.worker.control, {"op": "log_settings", "settings": checked})
         return self.log_settings()
+
+    async def update_trace_settings(self, model: str, changes: dict) -> dict[str, object]:
+        """Change the trace settings here (a bad change changes nothing anywhere), then in every
+        other process (through the supervisor, which keeps them for workers that start later)."""
+        settings = await super().update_trace_settings(model, changes)
+        checked = TRACER.check(changes)
+        message = {"op": "trace_settings", "model": model, "changes": checked}
+        await ipc.call(self.worker.control, {**message, "from": self.worker.index})
+        return settings
 
     async def register_shared_memory(
         self, name: str, key: str, offset: int, byte_size: int

@@ -292,22 +292,6 @@ def test_shared_memory_calls_get_a_clear_refusal_unless_allowed(explicit: Volley
         client.close()
 
 
-def test_trace_settings_get_a_clear_refusal(explicit: VolleyProcess) -> None:
-    http, grpc_client = clients(explicit)
-    assert "trace" not in http.get_server_metadata()["extensions"]
-    said = "trace settings are not supported by Volley"
-    for model in ("", "alpha"):
-        raises(lambda m=model: http.get_trace_settings(model_name=m), "501", said)
-        raises(lambda m=model: http.update_trace_settings(m, {"trace_rate": "1"}), "501", said)
-        raises(lambda m=model: grpc_client.get_trace_settings(model_name=m),
-               "StatusCode.UNIMPLEMENTED", said)  # fmt: skip
-        raises(lambda m=model: grpc_client.update_trace_settings(m, {"trace_rate": "1"}),
-               "StatusCode.UNIMPLEMENTED", said)  # fmt: skip
-    assert "grpc_error" not in explicit.log()  # answered, not crashed
-    http.close()
-    grpc_client.close()
-
-
 def test_every_rpc_of_the_service_has_a_handler_of_volleys_own() -> None:
     # The generated servicer's defaults use grpcio's context API and would end as UNKNOWN.
     base = service_pb2_grpc.GRPCInferenceServiceServicer

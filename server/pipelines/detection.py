@@ -46,6 +46,7 @@ from server.pipelines.postprocess import (
 )
 from server.servable import FramePolicy, OnnxModel, check_outputs, queue_timeout_us
 from server.stats import ModelStats
+from server.tracing import Trace
 from server.types import InferenceRequest, InferenceResponse, InferTensor
 
 log = logging.getLogger(__name__)
@@ -251,7 +252,7 @@ class DetectionPipeline:
         prepared = await asyncio.gather(*self._prepare(request, plan, options, uint8))
         t1 = time.perf_counter_ns()
         raw, queue_ns, compute_ns = await self._run_detector(
-            plan, model, prepared, queue_timeout_us(timeout_us, deadline_ns)
+            plan, model, prepared, queue_timeout_us(timeout_us, deadline_ns), request.trace
         )
         t2 = time.perf_counter_ns()
         geometry = [p.geometry for p in prepared]
@@ -346,9 +347,15 @@ class DetectionPipeline:
         return await loop.run_in_executor(self._pool, _to_float, boxed, plan, scale)
 
     async def _run_detector(
-        self, plan: DetectorPlan, model: OnnxModel, prepared: list[Prepared], timeout_us: int
+        self,
+        plan: DetectorPlan,
+        model: OnnxModel,
+        prepared: list[Prepared],
+        timeout_us: int,
+        trace: Trace | None,
     ) -> tuple[np.ndarray, int, int]:
-        """Feed the detector in chunks of at most its batch size; join the raw outputs."""
+        """Feed the detector in chunks of at most its batch size; join the raw outputs. Each
+        chunk is a request to the detector: with a `trace`, one traced as its child."""
         loop = asyncio.get_running_loop()
         chunks = [prepared[i : i + plan.max_rows] for i in range(0, len(prepared), plan.max_rows)]
 
@@ -357,9 +364,16 @@ class DetectionPipeline:
                 batch = chunk[0].tensor[None]
             else:
                 batch = await loop.run_in_executor(self._pool, np.stack, [p.tensor for p in chunk])
-            outputs, queue_ns, compute_ns = await model.infer_tensors(
-                {plan.input_name: batch}, len(chunk), timeout_us
-            )
+            child = None if trace is None else trace.child(model.config.name, model.version)
+            if child is not None:
+                child.stamp("REQUEST_START")
+            try:
+                outputs, queue_ns, compute_ns = await model.infer_tensors(
+                    {plan.input_name: batch}, len(chunk), timeout_us, child
+                )
+            finally:
+                if child is not None:
+                    child.stamp("REQUEST_END")
             return outputs[plan.output_name], queue_ns, compute_ns
 
         try:

@@ -102,6 +102,7 @@ def server_metadata(version: str, shared_memory: bool = False) -> dict:
         "schedule_policy",
         "parameters",
         "logging",
+        "trace",
     ]
     if shared_memory:
         extensions.append("system_shared_memory")
