@@ -44,6 +44,16 @@ class TensorConfig(_Strict):
     datatype: str
     dims: tuple[int, ...]
     optional: bool = False
+    label_filename: str | None = None  # an output's class labels, a file in the model folder
+
+    @field_validator("label_filename")
+    @classmethod
+    def _plain_file_name(cls, value: str | None) -> str | None:
+        if value is not None and (
+            not value or value.startswith(".") or any(c in value for c in "/\\\0")
+        ):
+            raise ValueError(f"label_filename must name a file in the model folder, got {value!r}")
+        return value
 
     @field_validator("datatype")
     @classmethod

@@ -18,6 +18,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from server.batcher import Batcher
+from server.classification import read_labels
 from server.config import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -365,6 +366,7 @@ class ModelRepository:
         try:
             # The version's own graph must agree with the config too.
             await asyncio.to_thread(build_config, model_file.parent.parent, model_file, override)
+            labels = await asyncio.to_thread(read_labels, model_file.parent.parent, config)
             instances = await asyncio.to_thread(load_instances, model_file, config)
         except ConfigError:
             raise
@@ -390,7 +392,7 @@ class ModelRepository:
         )
         batcher = Batcher(config, instances, stats)
         model = OnnxModel(
-            config, number, batcher, stats, provider, instances[0].metadata, model_file
+            config, number, batcher, stats, provider, instances[0].metadata, model_file, labels
         )
         return ModelVersion(config.name, number, model, stamp)
 

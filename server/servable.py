@@ -18,6 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from server.batcher import Batcher, Tensors
+from server.classification import UNCLASSIFIABLE, top_classes
 from server.config import ModelConfig, TensorConfig
 from server.errors import ErrorKind, VolleyError, invalid
 from server.runtime import load_instances, onnx_strings
@@ -93,7 +94,9 @@ class OnnxModel:
         provider: str,
         metadata: dict[str, str],
         source: Path | None = None,
+        labels: Mapping[str, tuple[str, ...]] | None = None,
     ) -> None:
+        """`labels`: class labels of the outputs whose config names a `label_filename`."""
         self.config = config
         self.version = str(version)
         self.batcher = batcher
@@ -103,6 +106,7 @@ class OnnxModel:
         self.source = source  # the ONNX file, for variants of the graph
         self._input_names = frozenset(spec.name for spec in config.inputs)
         self._outputs = {spec.name: spec for spec in config.outputs}  # in config order
+        self.labels = labels or {}
         self.queue_limit = batcher.max_queue
         self._variants: dict[tuple, OnnxModel] = {}
         self._variant_lock = asyncio.Lock()
@@ -116,11 +120,15 @@ class OnnxModel:
     ) -> InferenceResponse:
         """Validate against the config before queueing, so a bad request fails alone."""
         inputs, rows = validate_inputs(self.config, self._input_names, request)
+        classes = False
         if request.outputs:
-            check_outputs(self.config.name, self._outputs, request)
+            classes = check_outputs(self.config.name, self._outputs, request)
         timeout_us = queue_timeout_us(timeout_us, deadline_ns)
         outputs, _, _ = await self.batcher.infer_timed(inputs, rows, timeout_us, request.trace)
-        return build_response(self.config.name, self.version, self._outputs, request, outputs)
+        response = build_response(self.config.name, self.version, self._outputs, request, outputs)
+        if classes:
+            classify_outputs(response, request, self.labels, self.config.batching)
+        return response
 
     async def infer_tensors(
         self, inputs: Tensors, rows: int, timeout_us: int = 0, trace: Trace | None = None
@@ -169,8 +177,9 @@ class OnnxModel:
         )  # fmt: skip
         batcher = Batcher(config, instances, self.stats, label=f"{config.name}-uint8")
         return OnnxModel(
-            config, int(self.version), batcher, self.stats, instances[0].provider, self.metadata
-        )
+            config, int(self.version), batcher, self.stats, instances[0].provider, self.metadata,
+            labels=self.labels,
+        )  # fmt: skip
 
     def refusal(self) -> VolleyError | None:
         return self.batcher.refusal()
@@ -251,15 +260,42 @@ def validate_inputs(
 
 def check_outputs(
     model: str, outputs: Mapping[str, TensorConfig], request: InferenceRequest
-) -> None:
-    """Every output requested from `model` (whose outputs by name are `outputs`) must exist;
-    checked before the request is queued."""
+) -> bool:
+    """Every output requested from `model` (whose outputs by name are `outputs`) must exist,
+    and be numbers where its classes are asked for; checked before the request is queued.
+    Returns whether classes are asked of some output."""
+    classes = False
     for output in request.outputs:
-        if output.name not in outputs:
+        spec = outputs.get(output.name)
+        if spec is None:
             raise invalid(
                 f"unknown output '{output.name}' requested from model '{model}', "
                 f"it has {sorted(outputs)}"
             )
+        if output.classification:
+            if spec.datatype in UNCLASSIFIABLE:
+                raise invalid(
+                    f"output '{output.name}' of model '{model}' is {spec.datatype}: "
+                    "classification ranks numbers"
+                )
+            classes = True
+    return classes
+
+
+def classify_outputs(
+    response: InferenceResponse,
+    request: InferenceRequest,
+    labels: Mapping[str, tuple[str, ...]],
+    batched: bool,
+) -> None:
+    """Replace each output the request asked classes of with its top classes (Triton's
+    classification extension, `server.classification`)."""
+    wanted = {o.name: o.classification for o in request.outputs if o.classification}
+    for i, tensor in enumerate(response.outputs):
+        count = wanted.get(tensor.name)
+        if count:
+            data = top_classes(tensor.data, count, labels.get(tensor.name, ()), batched)
+            response.outputs[i] = InferTensor(tensor.name, "BYTES", data.shape, data)
 
 
 def build_response(

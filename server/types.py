@@ -38,11 +38,13 @@ class InferTensor:
 @dataclass(slots=True)
 class RequestedOutput:
     """An output the client asked for; `binary` is the HTTP binary-data choice (None: default),
-    `shared_memory` where to put it instead of the response."""
+    `shared_memory` where to put it instead of the response, `classification` how many of its
+    top classes to answer with instead of its values (0: its values)."""
 
     name: str
     binary: bool | None = None
     shared_memory: SharedMemoryRef | None = None
+    classification: int = 0  # answer its top k classes instead (`server.classification`)
 
 
 @dataclass(slots=True)

@@ -204,6 +204,11 @@ def test_malformed_requests_are_refused(shipped: VolleyProcess) -> None:
             client.infer("detect", inputs)
         assert caught.value.status() == "400"
         assert message in caught.value.message()
+    pixels = httpclient.InferInput("pixels", [8, 8, 3], "UINT8")
+    pixels.set_data_from_numpy(np.zeros((8, 8, 3), np.uint8))
+    classes = httpclient.InferRequestedOutput("scores", class_count=2)
+    with pytest.raises(InferenceServerException, match="answers detections, not classes"):
+        client.infer("detect", [pixels], outputs=[classes])
     client.close()
 
 

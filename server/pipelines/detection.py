@@ -244,7 +244,9 @@ class DetectionPipeline:
     ) -> InferenceResponse:
         plan = self.plan()
         options = detect_options(request.parameters, self.detection, plan.class_names)
-        check_outputs(self.config.name, self._outputs, request)
+        if check_outputs(self.config.name, self._outputs, request):
+            raise invalid(f"model '{self.config.name}' answers detections, not classes: "
+                          "classification cannot be asked of its outputs")  # fmt: skip
         loop = asyncio.get_running_loop()
         model, uint8 = await self._feed(plan)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
+from server.classification import CLASSIFICATION, classification
 from server.datatypes import (
     check_shape,
     element_count,
@@ -86,8 +87,12 @@ def decode_request(request: pb.ModelInferRequest) -> InferenceRequest:
     outputs = []
     for output in request.outputs:
         name = output.name
-        shared = _shared_memory(output.parameters, "output", name)
-        outputs.append(RequestedOutput(name, None, shared))
+        parameters = output.parameters
+        shared = _shared_memory(parameters, "output", name)
+        classes = 0
+        if CLASSIFICATION in parameters:
+            classes = classification(parameter_value(parameters[CLASSIFICATION]), name)
+        outputs.append(RequestedOutput(name, None, shared, classes))
     parameters = request.parameters
     return InferenceRequest(
         model=request.model_name,

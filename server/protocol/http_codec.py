@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import orjson
 
+from server.classification import classification
 from server.datatypes import (
     MAX_DIMS,
     V2_TO_NUMPY,
@@ -215,7 +216,9 @@ def _decode_outputs(outputs: object) -> list[RequestedOutput]:
         binary = params.get("binary_data")
         if binary is not None and type(binary) is not bool:
             raise invalid(f"binary_data of output '{name}' must be true or false")
-        requested.append(RequestedOutput(name, binary, shared_memory_ref(params, "output", name)))
+        shared = shared_memory_ref(params, "output", name)
+        classes = classification(params.get("classification", 0), name)
+        requested.append(RequestedOutput(name, binary, shared, classes))
     return requested
 
 

@@ -47,6 +47,7 @@ def triton_config(config: ModelConfig, provider: str) -> dict:
                 "data_type": TRITON_TYPE.get(t.datatype, f"TYPE_{t.datatype}"),
                 "dims": list(t.dims),
                 **({"optional": True} if t.optional else {}),
+                **({"label_filename": t.label_filename} if t.label_filename else {}),
             }
             for t in specs
         ]
@@ -95,6 +96,7 @@ def server_metadata(version: str, shared_memory: bool = False) -> dict:
     """The v2 server metadata; `extensions` lists only what Volley implements (and system
     shared memory only where `--allow-client-shm` turned it on)."""
     extensions = [
+        "classification",
         "binary_tensor_data",
         "model_configuration",
         "model_repository",
