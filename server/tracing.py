@@ -247,7 +247,6 @@ class Tracer:
         self._next_id = 1
         self._next_file = 0  # k of the next `<file>.<k>`
         self._stream: IO[bytes] | None = None  # `file`, with log_frequency 0: written as we go
-        self._stream_empty = True
 
     def configure(self, values: TraceValues, file: str, worker: int | None = None) -> None:
         """Start from `values` (`--trace-config`), writing to `file` (a worker: to its own)."""
@@ -377,15 +376,13 @@ class Tracer:
             self._write_failed(exc)
 
     def _append(self, records: list[dict]) -> None:
+        """Add a trace's records to the open array in `file` (one write a trace)."""
+        items = orjson.dumps(records)[1:-1]  # the records without their array's brackets
         if self._stream is None:
             self._stream = open(self.file, "wb")  # noqa: SIM115 - kept open until `close`
-            self._stream.write(b"[")
-            self._stream_empty = True
-        for record in records:
-            if not self._stream_empty:
-                self._stream.write(b",")
-            self._stream.write(orjson.dumps(record))
-            self._stream_empty = False
+            self._stream.write(b"[" + items)
+        else:
+            self._stream.write(b"," + items)
 
     def _write_collected(self, scope: Scope) -> None:
         traces, scope.collected = scope.collected, []

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
 import pytest
+import requests
+from conftest import serving
 
 TOOL = Path(__file__).resolve().parents[2] / "shared" / "tools" / "perf_analyzer"
 
@@ -43,3 +46,21 @@ def test_perf_analyzer_runs_clean(perf_analyzer, server, tmp_path, protocol, ext
     assert header.startswith("Concurrency,Inferences/Second")
     assert float(row.split(",")[1]) > 0
     assert "Server:" in run.stdout  # it read /stats because Volley advertises "statistics"
+
+
+def test_perf_analyzer_trace_flags_turn_tracing_on(perf_analyzer, repository, tmp_path):
+    """perf_analyzer's --trace-* flags reach the server through the trace extension."""
+    file = tmp_path / "trace.json"
+    with serving(repository, "--trace-config", f"triton,file={file}") as server:
+        run = subprocess.run(
+            [str(perf_analyzer), "-m", "mlp", "-u", server.grpc, "-i", "grpc",
+             "--concurrency-range", "2", "--measurement-interval", "500",
+             "--max-trials", "5", "--stability-percentage", "999",
+             "--trace-level", "TIMESTAMPS", "--trace-rate", "1", "--trace-count", "25"],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        settings = requests.get(f"{server.url}/v2/models/mlp/trace/setting", timeout=10).json()
+    assert settings["trace_level"] == ["TIMESTAMPS"] and settings["trace_count"] == "0"
+    heads = [r for r in json.loads(file.read_text()) if "model_name" in r]
+    assert len(heads) == 25 and {h["model_name"] for h in heads} == {"mlp"}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import orjson
 
-from server.classification import classification
+from server.classification import CLASSIFICATION, classification
 from server.datatypes import (
     MAX_DIMS,
     V2_TO_NUMPY,
@@ -217,8 +217,11 @@ def _decode_outputs(outputs: object) -> list[RequestedOutput]:
         if binary is not None and type(binary) is not bool:
             raise invalid(f"binary_data of output '{name}' must be true or false")
         shared = shared_memory_ref(params, "output", name)
-        classes = classification(params.get("classification", 0), name)
-        requested.append(RequestedOutput(name, binary, shared, classes))
+        if CLASSIFICATION in params:
+            classes = classification(params[CLASSIFICATION], name)
+            requested.append(RequestedOutput(name, binary, shared, classes))
+        else:
+            requested.append(RequestedOutput(name, binary, shared))
     return requested
 
 
