@@ -15,6 +15,7 @@ that died included), gauges as their `multiprocess_mode` says (over the live wor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import weakref
@@ -177,24 +178,37 @@ class GpuCollector(Collector):
 
     def collect(self):  # noqa: D102 - prometheus_client protocol
         nvml = self._nvml
-        util = GaugeMetricFamily(
-            "volley_gpu_utilization_ratio", "GPU busy fraction over the last sample period.",
-            labels=["gpu_uuid"],
-        )  # fmt: skip
-        used = GaugeMetricFamily(
-            "volley_gpu_memory_used_bytes", "GPU memory in use.", labels=["gpu_uuid"]
-        )
-        total = GaugeMetricFamily(
-            "volley_gpu_memory_total_bytes", "GPU memory in all.", labels=["gpu_uuid"]
-        )
+        # Volley's names, and Triton's for the same readings (perf_analyzer's --collect-metrics
+        # reads those: nv_gpu_utilization, nv_gpu_memory_*_bytes, nv_gpu_power_usage).
+        families = {
+            key: [GaugeMetricFamily(name, text, labels=["gpu_uuid"]) for name in names]
+            for key, names, text in (
+                ("util", ("volley_gpu_utilization_ratio", "nv_gpu_utilization"),
+                 "GPU busy fraction over the last sample period."),
+                ("used", ("volley_gpu_memory_used_bytes", "nv_gpu_memory_used_bytes"),
+                 "GPU memory in use."),
+                ("total", ("volley_gpu_memory_total_bytes", "nv_gpu_memory_total_bytes"),
+                 "GPU memory in all."),
+                ("power", ("volley_gpu_power_watts", "nv_gpu_power_usage"),
+                 "GPU power draw in watts."),
+            )
+        }  # fmt: skip
         for handle in self._handles:
             uuid = nvml.nvmlDeviceGetUUID(handle)
             uuid = uuid.decode() if isinstance(uuid, bytes) else uuid
             memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-            util.add_metric([uuid], nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0)
-            used.add_metric([uuid], float(memory.used))
-            total.add_metric([uuid], float(memory.total))
-        yield from (util, used, total)
+            readings = {
+                "util": nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0,
+                "used": float(memory.used),
+                "total": float(memory.total),
+            }
+            with contextlib.suppress(nvml.NVMLError):  # not every GPU reports its power
+                readings["power"] = nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0  # mW
+            for key, value in readings.items():
+                for family in families[key]:
+                    family.add_metric([uuid], value)
+        for group in families.values():
+            yield from (family for family in group if family.samples)
 
 
 def enable_gpu_metrics() -> bool:

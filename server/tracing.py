@@ -243,7 +243,6 @@ class Tracer:
         self.start = TraceValues()  # what the server started with (a global null goes back)
         self.scope = Scope(self.start)
         self.models: dict[str, Scope] = {}
-        self._first_id = 1
         self._next_id = 1
         self._next_file = 0  # k of the next `<file>.<k>`
         self._stream: IO[bytes] | None = None  # `file`, with log_frequency 0: written as we go
@@ -255,7 +254,7 @@ class Tracer:
         self.start = values
         self.scope = Scope(values)
         self.models = {}
-        self._first_id = self._next_id = 1 + (worker or 0) * ID_STRIDE
+        self._next_id = 1 + (worker or 0) * ID_STRIDE
         self._next_file = 0
         self._update_on()
 
@@ -339,6 +338,7 @@ class Tracer:
         self._update_on()
 
     def new_id(self) -> int:
+        """The next trace id of this process."""
         trace_id = self._next_id
         self._next_id += 1
         return trace_id

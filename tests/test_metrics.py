@@ -405,3 +405,49 @@ def test_buffered_histogram_publishes_what_observe_would_have() -> None:
         for key, value in want.items():
             assert got[key] == pytest.approx(value), (round_, key)
         assert want[("_count", None)] == (round_ + 1) * len(values)
+
+
+def test_gpu_readings_carry_volley_and_triton_names() -> None:
+    """perf_analyzer's --collect-metrics reads Triton's nv_gpu_* names: each NVML reading is
+    exported under both. NVML stands in for two GPUs here (the GPU tests scrape a real one);
+    the second reports no power, and only that gauge is left out for it."""
+    from types import SimpleNamespace
+
+    import pynvml
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from server.metrics import GpuCollector
+
+    def power(handle: int) -> int:
+        if handle == 1:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return 71_500  # milliwatts
+
+    nvml = SimpleNamespace(
+        NVMLError=pynvml.NVMLError,
+        nvmlDeviceGetUUID=lambda handle: f"GPU-{handle}".encode(),
+        nvmlDeviceGetMemoryInfo=lambda handle: SimpleNamespace(used=100 + handle, total=1000),
+        nvmlDeviceGetUtilizationRates=lambda handle: SimpleNamespace(gpu=40 + handle),
+        nvmlDeviceGetPowerUsage=power,
+    )
+    collector = GpuCollector.__new__(GpuCollector)
+    collector._nvml, collector._handles = nvml, [0, 1]
+    registry = CollectorRegistry()
+    registry.register(collector)
+    values = {
+        (sample.name, sample.labels["gpu_uuid"]): sample.value
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for sample in family.samples
+    }
+    pairs = [("volley_gpu_utilization_ratio", "nv_gpu_utilization"),
+             ("volley_gpu_memory_used_bytes", "nv_gpu_memory_used_bytes"),
+             ("volley_gpu_memory_total_bytes", "nv_gpu_memory_total_bytes")]  # fmt: skip
+    for volley, triton in pairs:
+        for gpu in ("GPU-0", "GPU-1"):
+            assert values[(volley, gpu)] == values[(triton, gpu)]
+    assert values[("nv_gpu_utilization", "GPU-1")] == pytest.approx(0.41)
+    assert values[("nv_gpu_memory_used_bytes", "GPU-1")] == 101
+    assert values[("nv_gpu_power_usage", "GPU-0")] == values[("volley_gpu_power_watts", "GPU-0")]
+    assert values[("nv_gpu_power_usage", "GPU-0")] == pytest.approx(71.5)
+    assert ("nv_gpu_power_usage", "GPU-1") not in values
