@@ -103,8 +103,8 @@ def run_models(args: argparse.Namespace) -> int:
                 client.load_model(args.name)
                 print(f"{args.name}: loaded")
             elif args.action == "unload":
-                client.unload_model(args.name)
-                print(f"{args.name}: unloaded")
+                client.unload_model(args.name, unload_dependents=args.with_dependents)
+                print(f"{args.name}: unloaded" + (" with its dependents" * args.with_dependents))
             elif args.action == "stats":
                 _print_stats(client, args)
             else:

@@ -311,6 +311,12 @@ def _models_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", nargs="?", metavar="NAME", help="model name (list/stats: only this one)")
     _client_options(p)
     p.add_argument("--json", action="store_true", help="list/stats: print JSON instead of a table")
+    p.add_argument(
+        "--with-dependents",
+        action="store_true",
+        help="unload: also the models NAME runs (a pipeline's detector) that no other model "
+        "runs (Triton's unload_dependents)",
+    )
 
 
 def _infer_parser(sub: argparse._SubParsersAction) -> None:

@@ -246,9 +246,10 @@ class DataPlane:
         """A client's load request (explicit model control)."""
         await self.repository.request_load(model, override)
 
-    async def unload(self, model: str) -> None:
-        """A client's unload request (explicit model control)."""
-        await self.repository.request_unload(model)
+    async def unload(self, model: str, dependents: bool = False) -> None:
+        """A client's unload request (explicit model control); `dependents`: the models it
+        runs too (Triton's `unload_dependents`)."""
+        await self.repository.request_unload(model, dependents)
 
     def log_settings(self) -> dict[str, object]:
         """The logging extension's settings (`server.log_settings`)."""

@@ -35,6 +35,7 @@ from server.protocol.model_info import (
     model_metadata,
     server_metadata,
     triton_config,
+    unload_dependents,
 )
 from server.ratelimit import grpc_peer_address
 from server.streams import FrameAnswer, FrameStream
@@ -248,8 +249,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):
+        params = {k: _repository_parameter(v) for k, v in request.parameters.items()}
         try:
-            await self.dataplane.unload(request.model_name)
+            await self.dataplane.unload(request.model_name, unload_dependents(params))
         except VolleyError as exc:
             await _abort(context, exc)
         return pb.RepositoryModelUnloadResponse()

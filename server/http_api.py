@@ -39,6 +39,7 @@ from server.protocol.model_info import (
     model_metadata,
     server_metadata,
     triton_config,
+    unload_dependents,
 )
 from server.tracing import TRACER, Trace
 from server.types import InferenceRequest
@@ -503,8 +504,11 @@ def control_app(dataplane: DataPlane, max_body_bytes: int) -> FastAPI:
         return json_response({})
 
     @app.post("/v2/repository/models/{model}/unload")
-    async def unload(model: str) -> Response:
-        await dataplane.unload(model)
+    async def unload(model: str, request: Request) -> Response:
+        params = (await _json_body(request, max_body_bytes)).get("parameters", {})
+        if not isinstance(params, dict):
+            raise invalid("'parameters' must be a JSON object")
+        await dataplane.unload(model, unload_dependents(params))
         return json_response({})
 
     @app.get("/v2/logging")

@@ -181,11 +181,27 @@ class ModelRepository:
             raise unavailable(CONTROL_REFUSED)
         await self.load(name, override)
 
-    async def request_unload(self, name: str) -> None:
-        """A client's unload request (explicit mode only)."""
+    async def request_unload(self, name: str, dependents: bool = False) -> None:
+        """A client's unload request (explicit mode only). With `dependents` (Triton's
+        `unload_dependents`), the models it runs (a pipeline's detector) are unloaded too,
+        each unless another model still being served runs it."""
         if self.control != "explicit":
             raise unavailable(CONTROL_REFUSED)
-        await self.unload(name)
+        for model in [name, *self.dependents(name)] if dependents else [name]:
+            await self.unload(model)
+
+    def dependents(self, name: str) -> list[str]:
+        """The models the served versions of `name` run (a pipeline's detector) that no other
+        served model runs: what unloading `name` with `unload_dependents` also unloads."""
+
+        def runs(model: str) -> set[str]:
+            entry = self.models[model]
+            return {wrapped for v in entry.versions.values() for wrapped in v.model.wraps}
+
+        if name not in self.models:
+            return []
+        others = set().union(*(runs(m) for m in self.models if m != name))
+        return sorted(runs(name) - others)
 
     def get(self, name: str, version: str = "") -> ModelVersion:
         """The version a request names, or the latest ready one; 404/503 otherwise."""

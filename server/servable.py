@@ -44,6 +44,7 @@ class Servable(Protocol):
     provider: str
     frame_policy: FramePolicy | None  # None: stream requests are plain concurrent requests
     queue_limit: int  # requests it takes in before `refusal` says it is full
+    wraps: tuple[str, ...]  # the repository's models it runs (a pipeline's detector)
 
     @property
     def ready(self) -> bool:
@@ -84,6 +85,7 @@ class OnnxModel:
     """An ONNX graph served through the dynamic batcher over its instances."""
 
     frame_policy = None
+    wraps = ()
 
     def __init__(
         self,

@@ -145,11 +145,13 @@ class WorkerDataPlane(DataPlane):
             raise unavailable(CONTROL_REFUSED)
         await ipc.call(self.worker.control, {"op": "load", "model": model, "override": override})
 
-    async def unload(self, model: str) -> None:
+    async def unload(self, model: str, dependents: bool = False) -> None:
         """Unload in every worker (through the supervisor); answered once all have."""
         if self.repository.control != "explicit":
             raise unavailable(CONTROL_REFUSED)
-        await ipc.call(self.worker.control, {"op": "unload", "model": model})
+        # One request per model, so that the supervisor's journal replays each of them.
+        for name in [model, *self.repository.dependents(model)] if dependents else [model]:
+            await ipc.call(self.worker.control, {"op": "unload", "model": name})
 
     async def update_log_settings(self, changes: dict[str, object]) -> dict[str, object]:
         """Change the log settings of every process (through the supervisor, which keeps them

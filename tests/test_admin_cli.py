@@ -51,7 +51,19 @@ def fraud_request() -> dict:
 @pytest.mark.parametrize(
     "command,options",
     [
-        (["models"], ["--server", "--protocol", "--json", "list", "load", "unload", "stats"]),
+        (
+            ["models"],
+            [
+                "--server",
+                "--protocol",
+                "--json",
+                "list",
+                "load",
+                "unload",
+                "stats",
+                "--with-dependents",
+            ],
+        ),
         (["infer"], ["--json", "--server", "--protocol", "--model-version"]),
         (["bench"], ["--concurrency", "--seconds", "--protocol", "--perf-analyzer", "--builtin"]),
     ],
@@ -84,6 +96,17 @@ def test_unload_then_load(shipped: VolleyProcess) -> None:
     assert volley("models", "load", "fraud", "--server", shipped.http).returncode == 0
     listed = json.loads(volley("models", "list", "fraud", "--json", *grpc).stdout)
     assert listed == [{"name": "fraud", "version": "1", "state": "READY", "reason": ""}]
+
+
+def test_unload_with_dependents_takes_the_detector_too(shipped: VolleyProcess) -> None:
+    run = volley("models", "unload", "detect", "--with-dependents", "--server", shipped.http)
+    assert run.returncode == 0 and "detect: unloaded with its dependents" in run.stdout
+    rows = {row["name"]: row for row in table(volley("models", "--server", shipped.http).stdout,
+                                              "name")}  # fmt: skip
+    assert rows["detect"]["state"] == rows["detector"]["state"] == "UNAVAILABLE"
+    assert rows["fraud"]["state"] == "READY"
+    for name in ("detector", "detect"):
+        assert volley("models", "load", name, "--server", shipped.http).returncode == 0
 
 
 def test_stats_counts_inferences(shipped: VolleyProcess) -> None:

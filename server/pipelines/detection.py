@@ -134,6 +134,7 @@ class DetectionPipeline:
         self.stats = stats
         self.provider = "CPUExecutionProvider"  # pre/post-processing runs on the host
         self.frame_policy = FramePolicy(config.max_frame_age_ms)
+        self.wraps = (config.detector,)
         self.queue_limit = config.max_queue_size
         self._lookup = lookup
         self._plan: DetectorPlan | None = None

@@ -100,6 +100,7 @@ def server_metadata(version: str, shared_memory: bool = False) -> dict:
         "binary_tensor_data",
         "model_configuration",
         "model_repository",
+        "model_repository(unload_dependents)",
         "statistics",
         "schedule_policy",
         "parameters",
@@ -135,6 +136,15 @@ def load_override(model: str, parameters: dict) -> dict | None:
     if not isinstance(doc, dict):
         raise invalid(f"failed to load '{model}', config override must be a JSON object")
     return config_from_triton(doc)
+
+
+def unload_dependents(parameters: dict) -> bool:
+    """The `unload_dependents` parameter of an unload request (tritonclient's
+    `unload_model(name, unload_dependents=True)`): also unload the models it runs."""
+    value = parameters.get("unload_dependents", False)
+    if not isinstance(value, bool):
+        raise invalid(f"parameter 'unload_dependents' must be true or false, got {value!r}")
+    return value
 
 
 def config_from_triton(doc: dict) -> dict:
