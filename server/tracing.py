@@ -246,6 +246,7 @@ class Tracer:
         self._next_id = 1
         self._next_file = 0  # k of the next `<file>.<k>`
         self._stream: IO[bytes] | None = None  # `file`, with log_frequency 0: written as we go
+        self._failing = False  # the last write failed (logged once until one succeeds)
 
     def configure(self, values: TraceValues, file: str, worker: int | None = None) -> None:
         """Start from `values` (`--trace-config`), writing to `file` (a worker: to its own)."""
@@ -374,6 +375,8 @@ class Tracer:
                 self._write_collected(scope)
         except OSError as exc:  # a full disk must not fail requests: logged instead
             self._write_failed(exc)
+        else:
+            self._failing = False
 
     def _append(self, records: list[dict]) -> None:
         """Add a trace's records to the open array in `file` (one write a trace)."""
@@ -397,16 +400,22 @@ class Tracer:
             for scope in (self.scope, *self.models.values()):
                 if scope.collected:
                     self._write_collected(scope)
-            if self._stream is not None:
-                self._stream.write(b"]")
-                self._stream.close()
         except OSError as exc:
             self._write_failed(exc)
-        self._stream = None
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            try:
+                stream.write(b"]")
+                stream.close()  # closes the file even when the last flush fails
+            except OSError as exc:
+                self._write_failed(exc)
 
     def _write_failed(self, exc: OSError) -> None:
-        extra = {"event": "trace_write_failed", "file": self.file, "error": str(exc)}
-        log.error("trace not written", extra=extra)
+        """Log the first failure of a run of them (a full disk fails every trace after it)."""
+        if not self._failing:
+            extra = {"event": "trace_write_failed", "file": self.file, "error": str(exc)}
+            log.error("traces not written until the trace file takes writes again", extra=extra)
+        self._failing = True
 
 
 def parse_trace_config(items: list[str]) -> tuple[TraceValues, str]:

@@ -234,6 +234,20 @@ def child_processes(pid: int, marker: bytes) -> set[int]:
     return out
 
 
+def replace_a_worker(server: VolleyProcess) -> None:
+    """Kill one of a `--workers 2` server's workers and return once its replacement, caught up
+    with what the others were told, serves."""
+    workers = child_processes(server.proc.pid, b"server.worker")
+    assert len(workers) == 2
+    os.kill(min(workers), signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while child_processes(server.proc.pid, b"server.worker") - workers == set():
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.2)
+    server.wait_ready(path="/v2/health/ready")
+    time.sleep(1)  # the replacement listens only once it has caught up
+
+
 def running(pid: int) -> bool:
     """Whether any thread of process `pid` is still alive (not a zombie).
 

@@ -5,9 +5,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import time
 from pathlib import Path
 
 import onnx_models
@@ -15,7 +12,7 @@ import pytest
 import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from conftest import VolleyProcess, child_processes, serving
+from conftest import VolleyProcess, replace_a_worker, serving
 from tritonclient.utils import InferenceServerException
 
 STARTED_AT_INFO = {
@@ -127,15 +124,7 @@ def test_a_change_reaches_every_worker_and_one_that_restarts(models: Path) -> No
         unload_and_load(server, "other")  # every worker unloads: none may say so
         assert events(server, "model_unloaded") == []
 
-        workers = child_processes(server.proc.pid, b"server.worker")
-        assert len(workers) == 2
-        os.kill(min(workers), signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        while child_processes(server.proc.pid, b"server.worker") - workers == set():
-            assert time.monotonic() < deadline, server.log()
-            time.sleep(0.2)
-        server.wait_ready(path="/v2/health/ready")
-        time.sleep(1)  # the replacement listens only once it has caught up
+        replace_a_worker(server)
         unload_and_load(server, "other")
         assert events(server, "model_unloaded") == []  # the replacement got the settings
 

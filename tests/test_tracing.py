@@ -6,8 +6,6 @@ in order, their tensors, per-model settings, log_frequency files and every worke
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import pytest
 import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from conftest import VolleyProcess, child_processes, copy_shipped_models, serving
+from conftest import VolleyProcess, copy_shipped_models, replace_a_worker, serving
 from tritonclient.utils import InferenceServerException
 
 from server.tracing import Tracer, TraceValues, parse_changes, parse_trace_config
@@ -274,14 +272,7 @@ def test_every_worker_traces_with_the_settings_and_one_that_restarts_too(
     with serving(models, "--workers", "2", "--trace-config", f"triton,file={file}") as server:
         http = httpclient.InferenceServerClient(server.http)
         http.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"], "trace_rate": "1"})
-        workers = child_processes(server.proc.pid, b"server.worker")
-        os.kill(min(workers), signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        while child_processes(server.proc.pid, b"server.worker") - workers == set():
-            assert time.monotonic() < deadline, server.log()
-            time.sleep(0.2)
-        server.wait_ready(path="/v2/health/ready")
-        time.sleep(1)  # the replacement listens only once it has caught up
+        replace_a_worker(server)
         for _ in range(20):  # new connections: the kernel spreads them over both workers
             answer = requests.get(f"{server.url}/v2/trace/setting", timeout=10).json()
             assert answer["trace_level"] == ["TIMESTAMPS"], answer
@@ -328,3 +319,15 @@ def test_a_global_change_reaches_models_where_they_were_not_given_a_value() -> N
     assert tracer.settings("a") == tracer.settings()
     tracer.apply("", parse_changes({"trace_level": None}, ""))  # back to the start: OFF
     assert not tracer.on
+
+
+def test_a_trace_file_that_takes_no_writes_fails_no_request(models: Path) -> None:
+    # /dev/full opens, and fails every write with ENOSPC: a disk that has filled up.
+    config = ["--trace-config", "triton,file=/dev/full", "--trace-config", "level=TIMESTAMPS",
+              "--trace-config", "rate=1"]  # fmt: skip
+    with serving(models, *config) as server:
+        with httpclient.InferenceServerClient(server.http) as http:
+            for seed in range(200):  # far more than one write buffer of traces
+                assert http_infer(http, "mlp", row(seed)).shape == (1, 1)
+        failures = [line for line in server.log().splitlines() if "trace_write_failed" in line]
+    assert len(failures) == 1, failures  # said once, not once a request
