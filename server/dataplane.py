@@ -249,7 +249,13 @@ class DataPlane:
     async def unload(self, model: str, dependents: bool = False) -> None:
         """A client's unload request (explicit model control); `dependents`: the models it
         runs too (Triton's `unload_dependents`)."""
-        await self.repository.request_unload(model, dependents)
+        for name in self.unloaded_with(model, dependents):
+            await self.repository.request_unload(name)
+
+    def unloaded_with(self, model: str, dependents: bool) -> list[str]:
+        """What an unload of `model` unloads: it, and with `dependents` the models it runs that
+        no other served model runs (`ModelRepository.dependents`)."""
+        return [model, *self.repository.dependents(model)] if dependents else [model]
 
     def log_settings(self) -> dict[str, object]:
         """The logging extension's settings (`server.log_settings`)."""
@@ -268,7 +274,7 @@ class DataPlane:
     async def update_trace_settings(self, model: str, changes: dict) -> dict[str, object]:
         """Change the trace settings of `model` (or the global ones); returns them all."""
         self._known(model)
-        return TRACER.apply(model, TRACER.check(changes))
+        return TRACER.apply(model, changes)
 
     def _known(self, model: str) -> None:
         """Trace settings are kept for the repository's models only (a client must not grow

@@ -181,14 +181,11 @@ class ModelRepository:
             raise unavailable(CONTROL_REFUSED)
         await self.load(name, override)
 
-    async def request_unload(self, name: str, dependents: bool = False) -> None:
-        """A client's unload request (explicit mode only). With `dependents` (Triton's
-        `unload_dependents`), the models it runs (a pipeline's detector) are unloaded too,
-        each unless another model still being served runs it."""
+    async def request_unload(self, name: str) -> None:
+        """A client's unload request (explicit mode only)."""
         if self.control != "explicit":
             raise unavailable(CONTROL_REFUSED)
-        for model in [name, *self.dependents(name)] if dependents else [name]:
-            await self.unload(model)
+        await self.unload(name)
 
     def dependents(self, name: str) -> list[str]:
         """The models the served versions of `name` run (a pipeline's detector) that no other

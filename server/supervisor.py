@@ -208,7 +208,7 @@ class Supervisor:
                 process_settings().apply(message["settings"])  # its own logs, and the replay
                 await self._fan_out(message)
             return {}
-        if op == "trace_settings":  # checked and applied by the worker that took the request
+        if op == "trace_settings":  # already applied by the worker that took the request
             async with self.control:
                 TRACER.apply(message["model"], message["changes"])  # kept for the replay
                 await self._fan_out(message, skip=message["from"])

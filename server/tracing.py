@@ -264,16 +264,12 @@ class Tracer:
         scope = self.models.get(model, self.scope) if model else self.scope
         return scope.values.as_settings(scope.remaining, self.file)
 
-    def check(self, raw: Mapping[str, Any]) -> dict[str, Any]:
-        """`parse_changes` against this server's file."""
-        return parse_changes(raw, self.file)
-
-    def apply(self, model: str, changes: dict[str, Any]) -> dict[str, str | list[str]]:
-        """Apply `check`ed changes to `model`'s settings (no changes: drop its own), or to the
-        global ones; returns that scope's settings. Refused, changing nothing, where it would
-        turn tracing on in a server started without a trace file."""
-        if changes.get("level") is not None:  # a list, when it came from another process
-            changes = {**changes, "level": tuple(changes["level"])}
+    def apply(self, model: str, raw: Mapping[str, Any]) -> dict[str, str | list[str]]:
+        """Apply a client's changes (`parse_changes`) to `model`'s settings (no changes: drop
+        its own), or to the global ones; returns that scope's settings. A bad change, or one
+        that would turn tracing on in a server started without a trace file, is refused and
+        changes nothing."""
+        changes = parse_changes(raw, self.file)
         if model:
             scope = self.models.get(model)
             given = dict(scope.given) if scope is not None else {}

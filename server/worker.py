@@ -150,7 +150,7 @@ class WorkerDataPlane(DataPlane):
         if self.repository.control != "explicit":
             raise unavailable(CONTROL_REFUSED)
         # One request per model, so that the supervisor's journal replays each of them.
-        for name in [model, *self.repository.dependents(model)] if dependents else [model]:
+        for name in self.unloaded_with(model, dependents):
             await ipc.call(self.worker.control, {"op": "unload", "model": name})
 
     async def update_log_settings(self, changes: dict[str, object]) -> dict[str, object]:
@@ -164,8 +164,7 @@ class WorkerDataPlane(DataPlane):
         """Change the trace settings here (a bad change changes nothing anywhere), then in every
         other process (through the supervisor, which keeps them for workers that start later)."""
         settings = await super().update_trace_settings(model, changes)
-        checked = TRACER.check(changes)
-        message = {"op": "trace_settings", "model": model, "changes": checked}
+        message = {"op": "trace_settings", "model": model, "changes": changes}
         await ipc.call(self.worker.control, {**message, "from": self.worker.index})
         return settings
 

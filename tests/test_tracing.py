@@ -19,7 +19,7 @@ import tritonclient.http as httpclient
 from conftest import VolleyProcess, copy_shipped_models, replace_a_worker, serving
 from tritonclient.utils import InferenceServerException
 
-from server.tracing import Tracer, TraceValues, parse_changes, parse_trace_config
+from server.tracing import Tracer, TraceValues, parse_trace_config
 
 HTTP_ORDER = ["HTTP_RECV_START", "HTTP_RECV_END", "REQUEST_START", "QUEUE_START",
               "COMPUTE_START", "COMPUTE_INPUT_END", "COMPUTE_OUTPUT_START", "COMPUTE_END",
@@ -307,8 +307,8 @@ def test_trace_config_is_checked_at_start() -> None:
 def test_a_global_change_reaches_models_where_they_were_not_given_a_value() -> None:
     tracer = Tracer()
     tracer.configure(TraceValues(), "/tmp/unused.json")
-    tracer.apply("a", parse_changes({"trace_rate": "2"}, tracer.file))
-    tracer.apply("", parse_changes({"trace_level": ["TIMESTAMPS"], "trace_count": "4"}, ""))
+    tracer.apply("a", {"trace_rate": "2"})
+    tracer.apply("", {"trace_level": ["TIMESTAMPS"], "trace_count": "4"})
     assert tracer.on
     assert tracer.settings("a")["trace_level"] == ["TIMESTAMPS"]
     assert tracer.settings("a")["trace_rate"] == "2" and tracer.settings("a")["trace_count"] == "4"
@@ -317,7 +317,7 @@ def test_a_global_change_reaches_models_where_they_were_not_given_a_value() -> N
     assert tracer.settings("a")["trace_count"] == "1" and tracer.settings()["trace_count"] == "4"
     tracer.apply("a", {})  # no settings: the model's own are dropped
     assert tracer.settings("a") == tracer.settings()
-    tracer.apply("", parse_changes({"trace_level": None}, ""))  # back to the start: OFF
+    tracer.apply("", {"trace_level": None})  # back to the start: OFF
     assert not tracer.on
 
 
