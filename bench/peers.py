@@ -15,15 +15,16 @@ targets are judged on Volley's ratio to each peer within a round, not on rows mi
     python bench/peers.py --seconds 5 --skip-triton --skip-naive --volley-workers 1,2
     python bench/peers.py --seconds 5 --skip-triton --skip-naive --floor-rounds 9
     python bench/peers.py --seconds 5 --skip-triton --skip-naive --floor-rounds 0 \
-        --busy-poll-us 0,300
+        --busy-poll off,default,always
 
 Triton comes from ../shared/tools/triton/setup (its python backend runs the same ONNX model
 with onnxruntime, under Triton's own dynamic batcher: max_batch_size 1024, 100 us delay, two
 instances); Volley gets the same settings. The c=1 targets are judged on Volley with the shipped
-fraud config (no queue delay, so a lone request runs on the event loop), with and without
-`--busy-poll-us`: that is what a user gets one request at a time. `wrk` is Debian's package
-(apt-get install wrk). All load generators run on the same machine as the server and take CPU
-from it. The floor runs under wrk only (it speaks no more of the protocol than a JSON infer).
+fraud config (no queue delay, so a lone request runs on the event loop), with the server's
+default busy polling and with it off: that is what a user gets one request at a time. `wrk` is
+Debian's package (apt-get install wrk). All load generators run on the same machine as the
+server and take CPU from it. The floor runs under wrk only (it speaks no more of the protocol
+than a JSON infer).
 """
 
 from __future__ import annotations
@@ -41,7 +42,16 @@ from pathlib import Path
 
 import orjson
 import yaml
-from serving import ceiling, free_port, machine, perf_analyzer, start, start_volley, stop
+from serving import (
+    BUSY_POLL_FLAGS,
+    ceiling,
+    free_port,
+    machine,
+    perf_analyzer,
+    start,
+    start_volley,
+    stop,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TRITON = ROOT.parent / "shared" / "tools" / "triton"
@@ -190,14 +200,14 @@ def run_volley(
 
 
 def run_volley_shipped(
-    model_dir: Path, tmp: Path, body: bytes, seconds: float, busy_poll_us: int
+    model_dir: Path, tmp: Path, body: bytes, seconds: float, busy_poll: str
 ) -> list[Row]:
     """Volley on the shipped fraud config (no queue delay, one instance: a lone request runs on
     the event loop), at c=1 only: what a user of `volley serve` gets one request at a time."""
     repo = Path(tempfile.mkdtemp(prefix="shipped-", dir=tmp))  # a value may come again
     shutil.copytree(model_dir, repo / "fraud")
-    volley = start_volley(repo, "--busy-poll-us", str(busy_poll_us))
-    name = SHIPPED if not busy_poll_us else f"{SHIPPED}, --busy-poll-us {busy_poll_us}"
+    volley = start_volley(repo, *BUSY_POLL_FLAGS[busy_poll])
+    name = SHIPPED if busy_poll == "default" else f"{SHIPPED}, busy poll {busy_poll}"
     loads = standard_loads(volley.http, volley.grpc, body, seconds, "fraud")
     one_at_a_time = {load: run for load, run in loads.items() if load.endswith("c=1")}
     try:
@@ -376,13 +386,16 @@ def main() -> int:
         help="measure Volley with each of these --workers counts (default: 1)",
     )
     parser.add_argument(
-        "--busy-poll-us",
-        default="0,300",
-        metavar="US[,US...]",
-        help="c=1 rows of Volley on the shipped fraud config, one per --busy-poll-us value "
-        "(the c=1 targets are judged on these; empty: none)",
+        "--busy-poll",
+        default="default,off",
+        metavar="MODE[,MODE...]",
+        help="c=1 rows of Volley on the shipped fraud config, one per busy polling mode "
+        f"({', '.join(BUSY_POLL_FLAGS)}; the c=1 targets are judged on these; empty: none)",
     )
     args = parser.parse_args()
+    busy_polls = [mode for mode in args.busy_poll.split(",") if mode]
+    if unknown := set(busy_polls) - set(BUSY_POLL_FLAGS):
+        parser.error(f"--busy-poll: {sorted(unknown)} not among {list(BUSY_POLL_FLAGS)}")
     if shutil.which("wrk") is None:
         print("wrk is missing: apt-get install wrk", file=sys.stderr)
         return 2
@@ -395,8 +408,8 @@ def main() -> int:
         tmp = Path(tmp_name)
         for workers in (int(n) for n in args.volley_workers.split(",")):
             rows += run_volley(model_dir, tmp, body, args.seconds, workers)
-        for busy_poll_us in (int(n) for n in args.busy_poll_us.split(",") if n):
-            rows += run_volley_shipped(model_dir, tmp, body, args.seconds, busy_poll_us)
+        for busy_poll in busy_polls:
+            rows += run_volley_shipped(model_dir, tmp, body, args.seconds, busy_poll)
         if not args.skip_triton:
             rows += run_triton(model_file, tmp, body, args.seconds)
         if not args.skip_naive:

@@ -7,8 +7,8 @@ on this machine. Prints a markdown table (req/s, p50, p99) and which targets are
     python bench/serving.py --model-dir models/fraud --concurrency 1 8 64
     python bench/serving.py --model-dir models/detector --targets http-binary grpc
     python bench/serving.py --model-dir models/detector --targets grpc grpc-shm --concurrency 1 4
-    python bench/serving.py --targets http-binary grpc --concurrency 1 --busy-poll-us 0 300 \
-        --rounds 3                                # Volley with and without busy polling, in turn
+    python bench/serving.py --targets http-binary grpc --concurrency 1 --busy-poll off default \
+        always --rounds 3                         # Volley's busy polling off, adaptive, always
 
 The `-shm` targets pass tensors through system shared memory (`volley serve --allow-client-shm`).
 
@@ -312,18 +312,24 @@ def run(args: argparse.Namespace) -> list[Row]:
         repo = Path(tmp) / "models"
         shutil.copytree(model_dir, repo / name)
         for _ in range(args.rounds):
-            for busy_poll_us in args.busy_poll_us:
-                rows += run_volley(repo, name, busy_poll_us, args)
+            for busy_poll in args.busy_poll:
+                rows += run_volley(repo, name, busy_poll, args)
     return rows
 
 
-def run_volley(repo: Path, name: str, busy_poll_us: int, args: argparse.Namespace) -> list[Row]:
+BUSY_POLL_FLAGS = {
+    "default": [],  # adaptive, 300 us
+    "off": ["--busy-poll-us", "0"],
+    "always": ["--busy-poll-always"],
+}
+
+
+def run_volley(repo: Path, name: str, busy_poll: str, args: argparse.Namespace) -> list[Row]:
     """Volley's rows: each selected target at each concurrency, on one server."""
     rows: list[Row] = []
     cs = args.concurrency
-    flags = ["--allow-client-shm", "--busy-poll-us", str(busy_poll_us)]
-    volley = start_volley(repo, *flags)
-    suffix = f" (busy poll {busy_poll_us} us)" if busy_poll_us else ""
+    volley = start_volley(repo, "--allow-client-shm", *BUSY_POLL_FLAGS[busy_poll])
+    suffix = "" if busy_poll == "default" else f" (busy poll {busy_poll})"
     try:
         targets = {
             "http-json": ("Volley, HTTP JSON", volley.http, "http", JSON_FORMAT),
@@ -394,11 +400,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="measurement window")
     parser.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS))
     parser.add_argument(
-        "--busy-poll-us",
-        type=int,
+        "--busy-poll",
         nargs="+",
-        default=[0],
-        help="Volley's --busy-poll-us: one server per value, in turn",
+        choices=BUSY_POLL_FLAGS,
+        default=["default"],
+        help="Volley's busy polling (default: adaptive; off: --busy-poll-us 0; always: "
+        "--busy-poll-always): one server per value, in turn",
     )
     parser.add_argument(
         "--rounds", type=int, default=1, help="run the Volley servers in turn this many times"

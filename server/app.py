@@ -136,7 +136,7 @@ async def serve(settings: ServeSettings, worker: Worker | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if settings.busy_poll_us:
-        HELD.busy_poll = BusyPoll(loop, settings.busy_poll_us)
+        HELD.busy_poll = BusyPoll(loop, settings.busy_poll_us, settings.busy_poll_always)
     if worker is not None:
         # The kernel hands a worker connections as soon as it listens: it must serve what the
         # others serve by then (its models, and the load/unload requests they took).

@@ -147,12 +147,19 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--busy-poll-us",
         type=_busy_poll_us,
-        default=0,
+        default=300,
         metavar="US",
-        help="once no request is left to answer, keep the event loop polling for this many "
-        "microseconds before it sleeps: a request that comes within that time is read at once "
-        "and runs warm (lower latency at low load), for the price of a busy core while "
-        "requests keep coming (0: sleep at once)",
+        help="once no request is left to answer, keep the event loop polling for up to this "
+        "many microseconds before it sleeps, if the last request came within that time of "
+        "the one before: a client sending one request after another has each read at once "
+        "and run warm (lower latency at low load), for the price of a busy core while it "
+        "keeps sending; a lone request leaves the loop asleep (0: always sleep at once)",
+    )
+    p.add_argument(
+        "--busy-poll-always",
+        action="store_true",
+        help="poll for the --busy-poll-us window after every answer, however long ago the "
+        "last request came",
     )
     p.add_argument(
         "--switch-interval-ms",
@@ -492,6 +499,7 @@ def _serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         allow_client_shm=args.allow_client_shm,
         busy_poll_us=args.busy_poll_us,
+        busy_poll_always=args.busy_poll_always,
         switch_interval_ms=args.switch_interval_ms,
         trace=trace,
         trace_file=trace_file,

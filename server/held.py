@@ -3,7 +3,8 @@
 The transports count them as soon as a request is read, before its handler runs, so a batcher
 can tell a request that is alone in the server (the only one held) from one of many read in
 the same loop iteration (`Batcher` runs only the former inline). When the count falls to zero
-the server is idle, and a `BusyPoll`, where one is set, keeps the loop polling for the next.
+the server is idle, and a `BusyPoll`, where one is set, may keep the loop polling for the next;
+it is told too when a request comes to an idle server.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ class HeldRequests:
 
     def add(self) -> None:
         """Count one request more (its transport has read it); `release` it once answered."""
+        if self.count == 0 and self.busy_poll is not None:
+            self.busy_poll.busy()
         self.count += 1
 
     def hold(self, task: asyncio.Task) -> None:
@@ -37,7 +40,7 @@ class HeldRequests:
         """Count one request less (the transport has answered it, or never will)."""
         self.count -= 1
         if self.count == 0 and self.busy_poll is not None:
-            self.busy_poll.touch()
+            self.busy_poll.idle()
 
     def _release(self, _: asyncio.Task) -> None:
         self.release()

@@ -42,7 +42,8 @@ class ServeSettings:
     http_keepalive_timeout: float = 30.0  # an idle HTTP connection closes after this
     workers: int = 1  # server processes sharing the ports (server/supervisor.py)
     allow_client_shm: bool = False  # clients may register system shared memory (server/shm.py)
-    busy_poll_us: int = 0  # the loop polls this long after going idle (server/busy_poll.py)
+    busy_poll_us: int = 300  # the loop polls up to this long after going idle (server/busy_poll.py)
+    busy_poll_always: bool = False  # after every answer, not only while requests come close
     switch_interval_ms: float | None = None  # the GIL switch interval (None: Python's, 5 ms)
     trace: TraceValues = TraceValues()  # the trace settings at start (`--trace-config`)
     trace_file: str = ""  # where traces are written ("": tracing cannot be turned on)

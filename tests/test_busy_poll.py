@@ -1,5 +1,7 @@
 """`volley serve --busy-poll-us`: once the last held request is answered, the event loop keeps
-polling for the window instead of sleeping, then sleeps; without the flag it sleeps at once.
+polling for the window instead of sleeping, then sleeps. By default only when the request came
+within the window of the loop's last idle time (a client sending one request after another);
+with `--busy-poll-always` after every answer; with a window of 0 it sleeps at once.
 
 Seen from outside as the server process's CPU time after an answer (a polling loop keeps its
 core busy, a sleeping one uses none), and from inside on a real event loop.
@@ -42,15 +44,24 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return root, model
 
 
+WINDOW = ("--busy-poll-us", str(int(WINDOW_S * 1e6)))
+
+
 @pytest.fixture(scope="module")
 def polling(repository: tuple[Path, Path]) -> Iterator[VolleyProcess]:
-    with serving(repository[0], "--busy-poll-us", str(int(WINDOW_S * 1e6))) as proc:
+    with serving(repository[0], *WINDOW, "--busy-poll-always") as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def adaptive(repository: tuple[Path, Path]) -> Iterator[VolleyProcess]:
+    with serving(repository[0], *WINDOW) as proc:
         yield proc
 
 
 @pytest.fixture(scope="module")
 def sleeping(repository: tuple[Path, Path]) -> Iterator[VolleyProcess]:
-    with serving(repository[0]) as proc:
+    with serving(repository[0], "--busy-poll-us", "0") as proc:
         yield proc
 
 
@@ -103,12 +114,34 @@ def test_the_loop_polls_for_the_window_after_an_answer_then_sleeps(
     assert_close(infer(polling, x), ort_outputs(model, {"input": x})["score"])
 
 
-def test_without_the_flag_the_loop_sleeps_at_once(
+@pytest.mark.parametrize("infer", [infer_http, infer_grpc], ids=["http", "grpc"])
+def test_by_default_the_loop_polls_only_while_requests_come_close(
+    adaptive: VolleyProcess, repository: tuple[Path, Path], infer
+) -> None:
+    pid, model = adaptive.proc.pid, repository[1]
+    time.sleep(WINDOW_S * 1.2)  # quiet for longer than the window
+    x = features(6)
+    assert_close(infer(adaptive, x), ort_outputs(model, {"input": x})["score"])
+    lone = cpu_over(pid, WINDOW_S * 0.4)  # a lone request: the loop sleeps at once
+    x = features(7)  # within the window of the last answer: the loop polls after this one
+    assert_close(infer(adaptive, x), ort_outputs(model, {"input": x})["score"])
+    close = cpu_over(pid, WINDOW_S * 0.6)
+    time.sleep(WINDOW_S * 0.6)  # the window has ended with no request in it
+    quiet = cpu_over(pid, 0.3)
+    x = features(8)  # came long after: the loop sleeps at once again
+    assert_close(infer(adaptive, x), ort_outputs(model, {"input": x})["score"])
+    late = cpu_over(pid, 0.5)
+    assert lone <= 0.05, f"{lone:.2f} s of CPU after a lone request"
+    assert close >= WINDOW_S * 0.6 * 0.5, f"{close:.2f} s of CPU while it should poll"
+    assert quiet <= 0.05 and late <= 0.05, f"{quiet:.2f} and {late:.2f} s after the window"
+
+
+def test_a_window_of_zero_sleeps_at_once(
     sleeping: VolleyProcess, repository: tuple[Path, Path]
 ) -> None:
     model = repository[1]
-    for infer, seed in ((infer_http, 4), (infer_grpc, 5)):
-        x = features(seed)
+    for infer, seed in ((infer_http, 4), (infer_grpc, 5), (infer_http, 9), (infer_grpc, 10)):
+        x = features(seed)  # one after another: close enough for the default to poll
         assert_close(infer(sleeping, x), ort_outputs(model, {"input": x})["score"])
     assert cpu_over(sleeping.proc.pid, 0.5) <= 0.05
 
@@ -124,11 +157,11 @@ def test_a_negative_or_huge_window_is_refused(repository: tuple[Path, Path]) -> 
 def test_polling_keeps_the_loop_responsive_and_ends_after_the_last_touch() -> None:
     async def scenario() -> tuple[bool, bool, float, bool]:
         loop = asyncio.get_running_loop()
-        poll = BusyPoll(loop, 50_000)
-        poll.touch()
+        poll = BusyPoll(loop, 50_000, always=True)
+        poll.idle()
         started = poll.polling
         await asyncio.sleep(0.03)
-        poll.touch()  # the window restarts from here
+        poll.idle()  # the window restarts from here
         fired = time.perf_counter()
         await asyncio.sleep(0.01)  # a timer still fires on time while the loop polls
         late = time.perf_counter() - fired - 0.01
@@ -145,7 +178,7 @@ def test_polling_keeps_the_loop_responsive_and_ends_after_the_last_touch() -> No
 def test_only_the_last_release_starts_polling() -> None:
     async def scenario() -> list[bool]:
         held = HeldRequests()
-        held.busy_poll = BusyPoll(asyncio.get_running_loop(), 1_000_000)
+        held.busy_poll = BusyPoll(asyncio.get_running_loop(), 1_000_000, always=True)
         held.count = 2
         held.release()
         seen = [held.busy_poll.polling]
@@ -155,3 +188,23 @@ def test_only_the_last_release_starts_polling() -> None:
         return seen
 
     assert asyncio.run(scenario()) == [False, True]
+
+
+def test_adaptive_polling_follows_the_gap_before_the_last_request() -> None:
+    async def scenario() -> list[bool]:
+        poll = BusyPoll(asyncio.get_running_loop(), 20_000, always=False)
+        seen = []
+        poll.busy()  # the first request ever: nothing came close before it
+        poll.idle()
+        seen.append(poll.polling)
+        poll.busy()  # at once after the loop went idle
+        poll.idle()
+        seen.append(poll.polling)
+        await asyncio.sleep(0.05)  # the window ends with no request
+        seen.append(poll.polling)
+        poll.busy()  # came after the window
+        poll.idle()
+        seen.append(poll.polling)
+        return seen
+
+    assert asyncio.run(scenario()) == [False, True, False, False]
