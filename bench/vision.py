@@ -30,7 +30,14 @@ import numpy as np
 import onnxruntime as ort
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from serving import machine, repository_copy, start_volley, stop, switch_flags
+from serving import (
+    BUSY_POLL_FLAGS,
+    machine,
+    repository_copy,
+    start_volley,
+    stop,
+    switch_flags,
+)
 from tritonclient.grpc import service_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -294,6 +301,12 @@ def main() -> int:
         type=float,
         help="the server's GIL switch interval (default: Python's 5 ms)",
     )
+    parser.add_argument(
+        "--busy-poll",
+        choices=BUSY_POLL_FLAGS,
+        default="default",
+        help="the server's busy polling (default: adaptive; off: --busy-poll-us 0)",
+    )
     args = parser.parse_args()
 
     frames = camera_frames()
@@ -312,7 +325,8 @@ def measure(
     models: Path,
 ) -> int:
     """Serve `models` and measure single images, then cameras until they are not sustained."""
-    volley = start_volley(models, *switch_flags(args.switch_interval_ms))
+    flags = (*switch_flags(args.switch_interval_ms), *BUSY_POLL_FLAGS[args.busy_poll])
+    volley = start_volley(models, *flags)
     try:
         grpc_address = volley.grpc
         single = single_image(volley.http, grpc_address, frames[0], args.requests)
@@ -342,7 +356,8 @@ def report(
     lines = [
         f"Machine: {machine()}",
         f"`detect` decodes on: {decoding}; the server's GIL switch interval: "
-        f"{'5 ms (Python default)' if switch is None else f'{switch:g} ms'}",
+        f"{'5 ms (Python default)' if switch is None else f'{switch:g} ms'}; busy polling: "
+        f"{args.busy_poll}",
         "",
         f"In-process ceiling (decode + letterbox + infer + NMS, one loop): {ceiling_fps:.1f} "
         f"frames/s, p50 {np.percentile(ceiling_ms, 50):.2f} ms, "

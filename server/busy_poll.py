@@ -8,11 +8,14 @@ it polls, the loop runs an iteration at a time with a zero I/O timeout, so the n
 read as it lands; between iterations it yields its core to any other thread that wants it (a
 client's, an instance thread).
 
-The price is CPU, so by default the poll is adaptive: the loop polls after going idle only when
-the request that ended its last idle time came within the window. A client sending one request
-after another keeps it polling; a lone or sparse request finds it asleep and leaves it asleep,
-and a burst that ends costs one window. `always` polls after every answer (measured in
-bench/RESULTS.md, "Busy polling after the last answer" and "Adaptive busy polling").
+It polls only while it holds no request: the first one to come ends the poll, so the loop never
+competes for the CPU or the GIL with the threads working on requests (decoders, instance
+threads). The price is CPU, so by default the poll is adaptive: the loop polls after going idle
+only when the request that ended its last idle time came within the window. A client sending
+one request after another keeps it polling; a lone or sparse request finds it asleep and leaves
+it asleep, and a burst that ends costs one window. `always` polls after every answer (measured
+in bench/RESULTS.md, "Busy polling after the last answer" and "adaptive busy polling, on by
+default").
 """
 
 from __future__ import annotations
@@ -43,8 +46,10 @@ class BusyPoll:
         return self._polling
 
     def busy(self) -> None:
-        """A request has come to an idle loop (called on the loop)."""
+        """A request has come to an idle loop (called on the loop): polling ends, so that the
+        loop does not take the CPU and the GIL from the threads that work on the request."""
         self._close = time.perf_counter_ns() - self._idle_ns <= self._window_ns
+        self._until_ns = 0
 
     def idle(self) -> None:
         """The loop has nothing left to answer: poll for the window from now, if it should."""

@@ -208,3 +208,22 @@ def test_adaptive_polling_follows_the_gap_before_the_last_request() -> None:
         return seen
 
     assert asyncio.run(scenario()) == [False, True, False, False]
+
+
+def test_a_request_to_an_idle_loop_ends_the_poll() -> None:
+    async def scenario() -> list[bool]:
+        held = HeldRequests()
+        held.busy_poll = BusyPoll(asyncio.get_running_loop(), 1_000_000, always=True)
+        held.count = 1
+        held.release()  # idle: polls for a second
+        await asyncio.sleep(0.01)
+        seen = [held.busy_poll.polling]
+        held.add()  # a request came: the threads working on it get the CPU and the GIL
+        await asyncio.sleep(0.01)
+        seen.append(held.busy_poll.polling)
+        held.release()
+        seen.append(held.busy_poll.polling)
+        held.busy_poll = None  # the pending poll ends with the loop
+        return seen
+
+    assert asyncio.run(scenario()) == [True, False, True]
