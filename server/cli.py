@@ -151,9 +151,10 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         metavar="US",
         help="once no request is left to answer, keep the event loop polling for up to this "
         "many microseconds before it sleeps, if the last request came within that time of "
-        "the one before: a client sending one request after another has each read at once "
-        "and run warm (lower latency at low load), for the price of a busy core while it "
-        "keeps sending; a lone request leaves the loop asleep (0: always sleep at once)",
+        "the loop's previous idle moment: a client sending one request after another has "
+        "each read at once and run warm (lower latency at low load), for the price of a busy "
+        "core while it keeps sending; a lone request leaves the loop asleep (0: always sleep "
+        "at once)",
     )
     p.add_argument(
         "--busy-poll-always",
