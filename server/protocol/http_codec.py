@@ -217,11 +217,8 @@ def _decode_outputs(outputs: object) -> list[RequestedOutput]:
         if binary is not None and type(binary) is not bool:
             raise invalid(f"binary_data of output '{name}' must be true or false")
         shared = shared_memory_ref(params, "output", name)
-        if CLASSIFICATION in params:
-            classes = classification(params[CLASSIFICATION], name)
-            requested.append(RequestedOutput(name, binary, shared, classes))
-        else:
-            requested.append(RequestedOutput(name, binary, shared))
+        classes = classification(params[CLASSIFICATION], name) if CLASSIFICATION in params else 0
+        requested.append(RequestedOutput(name, binary, shared, classes))
     return requested
 
 
