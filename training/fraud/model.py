@@ -3,6 +3,7 @@ features and the normalisation."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -22,43 +23,50 @@ def log1p(x: torch.Tensor) -> torch.Tensor:
     return torch.where(u == 1.0, x, torch.log(u) * (x / (u - 1.0)))
 
 
-def derived_column(how: Derived, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One derived column from its input columns (each [N, 1]), as the numpy reference does."""
-    x = inputs[0] if how.cap is None else torch.clamp(inputs[0], max=how.cap)
-    if how.op == "log1p":
-        return log1p(x)
-    if how.op == "is_night":
-        return ((x >= 22.0) | (x < 6.0)).to(torch.float32)
-    if how.op == "ratio":
-        y = inputs[1]
-        return torch.where(y > 0.0, x / y, 1.0)
-    raise ValueError(f"unknown derivation {how.op!r}")
-
-
 class DerivedFeatures(nn.Module):
     """Raw columns [N, R] -> the network's features [N, F], computed as `recipe` says.
 
-    Passed-through columns are picked with one gather, each derived one is computed from its
-    inputs, and a last gather puts all of them in the recipe's (the network's) order.
+    Every feature is computed at once, column-wise: one gather picks each feature's (first)
+    input column and applies the caps, a second gives the ratios their denominators, masks
+    choose the night test and the ratios, and `log1p` goes over the columns `logged` marks. A
+    per-column graph would run each derivation as its own nodes (about twice as many nodes for
+    a one-row request, each a kernel call).
     """
 
     def __init__(self, raw_names: Sequence[str], recipe: Recipe) -> None:
         super().__init__()
         column = {name: i for i, name in enumerate(raw_names)}
-        passed = [name for name, how in recipe.items() if isinstance(how, str)]
-        derived = [name for name, how in recipe.items() if isinstance(how, Derived)]
-        self.derivations = [recipe[name] for name in derived]
-        self.inputs = [[column[c] for c in how.inputs] for how in self.derivations]
-        picked = [column[recipe[name]] for name in passed]
-        order = [(passed + derived).index(name) for name in recipe]
-        self.register_buffer("picked", torch.tensor(picked, dtype=torch.int64))
-        self.register_buffer("order", torch.tensor(order, dtype=torch.int64))
+        derived = [how if isinstance(how, Derived) else None for how in recipe.values()]
+        inputs = [how.inputs if isinstance(how, Derived) else (how,) for how in recipe.values()]
+        ops = [how.op if how else "pass" for how in derived]
+        unknown = set(ops) - {"pass", "log1p", "is_night", "ratio"}
+        if unknown:
+            raise ValueError(f"unknown derivation {sorted(unknown)}")
+
+        def mask(op: str) -> torch.Tensor:
+            return torch.tensor([o == op for o in ops])
+
+        first = [column[names[0]] for names in inputs]
+        second = [column[names[-1]] for names in inputs]
+        cap = [how.cap if how and how.cap is not None else math.inf for how in derived]
+        self.register_buffer("first", torch.tensor(first, dtype=torch.int64))
+        self.register_buffer("second", torch.tensor(second, dtype=torch.int64))
+        self.register_buffer("cap", torch.tensor(cap, dtype=torch.float32))
+        self.register_buffer("night", mask("is_night"))
+        self.register_buffer("ratio", mask("ratio"))
+        self.register_buffer("logged", mask("log1p"))
+
+    def unlogged(self, raw: torch.Tensor) -> torch.Tensor:
+        """The features before `log1p` goes over the `logged` columns."""
+        x = torch.minimum(raw.index_select(1, self.first), self.cap)
+        denominator = torch.where(self.ratio, raw.index_select(1, self.second), 1.0)
+        ratio = torch.where(denominator > 0.0, x / denominator, 1.0)
+        is_night = ((x >= 22.0) | (x < 6.0)).to(torch.float32)
+        return torch.where(self.night, is_night, ratio)
 
     def forward(self, raw: torch.Tensor) -> torch.Tensor:
-        columns = [raw.index_select(1, self.picked)]
-        for how, inputs in zip(self.derivations, self.inputs, strict=True):
-            columns.append(derived_column(how, [raw[:, i : i + 1] for i in inputs]))
-        return torch.cat(columns, dim=1).index_select(1, self.order)
+        features = self.unlogged(raw)
+        return torch.where(self.logged, log1p(features), features)
 
 
 def derive_features(raw: np.ndarray, raw_names: Sequence[str], recipe: Recipe) -> np.ndarray:
@@ -82,6 +90,24 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
+
+    def folded(
+        self,
+        x: torch.Tensor,
+        shift: torch.Tensor,
+        scale: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+    ) -> torch.Tensor:
+        """`a * net((x - shift) * scale) + b`, with both affine maps folded into the weights of
+        the first and the last layer (the export turns the folded weights into constants, so
+        the graph runs no extra nodes for them)."""
+        first, *middle, last = self.layers
+        weight = first.weight * scale
+        x = nn.functional.linear(x, weight, first.bias - weight @ shift)
+        for layer in middle:
+            x = layer(x)
+        return nn.functional.linear(x, last.weight * a, last.bias * a + b)
 
 
 class FraudScorer(nn.Module):
@@ -111,18 +137,25 @@ class FraudScorer(nn.Module):
         self.register_buffer("platt_a", torch.tensor(platt[0], dtype=torch.float32))
         self.register_buffer("platt_b", torch.tensor(platt[1], dtype=torch.float32))
         self.register_buffer("threshold", torch.tensor(threshold, dtype=torch.float32))
+        if bool((self.log_mask & derive.logged).any()):
+            raise ValueError("a feature derived by log1p cannot be log-compressed again")
 
     def forward(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logit = self.net(self.normalise(self.derive(raw)))
+        # normalise(derive(raw)) in one pass: the derived log1p columns and the log-compressed
+        # ones get the same log1p (the two sets are disjoint), and the standardisation and the
+        # Platt scaling are folded into the network's first and last layers.
+        features = self.derive.unlogged(raw)
+        x = torch.where(self.derive.logged | self.log_mask, log1p(features), features)
+        logit = self.net.folded(x, self.mean, self.inv_std, self.platt_a, self.platt_b)
         # 1 / (1 + exp(-z)) rather than sigmoid: ONNX Runtime's Sigmoid kernel is an approximation
         # that is off by ~5e-4 relative for small probabilities, its Exp is accurate.
-        score = 1.0 / (1.0 + torch.exp(-(logit * self.platt_a + self.platt_b)))
+        score = torch.reciprocal(1.0 + torch.exp(-logit))
         return score, score >= self.threshold
 
     def normalise(self, features: torch.Tensor) -> torch.Tensor:
         """Log-compress the flagged (derived) features, then standardise: the network's input."""
-        compressed = torch.log(torch.clamp(features, min=0.0) + 1.0)
-        return (torch.where(self.log_mask, compressed, features) - self.mean) * self.inv_std
+        compressed = torch.where(self.log_mask, log1p(features), features)
+        return (compressed - self.mean) * self.inv_std
 
 
 def fit_platt(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
