@@ -63,7 +63,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "--strict-readiness",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="server ready only while every model it should serve is ready (else: once live)",
+        help="server ready only while every model it should serve is ready (else: once the "
+        "models of the start have loaded or failed)",
     )
     p.add_argument(
         "--max-request-bytes",

@@ -90,8 +90,9 @@ class DataPlane:
 
     @property
     def ready(self) -> bool:
-        """Ready for traffic: not draining, and (strict) every model it should serve is serving."""
-        if self.draining:
+        """Ready for traffic: the models of the start loaded (or failed), not draining, and
+        (strict) every model it should serve is serving."""
+        if self.draining or not self.repository.started:
             return False
         return self.repository.all_ready() if self.strict_readiness else True
 

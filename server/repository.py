@@ -125,6 +125,10 @@ class ModelRepository:
         self.wanted: set[str] | None = set() if control == "explicit" else None
         # The smallest `queue_limit` of the versions serving: `DataPlane.refusal` reads it.
         self.smallest_queue_limit = 0
+        # Whether `load_at_start` has finished: the server listens before it loads, and is not
+        # ready until then (in explicit mode nothing is wanted before it, so `all_ready` alone
+        # would say yes).
+        self.started = False
 
     def _measure_queue_limits(self) -> None:
         limits = [v.model.queue_limit for e in self.models.values() for v in e.versions.values()]
@@ -174,6 +178,7 @@ class ModelRepository:
         for name in self.in_load_order(on_disk):
             with contextlib.suppress(VolleyError):  # logged and recorded in the index
                 await self.load(name)
+        self.started = True
 
     async def request_load(self, name: str, override: dict | None = None) -> None:
         """A client's load request (explicit mode only), optionally with a config override."""

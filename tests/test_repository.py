@@ -157,6 +157,56 @@ def close(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(np.allclose(a, b, rtol=1e-5, atol=1e-6))
 
 
+# --- readiness at start ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("control", [[], ["--model-control", "poll"], ["--no-strict-readiness"]])
+def test_not_ready_until_the_models_of_the_start_are_loaded(
+    tmp_path: Path, control: list[str]
+) -> None:
+    """The server listens before it loads its models; /v2/health/ready and gRPC ServerReady
+    say ready only once they are loaded, so a client (or a Kubernetes probe) that waits for
+    ready never gets a 404 or 503 from the model. A long warmup keeps the model loading for a
+    while, and the test checks that the not-ready window was seen. (In explicit mode the
+    server said ready in the few ms between listening and starting to load, which a poll
+    catches only sometimes; without strict readiness it said so for the whole load.)"""
+    root = tmp_path / "models"
+    onnx_models.mlp(root / "mlp" / "1" / "model.onnx")
+    warmup = {"batch_sizes": [1024], "count": 400}
+    onnx_models.write_config(root / "mlp", {"max_batch_size": 1024, "warmup": warmup})
+    proc = VolleyProcess(root, *control)
+    not_ready_seen, ready_seen = 0, False
+    try:
+        deadline = time.monotonic() + 60
+        with requests.Session() as http, grpcclient.InferenceServerClient(proc.grpc) as grpc:
+
+            def model_ready() -> None:
+                model = http.get(proc.url + "/v2/models/mlp/ready", timeout=TIMEOUT)
+                assert model.status_code == 200, (model.status_code, model.text, proc.log())
+
+            while not ready_seen and time.monotonic() < deadline:
+                try:
+                    status = http.get(proc.url + "/v2/health/ready", timeout=TIMEOUT).status_code
+                except requests.ConnectionError:
+                    assert proc.proc.poll() is None, proc.log()
+                    time.sleep(0.005)
+                    continue
+                if status == 200:
+                    model_ready()
+                    ready_seen = True
+                else:
+                    not_ready_seen += 1
+                try:
+                    if grpc.is_server_ready():
+                        model_ready()
+                except InferenceServerException:  # its port is not open yet
+                    pass
+        assert ready_seen, f"never ready:\n{proc.log()}"
+        assert not_ready_seen > 0, "the server was ready at once: no loading window was tested"
+    finally:
+        proc.stop()
+
+
 # --- a model folder without config.yaml -----------------------------------------------------
 
 
