@@ -19,6 +19,9 @@ One exception: a one-row request that is the only request the server holds (`ser
 finds the batcher idle (nothing queued or running, no queue delay) runs at once on the loop when
 the model's one-row runs have been measured faster than `inline_max_us`. For a tiny model the
 two thread hand-offs cost more than the run itself, and there is nothing to batch it with.
+With `inline_batches` (CPU only) the same holds under load: requests queued while no batch runs
+on an instance thread are taken by a loop callback, one batch per loop pass, so what the loop
+read in one pass runs as one batch without waking a thread.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import numpy as np
 from server.config import DEFAULT_MAX_QUEUE_SIZE, ModelConfig
 from server.errors import ErrorKind, VolleyError, internal, new_request_id, raise_if_set
 from server.held import HELD
-from server.runtime import OnnxInstance
+from server.runtime import DEVICE_PROVIDERS, OnnxInstance
 from server.stats import ModelStats
 from server.tracing import Trace
 
@@ -113,6 +116,9 @@ class Batcher:
         self._instances = [i for i in instances if not i.solo]
         self._solo = next((i for i in instances if i.solo), None)
         self._inline_ns = config.inline_max_us * 1000 if self._delay_ns == 0 else 0
+        on_cpu = all(i.provider not in DEVICE_PROVIDERS for i in self._instances)
+        self._inline_batches = config.inline_batches and on_cpu and self._inline_ns > 0
+        self._loop_pass_due = False  # a `_run_on_loop` callback is scheduled
         self._one_row_ns = 0.0  # moving average of one-row batches' compute time
         self._one_row_runs = 0
         stats.count_queue(self)
@@ -180,7 +186,11 @@ class Batcher:
                 pending.started = True
                 self._running += 1
             else:
-                if self._wakes_a_thread(pending):
+                if self._batches_on_loop(pending):
+                    if not self._loop_pass_due:
+                        self._loop_pass_due = True
+                        self._loop.call_soon(self._run_on_loop)
+                elif self._wakes_a_thread(pending):
                     self._cond.notify()
                 self._queue.append(pending)
                 self._queued_rows += rows
@@ -235,6 +245,38 @@ class Batcher:
             and self._running == 0
             and self._hold_until == 0
         )
+
+    def _batches_on_loop(self, pending: Pending) -> bool:
+        """Whether a request that cannot run inline is left to a loop callback rather than an
+        instance thread (with the lock held): `inline_batches`, one-row runs measured fast, no
+        batch running on a thread (it takes the queue when it is done) and no queue timeout or
+        test hook (those keep the threads' rule)."""
+        return (
+            self._inline_batches
+            and self._running == 0
+            and self._one_row_runs >= INLINE_MIN_RUNS
+            and self._one_row_ns < self._inline_ns
+            and pending.deadline_ns is None
+            and self._hold_until == 0
+        )
+
+    def _run_on_loop(self) -> None:
+        """One batch from the queue, run here on the loop (see `inline_batches`); another pass is
+        scheduled while requests remain. Nothing is taken while a thread runs a batch."""
+        with self._lock:
+            self._loop_pass_due = False
+            if self._running or not self._queue or self._stopped:
+                return
+            picked, rows = self._pick()
+            self._take(picked, rows)
+            self._running += 1
+            if self._queue:
+                self._loop_pass_due = True
+                self._loop.call_soon(self._run_on_loop)
+        callback, args = self._execute(
+            self._instances[0], Batch(picked, rows, "inline", time.perf_counter_ns())
+        )
+        callback(*args)
 
     def _wakes_a_thread(self, pending: Pending) -> bool:
         """Whether a new request can change what a waiting instance thread does (with the lock
@@ -372,16 +414,20 @@ class Batcher:
                         self._cond.wait(max(wake_at - now, 0) / 1e9)
                         continue
                     reason = "delay"
-                for pending in picked:
-                    pending.started = True
-                taken = set(map(id, picked))
-                self._queue = deque(p for p in self._queue if id(p) not in taken)
-                self._queued_rows -= rows
+                self._take(picked, rows)
                 if self._queue:  # left behind (other shapes, no room): another thread may start
                     self._cond.notify()
                 self._running += 1
                 solo = self._solo is not None and self._running == 1
                 return Batch(picked, rows, reason, now, solo)
+
+    def _take(self, picked: list[Pending], rows: int) -> None:
+        """Mark `_pick`'s requests started and remove them from the queue (lock held)."""
+        for pending in picked:
+            pending.started = True
+        taken = set(map(id, picked))
+        self._queue = deque(p for p in self._queue if id(p) not in taken)
+        self._queued_rows -= rows
 
     def _pick(self) -> tuple[list[Pending], int]:
         """The oldest request plus later ones of the same shapes, while the rows fit."""

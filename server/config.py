@@ -144,6 +144,12 @@ class ModelConfig(_Strict):
         description="a lone one-row request to an idle model whose one-row runs take less than "
         "this (measured) runs on the event loop, skipping two thread hand-offs; 0 = never",
     )
+    inline_batches: bool = Field(
+        False,
+        description="with inline runs on (CPU only): requests that arrive while others are held "
+        "also run on the event loop, as one batch per loop pass, instead of waking an instance "
+        "thread; for tiny models on few cores, where the hand-offs cost more than the runs",
+    )
     pad_device_batches: bool = Field(
         True,
         description="on a GPU, run every batch at max_batch_size rows (the rows past the batch "

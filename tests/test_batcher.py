@@ -24,6 +24,7 @@ from server.batcher import INLINE_MIN_RUNS, Batcher
 from server.config import ConfigError, build_config
 from server.cpus import usable_cpus
 from server.errors import ErrorKind, VolleyError
+from server.held import HELD
 from server.runtime import OnnxInstance, load_instances
 from server.stats import ModelStats
 
@@ -40,9 +41,12 @@ class Gate:
         self.solo: list[bool] = []  # whether each run took the solo session
         self._open = not closed
         self._cond = threading.Condition()
+        self._loop_thread = threading.get_ident()  # made by a test, on the event loop's thread
 
     def enter(self, rows: int, solo: bool = False) -> None:
         with self._cond:
+            if not self._open and threading.get_ident() == self._loop_thread:
+                raise AssertionError("a run on the event loop came to a closed gate (deadlock)")
             self.rows.append(rows)
             self.threads.append(threading.get_ident())
             self.solo.append(solo)
@@ -353,6 +357,72 @@ async def test_a_request_beside_a_running_batch_is_queued_not_inlined(make: Make
         assert_close((await task)["score"], ort_outputs(model, {"input": x})["score"])
     assert threading.get_ident() not in gate.threads
     assert releases(batcher, "inline") == 0
+    await batcher.drain()
+
+
+async def concurrent_rows(batcher: Batcher, model: Path, count: int) -> None:
+    """`count` one-row requests made in one loop pass and held as a transport holds what it
+    read (`HELD`), each answer checked."""
+    xs = [rows(200 + i, 1) for i in range(count)]
+    tasks = [asyncio.ensure_future(batcher.infer({"input": x}, 1)) for x in xs]
+    for task in tasks:
+        HELD.hold(task)
+    for x, got in zip(xs, await asyncio.gather(*tasks), strict=True):
+        assert_close(got["score"], ort_outputs(model, {"input": x})["score"])
+
+
+INLINE_BATCHES = {"max_batch_size": 8, "dynamic_batching": {}, "inline_batches": True}
+
+
+async def test_inline_batches_run_what_one_loop_pass_read_as_batches_on_the_loop(
+    make: Make,
+) -> None:
+    """With `inline_batches`, requests read together run on the loop's own thread as batches of
+    up to `max_batch_size` rows (one per loop pass), waking no instance thread."""
+    batcher, gate, model = make(onnx_models.mlp, INLINE_BATCHES)
+    await lone_requests(batcher, model, INLINE_MIN_RUNS)
+    await concurrent_rows(batcher, model, 11)
+    assert gate.rows[INLINE_MIN_RUNS:] == [8, 3]
+    assert gate.threads[INLINE_MIN_RUNS:] == [threading.get_ident()] * 2
+    assert releases(batcher, "inline") == 2
+    await batcher.drain()
+
+
+async def test_without_inline_batches_requests_read_together_batch_on_the_thread(
+    make: Make,
+) -> None:
+    batcher, gate, model = make(onnx_models.mlp, {"max_batch_size": 8, "dynamic_batching": {}})
+    await lone_requests(batcher, model, INLINE_MIN_RUNS)
+    await concurrent_rows(batcher, model, 11)
+    assert sum(gate.rows[INLINE_MIN_RUNS:]) == 11
+    assert threading.get_ident() not in gate.threads
+    assert releases(batcher, "inline") == 0
+    await batcher.drain()
+
+
+async def test_inline_batches_leave_the_queue_to_a_thread_running_a_batch(make: Make) -> None:
+    """While an instance thread runs a batch (one with a queue timeout keeps the threads' rule),
+    requests queue for that thread even with `inline_batches`: the loop never takes them, so
+    it never waits behind, or beside, a run it did not start."""
+    batcher, gate, model = make(onnx_models.mlp, INLINE_BATCHES)
+    await lone_requests(batcher, model, INLINE_MIN_RUNS)
+    gate.close()
+    timed = asyncio.ensure_future(batcher.infer({"input": rows(1, 2)}, 2, timeout_us=10**7))
+    await gate.started(INLINE_MIN_RUNS + 1)
+    xs = [rows(2 + i, 1) for i in range(3)]
+    tasks = [asyncio.ensure_future(batcher.infer({"input": x}, 1)) for x in xs]
+    for task in tasks:
+        HELD.hold(task)
+    await until_queued(batcher, 3)
+    for _ in range(10):  # loop passes: nothing may take the queue while the thread runs
+        await asyncio.sleep(0)
+    assert batcher.queued == 3
+    gate.open()
+    assert_close((await timed)["score"], ort_outputs(model, {"input": rows(1, 2)})["score"])
+    for x, task in zip(xs, tasks, strict=True):
+        assert_close((await task)["score"], ort_outputs(model, {"input": x})["score"])
+    assert threading.get_ident() not in gate.threads
+    assert gate.rows[INLINE_MIN_RUNS:] == [2, 3]
     await batcher.drain()
 
 

@@ -1,4 +1,5 @@
-"""A lone request to an idle fast model runs on the event loop; concurrent requests are batched.
+"""A lone request to an idle fast model runs on the event loop; concurrent requests are batched
+(on the instance thread, or with `inline_batches` on the loop).
 
 `docs/batching.md`, rule 6: a one-row request that is the only request the server holds, to a
 model whose one-row runs are measured fast, runs at once on the loop instead of going through
@@ -44,6 +45,20 @@ def fast(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[VolleyProce
         yield proc, model
 
 
+@pytest.fixture(scope="module")
+def fast_batches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[VolleyProcess, Path]]:
+    """`fast`, with `inline_batches`: requests read together run as batches on the loop."""
+    root = tmp_path_factory.mktemp("inline-batches") / "models"
+    model = onnx_models.mlp(root / "mlp" / "1" / "model.onnx")
+    onnx_models.write_config(
+        root / "mlp",
+        {"max_batch_size": 64, "dynamic_batching": {"max_queue_delay_us": 0},
+         "inline_max_us": 20000, "inline_batches": True},
+    )  # fmt: skip
+    with serving(root) as proc:
+        yield proc, model
+
+
 def releases(proc: VolleyProcess) -> dict[str, float]:
     samples = scrape(f"{proc.url}/metrics")
     return {
@@ -67,6 +82,24 @@ def lone_requests(proc: VolleyProcess, model: Path, count: int) -> None:
             assert_close(client.infer("mlp", [tensor]).as_numpy("score"), expected)
 
 
+async def burst(proc: VolleyProcess, model: Path, count: int) -> None:
+    """`count` one-row gRPC requests at once, each with its own row, each answer checked."""
+    client = grpcaio.InferenceServerClient(proc.grpc)
+    xs = np.random.default_rng(count).standard_normal((count, 1, 32)).astype(np.float32)
+
+    async def one(x: np.ndarray) -> np.ndarray:
+        tensor = grpcaio.InferInput("input", [1, 32], "FP32")
+        tensor.set_data_from_numpy(x)
+        return (await client.infer("mlp", [tensor])).as_numpy("score")
+
+    try:
+        answers = await asyncio.gather(*(one(x) for x in xs))
+    finally:
+        await client.close()
+    for x, got in zip(xs, answers, strict=True):
+        assert_close(got, ort_outputs(model, {"input": x})["score"])
+
+
 def test_lone_requests_run_inline_and_concurrent_ones_are_batched(fast) -> None:
     proc, model = fast
     lone_requests(proc, model, WARM + 4)  # the first 16 are measured on the thread
@@ -76,27 +109,26 @@ def test_lone_requests_run_inline_and_concurrent_ones_are_batched(fast) -> None:
     assert after["inline"] - before["inline"] == 20, (before, after)
     assert after["immediate"] == before["immediate"]
 
-    async def burst() -> None:
-        client = grpcaio.InferenceServerClient(proc.grpc)
-        x = np.ones((1, 32), np.float32)
-
-        async def one() -> None:
-            tensor = grpcaio.InferInput("input", [1, 32], "FP32")
-            tensor.set_data_from_numpy(x)
-            await client.infer("mlp", [tensor])
-
-        try:
-            await asyncio.gather(*(one() for _ in range(200)))
-        finally:
-            await client.close()
-
     before = releases(proc)
-    asyncio.run(burst())
+    asyncio.run(burst(proc, model, 200))
     after = releases(proc)
     batches = sum(after.values()) - sum(before.values())
     inline = after["inline"] - before["inline"]
     assert batches <= 100, f"{batches} batches for 200 concurrent requests"  # they were batched
     assert inline <= 20, (before, after)  # only a request that found itself alone ran inline
+
+
+def test_with_inline_batches_concurrent_requests_batch_on_the_loop(fast_batches) -> None:
+    """`inline_batches`: a burst of concurrent requests is still batched, and every batch is
+    released `inline` (run on the loop), none `immediate` (run on the instance thread)."""
+    proc, model = fast_batches
+    lone_requests(proc, model, WARM + 4)
+    before = releases(proc)
+    asyncio.run(burst(proc, model, 200))
+    after = releases(proc)
+    batches = sum(after.values()) - sum(before.values())
+    assert batches <= 100, f"{batches} batches for 200 concurrent requests"
+    assert after["immediate"] == before["immediate"], (before, after)
 
 
 def test_requests_that_end_badly_leave_the_server_idle(fast) -> None:
