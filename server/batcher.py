@@ -117,7 +117,7 @@ class Batcher:
         self._solo = next((i for i in instances if i.solo), None)
         self._inline_ns = config.inline_max_us * 1000 if self._delay_ns == 0 else 0
         on_cpu = all(i.provider not in DEVICE_PROVIDERS for i in self._instances)
-        self._inline_batches = config.inline_batches and on_cpu and self._inline_ns > 0
+        self._inline_batches = config.inline_batches and on_cpu
         self._loop_pass_due = False  # a `_run_on_loop` callback is scheduled
         self._one_row_ns = 0.0  # moving average of one-row batches' compute time
         self._one_row_runs = 0
@@ -196,9 +196,7 @@ class Batcher:
                 self._queued_rows += rows
         self._idle.clear()
         if inline:  # answered before the await below (which then does not suspend)
-            batch = Batch([pending], rows, "inline", now)
-            callback, args = self._execute(self._instances[0], batch)
-            callback(*args)
+            self._run_here(Batch([pending], rows, "inline", now))
         try:
             if pending.deadline_ns is None:
                 outputs = await pending.future
@@ -239,8 +237,7 @@ class Batcher:
         return (
             rows == 1
             and HELD.count <= 1
-            and self._one_row_runs >= INLINE_MIN_RUNS
-            and self._one_row_ns < self._inline_ns
+            and self._measured_fast()
             and not self._queue
             and self._running == 0
             and self._hold_until == 0
@@ -254,8 +251,7 @@ class Batcher:
         return (
             self._inline_batches
             and self._running == 0
-            and self._one_row_runs >= INLINE_MIN_RUNS
-            and self._one_row_ns < self._inline_ns
+            and self._measured_fast()
             and pending.deadline_ns is None
             and self._hold_until == 0
         )
@@ -273,9 +269,16 @@ class Batcher:
             if self._queue:
                 self._loop_pass_due = True
                 self._loop.call_soon(self._run_on_loop)
-        callback, args = self._execute(
-            self._instances[0], Batch(picked, rows, "inline", time.perf_counter_ns())
-        )
+        self._run_here(Batch(picked, rows, "inline", time.perf_counter_ns()))
+
+    def _measured_fast(self) -> bool:
+        """Whether enough one-row runs were measured and they average under `inline_max_us`
+        (never with a queue delay: `_inline_ns` is 0 then)."""
+        return self._one_row_runs >= INLINE_MIN_RUNS and self._one_row_ns < self._inline_ns
+
+    def _run_here(self, batch: Batch) -> None:
+        """Run `batch` on the event loop's own thread and answer its requests at once."""
+        callback, args = self._execute(self._instances[0], batch)
         callback(*args)
 
     def _wakes_a_thread(self, pending: Pending) -> bool:
