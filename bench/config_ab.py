@@ -13,15 +13,14 @@ Runtime ceiling (one row at a time) is measured in the same run, at the start.
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 import yaml
-from peers import JSON_BODY, Row, measure, wrk
-from serving import BUSY_POLL_FLAGS, ceiling, machine, perf_analyzer, start_volley, stop
+from peers import JSON_BODY, Row, changed_repository, measure, perf_analyzer_loads, wrk
+from serving import BUSY_POLL_FLAGS, ceiling, machine, start_volley, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,30 +33,12 @@ def override(text: str) -> tuple[str, object]:
     return key, yaml.safe_load(value)
 
 
-def repository(model_dir: Path, root: Path, changes: dict[str, object]) -> Path:
-    """A repository at `root` serving `model_dir` under its own name, config changed as told."""
-    folder = root / model_dir.name
-    shutil.copytree(model_dir, folder)
-    config_file = folder / "config.yaml"
-    config = yaml.safe_load(config_file.read_text())
-    config.update(changes)
-    config_file.write_text(yaml.safe_dump(config))
-    return root
-
-
 def loads(http: str, grpc: str, model: str, seconds: float, concurrency: list[int]) -> dict:
     """The loads by name: wrk's HTTP JSON, then perf_analyzer's HTTP binary and gRPC at each
     concurrency (a JSON body for wrk only fits the fraud model's input)."""
     url = f"http://{http}/v2/models/{model}/infer"
     runs = {"HTTP JSON, wrk c=64": lambda: wrk(url, JSON_BODY, seconds)} if model == "fraud" else {}
-    for c in concurrency:
-        runs[f"HTTP binary, perf_analyzer c={c}"] = lambda c=c: perf_analyzer(
-            model, http, "http", c, [], seconds / 3
-        )
-        runs[f"gRPC, perf_analyzer c={c}"] = lambda c=c: perf_analyzer(
-            model, grpc, "grpc", c, [], seconds / 3
-        )
-    return runs
+    return runs | perf_analyzer_loads(http, grpc, seconds, model, tuple(concurrency))
 
 
 def measure_once(repo: Path, name: str, model: str, args: argparse.Namespace) -> list[Row]:
@@ -114,8 +95,8 @@ def main() -> int:
     (ceiling_row,) = ceiling(model_file, 3.0)
     with tempfile.TemporaryDirectory() as tmp:
         repos = {
-            "shipped": repository(args.model_dir, Path(tmp) / "shipped", {}),
-            "variant": repository(args.model_dir, Path(tmp) / "variant", changes),
+            "shipped": changed_repository(args.model_dir, Path(tmp) / "shipped", {}),
+            "variant": changed_repository(args.model_dir, Path(tmp) / "variant", changes),
         }
         rounds = []
         for number in range(args.rounds):

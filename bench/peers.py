@@ -155,18 +155,26 @@ def measure(server: str, pid: int, loads: dict, seconds: float) -> list[Row]:
 
 
 def standard_loads(http: str, grpc: str, body: bytes, seconds: float, model: str) -> dict:
-    binary: list[str] = []
-    return {
-        "HTTP JSON, wrk c=64": lambda: wrk(f"http://{http}/v2/models/{model}/infer", body, seconds),
-        "HTTP binary, perf_analyzer c=64": lambda: perf_analyzer(
-            model, http, "http", 64, binary, seconds / 3
-        ),
-        "gRPC, perf_analyzer c=64": lambda: perf_analyzer(model, grpc, "grpc", 64, [], seconds / 3),
-        "HTTP binary, perf_analyzer c=1": lambda: perf_analyzer(
-            model, http, "http", 1, binary, seconds / 3
-        ),
-        "gRPC, perf_analyzer c=1": lambda: perf_analyzer(model, grpc, "grpc", 1, [], seconds / 3),
+    """wrk's HTTP JSON at c=64, then perf_analyzer's HTTP binary and gRPC at c=64 and c=1."""
+    wrk_json = {
+        "HTTP JSON, wrk c=64": lambda: wrk(f"http://{http}/v2/models/{model}/infer", body, seconds)
     }
+    return wrk_json | perf_analyzer_loads(http, grpc, seconds, model, (64, 1))
+
+
+def perf_analyzer_loads(
+    http: str, grpc: str, seconds: float, model: str, concurrency: tuple[int, ...]
+) -> dict:
+    """perf_analyzer's HTTP binary and gRPC loads at each concurrency, by name."""
+    loads = {}
+    for c in concurrency:
+        loads[f"HTTP binary, perf_analyzer c={c}"] = lambda c=c: perf_analyzer(
+            model, http, "http", c, [], seconds / 3
+        )
+        loads[f"gRPC, perf_analyzer c={c}"] = lambda c=c: perf_analyzer(
+            model, grpc, "grpc", c, [], seconds / 3
+        )
+    return loads
 
 
 def measure_v2_server(
@@ -182,10 +190,17 @@ def measure_v2_server(
 
 def volley_repository(model_dir: Path, repo: Path) -> Path:
     """A repository at `repo` serving the fraud model with the peers' batching settings."""
-    shutil.copytree(model_dir, repo / "fraud")
-    config_file = repo / "fraud" / "config.yaml"
+    peers = {"dynamic_batching": BATCHING, "instance_count": INSTANCES, "intra_op_threads": 1}
+    return changed_repository(model_dir, repo, peers)
+
+
+def changed_repository(model_dir: Path, repo: Path, changes: dict[str, object]) -> Path:
+    """A repository at `repo` serving `model_dir` under its folder's name, with these config
+    keys set."""
+    shutil.copytree(model_dir, repo / model_dir.name)
+    config_file = repo / model_dir.name / "config.yaml"
     config = yaml.safe_load(config_file.read_text())
-    config.update(dynamic_batching=BATCHING, instance_count=INSTANCES, intra_op_threads=1)
+    config.update(changes)
     config_file.write_text(yaml.safe_dump(config))
     return repo
 
