@@ -1,18 +1,22 @@
-"""A/B of one model config change: the shipped config against the same with `--set` overrides.
+"""A/B of one change: the shipped config against the same with `--set` overrides and/or extra
+server flags (`--flags`).
 
 Both servers serve the same model folder (default: the shipped `fraud`), differing only in the
-overridden config keys; they are started in turn, `--rounds` times, each measured under wrk
-(HTTP JSON, 64 connections, as in `bench/peers.py`) and perf_analyzer (HTTP binary and gRPC at
-each `--concurrency`). On a VM whose speed drifts, only alternated rounds compare; the table
-gives every round, the medians, and how many rounds the variant won. The in-process ONNX
-Runtime ceiling (one row at a time) is measured in the same run, at the start.
+overridden config keys and the variant's extra `volley serve` flags; they are started in turn,
+`--rounds` times, each measured under wrk (HTTP JSON, 64 connections, as in `bench/peers.py`)
+and perf_analyzer (HTTP binary and gRPC at each `--concurrency`). On a VM whose speed drifts,
+only alternated rounds compare; the table gives every round, the medians, and how many rounds
+the variant won. The in-process ONNX Runtime ceiling (one row at a time) is measured in the same
+run, at the start.
 
     python bench/config_ab.py --set inline_batches=true --rounds 5 --seconds 6 --concurrency 8 64
+    python bench/config_ab.py --flags="--workers 2" --rounds 5 --seconds 6
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 import tempfile
@@ -41,9 +45,11 @@ def loads(http: str, grpc: str, model: str, seconds: float, concurrency: list[in
     return runs | perf_analyzer_loads(http, grpc, seconds, model, tuple(concurrency))
 
 
-def measure_once(repo: Path, name: str, model: str, args: argparse.Namespace) -> list[Row]:
-    """One server over `repo` under every load, then stopped."""
-    volley = start_volley(repo, *BUSY_POLL_FLAGS[args.busy_poll])
+def measure_once(
+    repo: Path, flags: list[str], name: str, model: str, args: argparse.Namespace
+) -> list[Row]:
+    """One server over `repo`, started with `flags`, under every load, then stopped."""
+    volley = start_volley(repo, *BUSY_POLL_FLAGS[args.busy_poll], *flags)
     try:
         runs = loads(volley.http, volley.grpc, model, args.seconds, args.concurrency)
         return measure(name, volley.proc.pid, runs, args.seconds)
@@ -78,9 +84,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, default=ROOT / "models" / "fraud")
     parser.add_argument(
-        "--set", type=override, action="append", required=True, dest="changes",
+        "--set", type=override, action="append", default=[], dest="changes",
         metavar="KEY=VALUE", help="a config key of the variant (repeatable)",
     )  # fmt: skip
+    parser.add_argument(
+        "--flags", type=shlex.split, default=[], help="extra `volley serve` flags of the variant"
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=6.0, help="per load and server")
     parser.add_argument(
@@ -89,22 +98,31 @@ def main() -> int:
     parser.add_argument("--busy-poll", choices=sorted(BUSY_POLL_FLAGS), default="default")
     args = parser.parse_args()
     changes = dict(args.changes)
-    label = ", ".join(f"{k}: {v}" for k, v in changes.items())
+    if not changes and not args.flags:
+        parser.error("give the variant at least one --set or --flags")
+    label = ", ".join(
+        [f"{k}: {v}" for k, v in changes.items()] + [shlex.join(args.flags)] * bool(args.flags)
+    )
     model = args.model_dir.name
     model_file = args.model_dir / "1" / "model.onnx"
     (ceiling_row,) = ceiling(model_file, 3.0)
     with tempfile.TemporaryDirectory() as tmp:
-        repos = {
-            "shipped": changed_repository(args.model_dir, Path(tmp) / "shipped", {}),
-            "variant": changed_repository(args.model_dir, Path(tmp) / "variant", changes),
+        sides = {
+            "shipped": (changed_repository(args.model_dir, Path(tmp) / "shipped", {}), []),
+            "variant": (
+                changed_repository(args.model_dir, Path(tmp) / "variant", changes),
+                args.flags,
+            ),
         }
         rounds = []
         for number in range(args.rounds):
             print(f"round {number + 1} of {args.rounds}", file=sys.stderr, flush=True)
             rounds.append(
                 {
-                    side: {r.load: r for r in measure_once(repo, f"Volley, {side}", model, args)}
-                    for side, repo in repos.items()
+                    side: {
+                        r.load: r for r in measure_once(repo, flags, f"Volley, {side}", model, args)
+                    }
+                    for side, (repo, flags) in sides.items()
                 }
             )
     print(f"Machine: {machine()}")

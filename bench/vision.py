@@ -307,6 +307,9 @@ def main() -> int:
         default="default",
         help="the server's busy polling (default: adaptive; off: --busy-poll-us 0)",
     )
+    parser.add_argument(
+        "--workers", default="1", help="the server's --workers (a count or 'auto'; default: 1)"
+    )
     args = parser.parse_args()
 
     frames = camera_frames()
@@ -326,7 +329,7 @@ def measure(
 ) -> int:
     """Serve `models` and measure single images, then cameras until they are not sustained."""
     flags = (*switch_flags(args.switch_interval_ms), *BUSY_POLL_FLAGS[args.busy_poll])
-    volley = start_volley(models, *flags)
+    volley = start_volley(models, *flags, "--workers", args.workers)
     try:
         grpc_address = volley.grpc
         single = single_image(volley.http, grpc_address, frames[0], args.requests)
@@ -357,7 +360,7 @@ def report(
         f"Machine: {machine()}",
         f"`detect` decodes on: {decoding}; the server's GIL switch interval: "
         f"{'5 ms (Python default)' if switch is None else f'{switch:g} ms'}; busy polling: "
-        f"{args.busy_poll}",
+        f"{args.busy_poll}; --workers {args.workers}",
         "",
         f"In-process ceiling (decode + letterbox + infer + NMS, one loop): {ceiling_fps:.1f} "
         f"frames/s, p50 {np.percentile(ceiling_ms, 50):.2f} ms, "

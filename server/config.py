@@ -135,8 +135,8 @@ class ModelConfig(_Strict):
     solo_session: bool = Field(
         False,
         description="a batch that starts while no other batch of the version runs takes a "
-        "spare session with all the usable CPUs' threads instead of its instance's share "
-        "(CPU only; needs instance_count >= 2)",
+        "spare session with all the usable CPUs' threads (also the other workers' under "
+        "--workers N) instead of its instance's share (CPU only; needs instance_count >= 2)",
     )
     inline_max_us: int = Field(
         200,

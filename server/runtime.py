@@ -16,7 +16,7 @@ import onnxruntime as ort
 
 from server.config import ModelConfig, WarmupConfig, cpu_threads
 from server.copies import join_rows
-from server.cpus import usable_cpus
+from server.cpus import machine_cpus
 from server.datatypes import numpy_dtype
 from server.pinned import pinned_empty
 
@@ -84,8 +84,10 @@ class OnnxInstance:
     `staged`: gather batches in page-locked buffers and run with IO binding (default: when the
     session runs on a GPU). `padded`: a staged batch runs at the buffers' full `max_batch_size`
     rows, so the graph always sees one shape (default: on a GPU, as `pad_device_batches` says).
-    `solo`: the version's spare session for batches that run alone (`solo_session`), with all
-    the usable CPUs' threads. Outputs are always fresh arrays the caller may keep.
+    `solo`: the version's spare session for batches that run alone (`solo_session`), with a
+    thread for each CPU the process may use, not only its worker's share under `--workers N`
+    (a lone batch may take the cores the other workers leave idle). Outputs are always fresh
+    arrays the caller may keep.
     """
 
     def __init__(
@@ -98,7 +100,7 @@ class OnnxInstance:
         padded: bool | None = None,
     ) -> None:
         options = ort.SessionOptions()
-        self.threads = usable_cpus() if solo else cpu_threads(config)
+        self.threads = machine_cpus() if solo else cpu_threads(config)
         self.solo = solo
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1

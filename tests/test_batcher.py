@@ -22,7 +22,7 @@ from reference import assert_close, ort_outputs
 from server import metrics
 from server.batcher import INLINE_MIN_RUNS, Batcher
 from server.config import ConfigError, build_config
-from server.cpus import usable_cpus
+from server.cpus import WORKERS_ENV, machine_cpus
 from server.errors import ErrorKind, VolleyError
 from server.held import HELD
 from server.runtime import OnnxInstance, load_instances
@@ -191,14 +191,20 @@ async def test_a_batch_alone_takes_the_solo_session_and_batches_together_do_not(
     await batcher.drain()
 
 
-def test_solo_session_is_a_spare_session_on_every_usable_cpu(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_solo_session_is_a_spare_session_on_every_usable_cpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    """The solo session has a thread per CPU the process may use, also in one of `--workers N`
+    (whose instances get its share): a lone image is as fast as with one process."""
+    monkeypatch.setenv(WORKERS_ENV, str(workers))
     model_dir = tmp_path / "m"
     model_file = onnx_models.mlp(model_dir / "1" / "model.onnx")
     onnx_models.write_config(model_dir, {"instance_count": 2, "intra_op_threads": 1,
                                          "solo_session": True})  # fmt: skip
     instances = load_instances(model_file, build_config(model_dir, model_file))
     assert [(i.solo, i.threads) for i in instances] == [(False, 1), (False, 1),
-                                                         (True, usable_cpus())]  # fmt: skip
+                                                         (True, machine_cpus())]  # fmt: skip
     onnx_models.write_config(model_dir, {"solo_session": True})
     with pytest.raises(ConfigError, match="solo_session.*instance_count >= 2"):
         build_config(model_dir, model_file)
