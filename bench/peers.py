@@ -9,11 +9,14 @@ average and the server's CPU time per request (all of its processes), so a figur
 against what the machine was doing. Then Volley, the floor and Triton take turns under wrk
 (`--floor-rounds`): this VM's speed drifts by a quarter within minutes, so the HTTP JSON
 targets are judged on Volley's ratio to each peer within a round, not on rows minutes apart.
+Two Volleys take part in those rounds: one process with the peers' settings, and Volley as
+shipped with `--workers auto` (`--pairs-workers`), which, like Triton, uses every core.
 
     python bench/peers.py                    # 10 s per measurement
     python bench/peers.py --seconds 5 --skip-triton
     python bench/peers.py --seconds 5 --skip-triton --skip-naive --volley-workers 1,2
     python bench/peers.py --seconds 5 --skip-triton --skip-naive --floor-rounds 9
+    python bench/peers.py --seconds 5 --skip-naive --floor-rounds 9 --pairs-workers 2
     python bench/peers.py --seconds 5 --skip-triton --skip-naive --floor-rounds 0 \
         --busy-poll off,default,always
 
@@ -276,16 +279,33 @@ def run_naive(model_dir: Path, body: bytes, seconds: float) -> list[Row]:
 
 
 def run_alternating(
-    model_dir: Path, tmp: Path, body: bytes, seconds: float, rounds: int, with_triton: bool
-) -> tuple[list[Row], dict[str, list[float]]]:
+    model_dir: Path,
+    tmp: Path,
+    body: bytes,
+    seconds: float,
+    rounds: int,
+    with_triton: bool,
+    shipped_workers: str | None,
+) -> tuple[list[Row], dict[tuple[str, str], list[float]]]:
     """Volley, the batched raw-ASGI floor and (`with_triton`) Triton under wrk in turn, `rounds`
     times each (all started once): this VM's speed drifts by a quarter within minutes, so
-    Volley is compared with each peer per round. Returns each server's median row and, per
-    peer, Volley's req/s over the peer's in each round."""
+    Volley is compared with each peer per round. Volley runs with the peers' settings in one
+    process, and (`shipped_workers`) also as shipped with `--workers shipped_workers`. Returns
+    each server's median row and, per (Volley variant, peer), Volley's req/s over the peer's in
+    each round."""
     started: list[subprocess.Popen] = []
     try:
         volley = start_volley(volley_repository(model_dir, tmp / "volley-pairs"))
         started.append(volley.proc)
+        volleys = {"Volley": (volley.proc.pid, f"http://{volley.http}/v2/models/fraud/infer")}
+        if shipped_workers:
+            repo = changed_repository(model_dir, tmp / "shipped-pairs", {})
+            shipped = start_volley(repo, "--workers", shipped_workers)
+            started.append(shipped.proc)
+            volleys[f"{SHIPPED}, --workers {shipped_workers}"] = (
+                shipped.proc.pid,
+                f"http://{shipped.http}/v2/models/fraud/infer",
+            )
         port = free_port()
         model_file = model_dir / "1" / "model.onnx"
         floor = start(
@@ -293,14 +313,12 @@ def run_alternating(
             f"http://127.0.0.1:{port}/v2/health/ready",
         )
         started.append(floor)
-        servers = {
-            "Volley": (volley.proc.pid, f"http://{volley.http}/v2/models/fraud/infer"),
-            FLOOR: (floor.pid, f"http://127.0.0.1:{port}/v2/models/fraud/infer"),
-        }
+        peers = {FLOOR: (floor.pid, f"http://127.0.0.1:{port}/v2/models/fraud/infer")}
         if with_triton:
             triton, http, _ = start_triton(model_file, tmp)
             started.append(triton)
-            servers[TRITON_NAME] = (triton.pid, f"http://{http}/v2/models/fraud/infer")
+            peers[TRITON_NAME] = (triton.pid, f"http://{http}/v2/models/fraud/infer")
+        servers = volleys | peers
         load = f"HTTP JSON, wrk c=64, alternating (median of {rounds})"
         runs: dict[str, list[Row]] = {name: [] for name in servers}
         for _ in range(rounds):
@@ -311,9 +329,9 @@ def run_alternating(
         for proc in started:
             stop(proc)
     ratios = {
-        peer: [v.rps / p.rps for v, p in zip(runs["Volley"], runs[peer], strict=True)]
-        for peer in servers
-        if peer != "Volley"
+        (mine, peer): [v.rps / p.rps for v, p in zip(runs[mine], runs[peer], strict=True)]
+        for mine in volleys
+        for peer in peers
     }
     medians = [sorted(rows, key=lambda r: r.rps)[len(rows) // 2] for rows in runs.values()]
     return medians, ratios
@@ -324,7 +342,7 @@ def report(
     ceiling_p50: float,
     rows: list[Row],
     seconds: float,
-    ratios: dict[str, list[float]] | None = None,
+    ratios: dict[tuple[str, str], list[float]] | None = None,
 ) -> str:
     def find(server: str, load: str) -> Row | None:
         return next((r for r in rows if r.server == server and r.load == load), None)
@@ -342,21 +360,19 @@ def report(
     triton_json = find(TRITON_NAME, "HTTP JSON, wrk c=64")
     ratios = ratios or {}
     checks = []
-    if TRITON_NAME in ratios:
-        each = ratios[TRITON_NAME]
+    for (mine, peer), each in ratios.items():
         ratio = sorted(each)[len(each) // 2]
-        checks.append(("HTTP JSON (wrk) >= 1.2x Triton (median of the alternating rounds)",
-                       f"{ratio:.2f}x (rounds: {', '.join(f'{r:.2f}x' for r in each)})",
-                       ratio >= 1.2))  # fmt: skip
-    elif volley_json and triton_json:
+        if peer == TRITON_NAME:
+            target, value, met = "1.2x Triton", f"{ratio:.2f}x", ratio >= 1.2
+            rounds = ", ".join(f"{r:.2f}x" for r in each)
+        else:
+            target, value, met = f"90 % of the {FLOOR}", f"{ratio:.0%}", ratio >= 0.9
+            rounds = ", ".join(f"{r:.0%}" for r in each)
+        checks.append((f"HTTP JSON (wrk), {mine}, >= {target} (median of the alternating rounds)",
+                       f"{value} (rounds: {rounds})", met))  # fmt: skip
+    if not any(peer == TRITON_NAME for _, peer in ratios) and volley_json and triton_json:
         ratio = volley_json.rps / triton_json.rps
         checks.append(("HTTP JSON (wrk) >= 1.2x Triton", f"{ratio:.2f}x", ratio >= 1.2))
-    if FLOOR in ratios:
-        each = ratios[FLOOR]
-        ratio = sorted(each)[len(each) // 2]
-        checks.append((f"HTTP JSON (wrk) >= 90 % of the {FLOOR} (median of the rounds)",
-                       f"{ratio:.0%} (rounds: {', '.join(f'{r:.0%}' for r in each)})",
-                       ratio >= 0.9))  # fmt: skip
     for load in ("HTTP binary, perf_analyzer c=64", "gRPC, perf_analyzer c=64"):
         mine, theirs = find("Volley", load), find(TRITON_NAME, load)
         if mine and theirs:
@@ -395,6 +411,13 @@ def main() -> int:
         help="wrk runs of Volley, the batched floor and Triton in turn, N each (0: none)",
     )  # fmt: skip
     parser.add_argument(
+        "--pairs-workers",
+        default="auto",
+        metavar="N",
+        help="in the alternating rounds, also Volley as shipped with --workers N "
+        "(a count or 'auto'; empty: not)",
+    )
+    parser.add_argument(
         "--volley-workers",
         default="1",
         metavar="N[,N...]",
@@ -432,8 +455,9 @@ def main() -> int:
         ratios = None
         if args.floor_rounds:
             medians, ratios = run_alternating(
-                model_dir, tmp, body, args.seconds, args.floor_rounds, not args.skip_triton
-            )
+                model_dir, tmp, body, args.seconds, args.floor_rounds, not args.skip_triton,
+                args.pairs_workers or None,
+            )  # fmt: skip
             rows += medians
     print(report(first.rps, first.p50_ms, rows, args.seconds, ratios))
     return 0

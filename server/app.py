@@ -31,7 +31,7 @@ from server.grpc_api import InferenceServicer, create_grpc_server
 from server.held import HELD
 from server.http_api import HttpFrontEnd, metrics_app
 from server.http_connection import protocol_for
-from server.ratelimit import RateLimiter
+from server.ratelimit import RateLimiter, SharedRateLimiter
 from server.repository import ModelRepository
 from server.settings import ServeSettings, StartupError
 from server.shm import SystemSharedMemory
@@ -116,7 +116,11 @@ async def serve(settings: ServeSettings, worker: Worker | None = None) -> int:
     repository = ModelRepository(settings.model_repository, settings.model_control)
     limiter = None
     if settings.rate_limit > 0:
-        limiter = RateLimiter(settings.rate_limit, settings.rate_burst or None)
+        rate, burst = settings.rate_limit, settings.rate_burst or None
+        if worker is None:
+            limiter = RateLimiter(rate, burst)
+        else:  # one client's connections reach several workers: one table of buckets for all
+            limiter = SharedRateLimiter(worker.rate_limits, rate, burst)
     if worker is None:
         dataplane = DataPlane(repository, settings.strict_readiness, limiter)
     else:

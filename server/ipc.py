@@ -18,6 +18,7 @@ import orjson
 from server.errors import ErrorKind, VolleyError
 
 CONTROL_SOCKET = "control.sock"  # the supervisor's, in its directory
+RATE_LIMITS = "rate-limits"  # the workers' shared table of rate limit buckets, beside it
 
 
 def worker_socket(directory: Path, index: int) -> Path:

@@ -22,7 +22,7 @@ from server import ipc
 from server.child_process import die_with_parent
 from server.dataplane import DataPlane
 from server.errors import VolleyError, unavailable
-from server.ipc import CONTROL_SOCKET, worker_socket
+from server.ipc import CONTROL_SOCKET, RATE_LIMITS, worker_socket
 from server.log_settings import process_settings
 from server.ratelimit import RateLimiter
 from server.repository import CONTROL_REFUSED, ModelRepository
@@ -39,6 +39,7 @@ class Worker:
     def __init__(self, index: int, directory: Path) -> None:
         self.index = index
         self.control = directory / CONTROL_SOCKET
+        self.rate_limits = directory / RATE_LIMITS  # the buckets of --rate-limit, shared
         self._path = worker_socket(directory, index)
         self._dataplane: WorkerDataPlane | None = None
         self._server: asyncio.Server | None = None

@@ -3,9 +3,11 @@ RESOURCE_EXHAUSTED with a message), never queued without limit."""
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,9 @@ from metrics_scrape import scrape, total
 from test_http_connection import Connection
 from test_http_errors import inflight
 from tritonclient.utils import InferenceServerException
+
+from server.errors import ErrorKind, VolleyError
+from server.ratelimit import MAX_CLIENTS, WAYS, SharedRateLimiter
 
 TIMEOUT = 60
 IMAGE = (ROOT / "docs" / "samples" / "street-1.jpg").read_bytes()
@@ -98,6 +103,36 @@ def test_a_client_over_its_rate_limit_gets_429(tmp_path: Path) -> None:
         samples = scrape(f"http://127.0.0.1:{proc.metrics_port}/metrics")
         refused = total(samples, "volley_requests_total", model="fraud", outcome="rate_limited")
         assert refused == codes.count(429) + 1
+
+
+def test_workers_share_one_table_of_buckets(tmp_path: Path) -> None:
+    """Two `SharedRateLimiter`s on one file, as two workers map it: a client's burst is spent
+    once across both, another client's bucket is its own, and a client whose set of slots is
+    full takes the least recently seen one (that client comes back with a full bucket)."""
+    table = tmp_path / "rate-limits"
+    first, second = SharedRateLimiter(table, 0.001, 3), SharedRateLimiter(table, 0.001, 3)
+    allowed = []
+    for limiter in (first, second, first, second):
+        try:
+            limiter.check("10.0.0.1")
+            allowed.append(True)
+        except VolleyError as exc:
+            assert exc.kind is ErrorKind.RATE_LIMITED
+            allowed.append(False)
+    assert allowed == [True, True, True, False]
+    second.check("10.0.0.2")  # a bucket of its own
+
+    # fill 10.0.0.1's set with other clients: it is the least recently seen, so it goes first
+    def table_set(client: str) -> int:
+        digest = hashlib.blake2b(client.encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") % (MAX_CLIENTS // WAYS)
+
+    others = (f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}" for i in range(1 << 16, 1 << 22))
+    same_set = list(islice((c for c in others if table_set(c) == table_set("10.0.0.1")), WAYS))
+    assert len(same_set) == WAYS
+    for client in same_set:
+        first.check(client)
+    second.check("10.0.0.1")  # forgotten: a full bucket again
 
 
 def test_a_full_model_refuses_from_the_headers(tmp_path: Path) -> None:

@@ -194,6 +194,20 @@ def test_poll_adds_and_removes_models(tmp_path: Path, serve) -> None:
     test_repository.test_poll_adds_and_removes_models(tmp_path, serve)
 
 
+def test_a_client_rate_limit_holds_across_the_workers(repository: Path) -> None:
+    """--rate-limit 2 --rate-burst 10 with two workers: 40 requests from one address, each on a
+    new connection (the kernel spreads them over both workers), get about one burst of
+    answers, not one per worker; the rest are refused with 429."""
+    with serving(repository, *WORKERS, "--rate-limit", "2", "--rate-burst", "10") as proc:
+        started = time.monotonic()
+        codes = [infer_http(proc).status_code for _ in range(40)]
+        elapsed = time.monotonic() - started
+        served = served_by_pid(proc, "mlp")
+    assert set(codes) == {200, 429}, codes
+    assert len([pid for pid, count in served.items() if count]) == 2, served  # both answered
+    assert 10 <= codes.count(200) <= 10 + 2 * elapsed + 1, (codes.count(200), elapsed)
+
+
 def test_a_killed_worker_is_replaced_and_catches_up(repository: Path) -> None:
     with serving(repository, *WORKERS) as proc:
         assert requests.post(f"{proc.url}/v2/repository/models/bare/unload").status_code == 200
