@@ -308,7 +308,7 @@ def main() -> int:
         help="the server's busy polling (default: adaptive; off: --busy-poll-us 0)",
     )
     parser.add_argument(
-        "--workers", default="1", help="the server's --workers (a count or 'auto'; default: 1)"
+        "--workers", default="auto", help="the server's --workers (a count or 'auto', its default)"
     )
     args = parser.parse_args()
 

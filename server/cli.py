@@ -138,12 +138,13 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--workers",
         type=_workers,
-        default=1,
+        default="auto",
         metavar="N",
         help="server processes sharing the ports, each with its own models and an N-th of the "
-        "CPUs' threads ('auto': one per usable CPU); past 1, a supervisor process runs them, "
-        "keeps their model control, statistics and metrics as one server's, and restarts one "
-        "that dies",
+        "CPUs' threads; past 1, a supervisor process runs them, keeps their model control, "
+        "statistics, metrics and rate limits as one server's, and restarts one that dies "
+        "(default 'auto': one per usable CPU, or 1 where ONNX Runtime's GPU build is installed, "
+        "so that one process batches for the GPU)",
     )
     p.add_argument(
         "--busy-poll-us",
@@ -404,11 +405,11 @@ def _keepalive_seconds(text: str) -> float:
 
 
 def _workers(text: str) -> int:
-    """`--workers`: a count of at least 1, or 'auto' (one per usable CPU)."""
+    """`--workers`: a count of at least 1, or 'auto' (`cpus.automatic_workers`)."""
     if text == "auto":
-        from server.cpus import usable_cpus
+        from server.cpus import automatic_workers
 
-        return usable_cpus()
+        return automatic_workers()
     try:
         count = int(text)
     except ValueError:

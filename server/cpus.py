@@ -9,6 +9,7 @@ servers sized for the whole machine would run N times the threads it has cores f
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import os
 from pathlib import Path
@@ -22,6 +23,26 @@ def usable_cpus(cgroup: Path = CGROUP) -> int:
     """This process's share of the CPUs: the least of the CPUs it may run on and its cgroup CPU
     quota (rounded up), divided between the worker processes (at least 1)."""
     return max(1, machine_cpus(cgroup) // worker_processes())
+
+
+def automatic_workers(cgroup: Path = CGROUP) -> int:
+    """`--workers auto`, the default: one server process per CPU this process may use, or one
+    where ONNX Runtime's GPU build is installed. Measured (bench/RESULTS.md): on the CPU a
+    second process on 2 cores serves 1.5x the HTTP JSON requests of one and the same over
+    binary HTTP and gRPC; on a GPU each process would open its own CUDA context and batch only
+    its own requests, so the detector's batches shrink (docs/architecture.md)."""
+    if gpu_build_installed():
+        return 1
+    return machine_cpus(cgroup)
+
+
+def gpu_build_installed() -> bool:
+    """Whether `onnxruntime-gpu` (the `volley[gpu]` extra) is installed, without importing it."""
+    try:
+        importlib.metadata.distribution("onnxruntime-gpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def machine_cpus(cgroup: Path = CGROUP) -> int:

@@ -95,6 +95,8 @@ class VolleyProcess:
                 str(self.grpc_port),
                 "--metrics-port",
                 str(self.metrics_port),
+                # one process unless a test asks for workers (the README's tests serve as shipped)
+                *(() if "--workers" in extra else ("--workers", "1")),
                 *extra,
             ],  # fmt: skip
             cwd=ROOT,

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from server.cpus import WORKERS_ENV, cgroup_quota, usable_cpus
+from server.cpus import (
+    WORKERS_ENV,
+    automatic_workers,
+    cgroup_quota,
+    gpu_build_installed,
+    usable_cpus,
+)
 
 AFFINITY = len(os.sched_getaffinity(0))
 
@@ -58,3 +64,25 @@ def test_worker_processes_share_the_cpus(tmp_path: Path, monkeypatch: pytest.Mon
     assert usable_cpus(cgroup) == max(1, min(8, AFFINITY) // 2)
     monkeypatch.setenv(WORKERS_ENV, "64")
     assert usable_cpus(cgroup) == 1
+
+
+def test_automatic_workers_are_one_per_cpu_the_quota_allows(tmp_path: Path) -> None:
+    """`--workers auto`, the default, on a CPU install: a process per usable CPU, so a pod
+    limited to half a CPU runs one process (no supervisor) and a 1.5-CPU one two."""
+    assert not gpu_build_installed()  # the development and CI machines: the CPU build
+    assert automatic_workers(v1(tmp_path / "a", 50000, 100000)) == 1
+    assert automatic_workers(v2(tmp_path / "b", "150000 100000")) == min(2, AFFINITY)
+    assert automatic_workers(tmp_path / "none") == AFFINITY
+
+
+def test_automatic_workers_are_one_with_the_gpu_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With onnxruntime-gpu installed one process serves, so the GPU gets one process's
+    batches; here a stand-in distribution's metadata on the path plays the GPU build."""
+    dist = tmp_path / "onnxruntime_gpu-1.31.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Name: onnxruntime-gpu\nVersion: 1.31.1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert gpu_build_installed()
+    assert automatic_workers(v2(tmp_path / "c", "800000 100000")) == 1
