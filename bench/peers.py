@@ -221,7 +221,8 @@ def run_volley_shipped(
     model_dir: Path, tmp: Path, body: bytes, seconds: float, busy_poll: str
 ) -> list[Row]:
     """Volley on the shipped fraud config (no queue delay, one instance: a lone request runs on
-    the event loop), at c=1 only: what a user of `volley serve` gets one request at a time."""
+    the event loop) and its default `--workers`, at c=1 only: what a user of `volley serve` gets
+    one request at a time."""
     repo = Path(tempfile.mkdtemp(prefix="shipped-", dir=tmp))  # a value may come again
     shutil.copytree(model_dir, repo / "fraud")
     volley = start_volley(repo, *BUSY_POLL_FLAGS[busy_poll])
@@ -295,7 +296,7 @@ def run_alternating(
     each round."""
     started: list[subprocess.Popen] = []
     try:
-        volley = start_volley(volley_repository(model_dir, tmp / "volley-pairs"))
+        volley = start_volley(volley_repository(model_dir, tmp / "volley-pairs"), "--workers", "1")
         started.append(volley.proc)
         volleys = {"Volley": (volley.proc.pid, f"http://{volley.http}/v2/models/fraud/infer")}
         if shipped_workers:

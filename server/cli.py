@@ -143,8 +143,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         help="server processes sharing the ports, each with its own models and an N-th of the "
         "CPUs' threads; past 1, a supervisor process runs them, keeps their model control, "
         "statistics, metrics and rate limits as one server's, and restarts one that dies "
-        "(default 'auto': one per usable CPU, or 1 where ONNX Runtime's GPU build is installed, "
-        "so that one process batches for the GPU)",
+        "(default 'auto': one per usable CPU up to 8, or 1 where ONNX Runtime's GPU build is "
+        "installed, so that one process batches for the GPU)",
     )
     p.add_argument(
         "--busy-poll-us",

@@ -17,6 +17,10 @@ from pathlib import Path
 CGROUP = Path("/sys/fs/cgroup")
 # Set by the supervisor of `--workers N` for its workers: how many processes share the CPUs.
 WORKERS_ENV = "VOLLEY_WORKER_PROCESSES"
+# Each worker holds its own copy of every model (about 190 MB of memory each with the shipped
+# ones), and on 16 cores 8 workers served no more than 4 (bench/RESULTS.md): past this many
+# CPUs, `--workers auto` gives the extra cores to each worker's ONNX Runtime threads instead.
+MAX_AUTOMATIC_WORKERS = 8
 
 
 def usable_cpus(cgroup: Path = CGROUP) -> int:
@@ -26,14 +30,15 @@ def usable_cpus(cgroup: Path = CGROUP) -> int:
 
 
 def automatic_workers(cgroup: Path = CGROUP) -> int:
-    """`--workers auto`, the default: one server process per CPU this process may use, or one
-    where ONNX Runtime's GPU build is installed. Measured (bench/RESULTS.md): on the CPU a
-    second process on 2 cores serves 1.5x the HTTP JSON requests of one and the same over
-    binary HTTP and gRPC; on a GPU each process would open its own CUDA context and batch only
-    its own requests, so the detector's batches shrink (docs/architecture.md)."""
+    """`--workers auto`, the default: one server process per CPU this process may use, at most
+    `MAX_AUTOMATIC_WORKERS`, or one where ONNX Runtime's GPU build is installed. Measured
+    (bench/RESULTS.md): on the CPU a second process on 2 cores serves 1.5x the HTTP JSON
+    requests of one and the same over binary HTTP and gRPC; on a GPU each process would open
+    its own CUDA context and batch only its own requests, so the detector's batches shrink
+    (docs/architecture.md)."""
     if gpu_build_installed():
         return 1
-    return machine_cpus(cgroup)
+    return min(machine_cpus(cgroup), MAX_AUTOMATIC_WORKERS)
 
 
 def gpu_build_installed() -> bool:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from server.cpus import (
+    MAX_AUTOMATIC_WORKERS,
     WORKERS_ENV,
     automatic_workers,
     cgroup_quota,
@@ -72,7 +73,18 @@ def test_automatic_workers_are_one_per_cpu_the_quota_allows(tmp_path: Path) -> N
     assert not gpu_build_installed()  # the development and CI machines: the CPU build
     assert automatic_workers(v1(tmp_path / "a", 50000, 100000)) == 1
     assert automatic_workers(v2(tmp_path / "b", "150000 100000")) == min(2, AFFINITY)
-    assert automatic_workers(tmp_path / "none") == AFFINITY
+    assert automatic_workers(tmp_path / "none") == min(AFFINITY, MAX_AUTOMATIC_WORKERS)
+
+
+def test_automatic_workers_stop_at_a_bound_on_a_large_machine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On 64 CPUs `auto` runs 8 workers, each with 8 CPUs' threads, not 64 copies of the
+    models."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert automatic_workers(tmp_path) == MAX_AUTOMATIC_WORKERS == 8
+    monkeypatch.setenv(WORKERS_ENV, str(MAX_AUTOMATIC_WORKERS))
+    assert usable_cpus(tmp_path) == 8
 
 
 def test_automatic_workers_are_one_with_the_gpu_build(

@@ -264,6 +264,28 @@ def test_gpu_overlay_asks_for_one_gpu_and_runs_the_cuda_image() -> None:
     assert "nvidia.com/gpu" not in cpu["resources"].get("limits", {})
 
 
+def test_each_manifest_names_its_workers_and_fits_them_in_its_resources() -> None:
+    """No manifest leaves `--workers` to `auto`, which without a CPU limit would count the
+    node's CPUs: one worker per requested CPU on the CPU, one process for the GPU, and the
+    memory limit holds each worker's copy of the models (about 190 MB each, with headroom)."""
+    containers = {
+        name: find(render(KUSTOMIZATIONS[name]), kind)["spec"]["template"]["spec"]["containers"][0]
+        for name, kind in (("base", "Deployment"), ("gpu", "Deployment"))
+    }
+    containers["kserve"] = find(render(KUSTOMIZATIONS["kserve"]), "ServingRuntime")["spec"][
+        "containers"][0]  # fmt: skip
+    for name, container in containers.items():
+        args = container.get("args", [])
+        assert any(a.startswith("--workers") for a in args), (name, args)
+        workers, resources = serve_args(container).workers, container["resources"]
+        expected = 1 if name == "gpu" else int(resources["requests"]["cpu"])
+        assert workers == expected, (name, workers)
+        limit_gib = float(resources["limits"]["memory"].removesuffix("Gi"))
+        assert 0.4 * workers + 0.2 <= limit_gib, (name, workers, limit_gib)
+    assert serve_args(containers["gpu"]).shutdown_timeout == serve_args(
+        containers["base"]).shutdown_timeout  # fmt: skip
+
+
 def test_kserve_runtime_serves_the_inference_service_over_v2() -> None:
     docs = render(KUSTOMIZATIONS["kserve"])
     runtime, service = find(docs, "ServingRuntime"), find(docs, "InferenceService")
