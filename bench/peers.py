@@ -7,8 +7,9 @@ Each server is measured alone under `wrk` (single-row v2 JSON, one thread, 64 co
 `perf_analyzer` (HTTP binary tensors and gRPC, concurrency 64 and 1). Each row records the load
 average and the server's CPU time per request (all of its processes), so a figure can be read
 against what the machine was doing. Then Volley, the floor and Triton take turns under wrk
-(`--floor-rounds`): this VM's speed drifts by a quarter within minutes, so the HTTP JSON
-targets are judged on Volley's ratio to each peer within a round, not on rows minutes apart.
+and (but the floor) perf_analyzer's HTTP binary and gRPC at c=64 (`--floor-rounds`): this VM's
+speed drifts by a quarter within minutes, so the c=64 targets are judged on Volley's ratio to
+each peer within a round, not on rows minutes apart.
 Two Volleys take part in those rounds: one process with the peers' settings, and Volley as
 shipped with `--workers auto` (`--pairs-workers`), which, like Triton, uses every core.
 
@@ -36,11 +37,12 @@ import argparse
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import orjson
@@ -279,6 +281,9 @@ def run_naive(model_dir: Path, body: bytes, seconds: float) -> list[Row]:
         stop(proc)
 
 
+ALTERNATED = ("HTTP JSON, wrk c=64", "HTTP binary, perf_analyzer c=64", "gRPC, perf_analyzer c=64")
+
+
 def run_alternating(
     model_dir: Path,
     tmp: Path,
@@ -287,26 +292,34 @@ def run_alternating(
     rounds: int,
     with_triton: bool,
     shipped_workers: str | None,
-) -> tuple[list[Row], dict[tuple[str, str], list[float]]]:
-    """Volley, the batched raw-ASGI floor and (`with_triton`) Triton under wrk in turn, `rounds`
-    times each (all started once): this VM's speed drifts by a quarter within minutes, so
-    Volley is compared with each peer per round. Volley runs with the peers' settings in one
-    process, and (`shipped_workers`) also as shipped with `--workers shipped_workers`. Returns
-    each server's median row and, per (Volley variant, peer), Volley's req/s over the peer's in
-    each round."""
+) -> tuple[list[Row], dict[tuple[str, str, str], list[float]]]:
+    """Volley, the batched raw-ASGI floor and (`with_triton`) Triton in turn, `rounds` times
+    each (all started once), under wrk's HTTP JSON and, but for the floor (it speaks JSON
+    only), perf_analyzer's HTTP binary and gRPC at c=64: this VM's speed drifts by a quarter
+    within minutes, so Volley is compared with each peer per round. Volley runs with the peers'
+    settings in one process, and (`shipped_workers`) also as shipped with `--workers
+    shipped_workers`. Returns each server's median row per load and, per (Volley variant, peer,
+    load), Volley's req/s over the peer's in each round."""
     started: list[subprocess.Popen] = []
+    servers: dict[str, tuple[int, dict]] = {}  # name: (pid, its loads by name)
+
+    def v2_loads(http: str, grpc: str) -> dict:
+        wrk_json = {
+            ALTERNATED[0]: lambda: wrk(f"http://{http}/v2/models/fraud/infer", body, seconds)
+        }
+        return wrk_json | perf_analyzer_loads(http, grpc, seconds, "fraud", (64,))
+
     try:
         volley = start_volley(volley_repository(model_dir, tmp / "volley-pairs"), "--workers", "1")
         started.append(volley.proc)
-        volleys = {"Volley": (volley.proc.pid, f"http://{volley.http}/v2/models/fraud/infer")}
+        servers["Volley"] = (volley.proc.pid, v2_loads(volley.http, volley.grpc))
         if shipped_workers:
             repo = changed_repository(model_dir, tmp / "shipped-pairs", {})
             shipped = start_volley(repo, "--workers", shipped_workers)
             started.append(shipped.proc)
-            volleys[f"{SHIPPED}, --workers {shipped_workers}"] = (
-                shipped.proc.pid,
-                f"http://{shipped.http}/v2/models/fraud/infer",
-            )
+            name = f"{SHIPPED}, --workers {shipped_workers}"
+            servers[name] = (shipped.proc.pid, v2_loads(shipped.http, shipped.grpc))
+        volleys = list(servers)
         port = free_port()
         model_file = model_dir / "1" / "model.onnx"
         floor = start(
@@ -314,27 +327,35 @@ def run_alternating(
             f"http://127.0.0.1:{port}/v2/health/ready",
         )
         started.append(floor)
-        peers = {FLOOR: (floor.pid, f"http://127.0.0.1:{port}/v2/models/fraud/infer")}
+        floor_url = f"http://127.0.0.1:{port}/v2/models/fraud/infer"
+        servers[FLOOR] = (floor.pid, {ALTERNATED[0]: lambda: wrk(floor_url, body, seconds)})
         if with_triton:
-            triton, http, _ = start_triton(model_file, tmp)
+            triton, http, grpc = start_triton(model_file, tmp)
             started.append(triton)
-            peers[TRITON_NAME] = (triton.pid, f"http://{http}/v2/models/fraud/infer")
-        servers = volleys | peers
-        load = f"HTTP JSON, wrk c=64, alternating (median of {rounds})"
-        runs: dict[str, list[Row]] = {name: [] for name in servers}
-        for _ in range(rounds):
-            for name, (pid, url) in servers.items():
-                loads = {load: lambda url=url: wrk(url, body, seconds)}
-                runs[name] += measure(name, pid, loads, seconds)
+            servers[TRITON_NAME] = (triton.pid, v2_loads(http, grpc))
+        # each (server, load)'s row by round: a peer's failed run leaves its round out
+        runs: dict[tuple[str, str], dict[int, Row]] = {}
+        for number in range(rounds):
+            for name, (pid, loads) in servers.items():
+                for row in measure(name, pid, loads, seconds):
+                    runs.setdefault((name, row.load), {})[number] = row
     finally:
         for proc in started:
             stop(proc)
     ratios = {
-        (mine, peer): [v.rps / p.rps for v, p in zip(runs[mine], runs[peer], strict=True)]
+        (mine, peer, load): [
+            runs[mine, load][n].rps / theirs[n].rps
+            for n in sorted(theirs.keys() & runs[mine, load].keys())
+        ]
+        for (peer, load), theirs in runs.items()
+        if peer not in volleys
         for mine in volleys
-        for peer in peers
+        if (mine, load) in runs
     }
-    medians = [sorted(rows, key=lambda r: r.rps)[len(rows) // 2] for rows in runs.values()]
+    medians = []
+    for (_, load), by_round in runs.items():
+        median = sorted(by_round.values(), key=lambda r: r.rps)[len(by_round) // 2]
+        medians.append(replace(median, load=f"{load}, alternating (median of {len(by_round)})"))
     return medians, ratios
 
 
@@ -343,7 +364,7 @@ def report(
     ceiling_p50: float,
     rows: list[Row],
     seconds: float,
-    ratios: dict[tuple[str, str], list[float]] | None = None,
+    ratios: dict[tuple[str, str, str], list[float]] | None = None,
 ) -> str:
     def find(server: str, load: str) -> Row | None:
         return next((r for r in rows if r.server == server and r.load == load), None)
@@ -361,22 +382,24 @@ def report(
     triton_json = find(TRITON_NAME, "HTTP JSON, wrk c=64")
     ratios = ratios or {}
     checks = []
-    for (mine, peer), each in ratios.items():
-        ratio = sorted(each)[len(each) // 2]
+    for (mine, peer, load), each in ratios.items():
+        ratio = statistics.median(each)
         if peer == TRITON_NAME:
-            target, value, met = "1.2x Triton", f"{ratio:.2f}x", ratio >= 1.2
+            factor = 1.2 if load == ALTERNATED[0] else 1.0  # the issue's JSON target is 1.2x
+            target = "1.2x Triton" if factor > 1 else "Triton"
+            value, met = f"{ratio:.2f}x", ratio >= factor
             rounds = ", ".join(f"{r:.2f}x" for r in each)
         else:
             target, value, met = f"90 % of the {FLOOR}", f"{ratio:.0%}", ratio >= 0.9
             rounds = ", ".join(f"{r:.0%}" for r in each)
-        checks.append((f"HTTP JSON (wrk), {mine}, >= {target} (median of the alternating rounds)",
+        checks.append((f"{load}, {mine}, >= {target} (median of the alternating rounds)",
                        f"{value} (rounds: {rounds})", met))  # fmt: skip
-    if not any(peer == TRITON_NAME for _, peer in ratios) and volley_json and triton_json:
+    if not any(peer == TRITON_NAME for _, peer, _ in ratios) and volley_json and triton_json:
         ratio = volley_json.rps / triton_json.rps
         checks.append(("HTTP JSON (wrk) >= 1.2x Triton", f"{ratio:.2f}x", ratio >= 1.2))
     for load in ("HTTP binary, perf_analyzer c=64", "gRPC, perf_analyzer c=64"):
         mine, theirs = find("Volley", load), find(TRITON_NAME, load)
-        if mine and theirs:
+        if mine and theirs and not any(key[2] == load for key in ratios):  # not alternated
             ratio = mine.rps / theirs.rps
             checks.append((f"{load} >= Triton", f"{ratio:.2f}x", ratio >= 1.0))
     grpc, binary = (
