@@ -23,7 +23,14 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from peers import JSON_BODY, Row, changed_repository, measure, perf_analyzer_loads, wrk
+from peers import (
+    JSON_BODY,
+    Row,
+    changed_repository,
+    measure,
+    perf_analyzer_loads,
+    standard_loads,
+)
 from serving import BUSY_POLL_FLAGS, ceiling, machine, start_volley, stop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,9 +47,9 @@ def override(text: str) -> tuple[str, object]:
 def loads(http: str, grpc: str, model: str, seconds: float, concurrency: list[int]) -> dict:
     """The loads by name: wrk's HTTP JSON, then perf_analyzer's HTTP binary and gRPC at each
     concurrency (a JSON body for wrk only fits the fraud model's input)."""
-    url = f"http://{http}/v2/models/{model}/infer"
-    runs = {"HTTP JSON, wrk c=64": lambda: wrk(url, JSON_BODY, seconds)} if model == "fraud" else {}
-    return runs | perf_analyzer_loads(http, grpc, seconds, model, tuple(concurrency))
+    if model == "fraud":
+        return standard_loads(http, grpc, JSON_BODY, seconds, model, tuple(concurrency))
+    return perf_analyzer_loads(http, grpc, seconds, model, tuple(concurrency))
 
 
 def measure_once(

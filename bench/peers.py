@@ -66,6 +66,7 @@ INSTANCES = 2
 FLOOR = "batched raw-ASGI floor"  # bench/batched_floor.py: one process, nothing but batching
 TRITON_NAME = "Triton 2.51"
 SHIPPED = "Volley, shipped config"  # models/fraud/config.yaml as it is, not the peers' settings
+WRK_JSON = "HTTP JSON, wrk c=64"  # the name of wrk's load in every table
 # the single-row fraud request every JSON load sends
 JSON_BODY = orjson.dumps(
     {"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, FEATURES],
@@ -159,12 +160,18 @@ def measure(server: str, pid: int, loads: dict, seconds: float) -> list[Row]:
     return rows
 
 
-def standard_loads(http: str, grpc: str, body: bytes, seconds: float, model: str) -> dict:
-    """wrk's HTTP JSON at c=64, then perf_analyzer's HTTP binary and gRPC at c=64 and c=1."""
-    wrk_json = {
-        "HTTP JSON, wrk c=64": lambda: wrk(f"http://{http}/v2/models/{model}/infer", body, seconds)
-    }
-    return wrk_json | perf_analyzer_loads(http, grpc, seconds, model, (64, 1))
+def standard_loads(
+    http: str,
+    grpc: str,
+    body: bytes,
+    seconds: float,
+    model: str,
+    concurrency: tuple[int, ...] = (64, 1),
+) -> dict:
+    """wrk's HTTP JSON at c=64, then perf_analyzer's HTTP binary and gRPC at each
+    `concurrency`."""
+    wrk_json = {WRK_JSON: lambda: wrk(f"http://{http}/v2/models/{model}/infer", body, seconds)}
+    return wrk_json | perf_analyzer_loads(http, grpc, seconds, model, concurrency)
 
 
 def perf_analyzer_loads(
@@ -275,13 +282,10 @@ def run_naive(model_dir: Path, body: bytes, seconds: float) -> list[Row]:
     )
     try:
         url = f"http://127.0.0.1:{port}/v2/models/fraud/infer"
-        return measure("naive FastAPI", proc.pid, {"HTTP JSON, wrk c=64": lambda: wrk(
+        return measure("naive FastAPI", proc.pid, {WRK_JSON: lambda: wrk(
             url, body, seconds)}, seconds)  # fmt: skip
     finally:
         stop(proc)
-
-
-ALTERNATED = ("HTTP JSON, wrk c=64", "HTTP binary, perf_analyzer c=64", "gRPC, perf_analyzer c=64")
 
 
 def run_alternating(
@@ -304,10 +308,7 @@ def run_alternating(
     servers: dict[str, tuple[int, dict]] = {}  # name: (pid, its loads by name)
 
     def v2_loads(http: str, grpc: str) -> dict:
-        wrk_json = {
-            ALTERNATED[0]: lambda: wrk(f"http://{http}/v2/models/fraud/infer", body, seconds)
-        }
-        return wrk_json | perf_analyzer_loads(http, grpc, seconds, "fraud", (64,))
+        return standard_loads(http, grpc, body, seconds, "fraud", (64,))
 
     try:
         volley = start_volley(volley_repository(model_dir, tmp / "volley-pairs"), "--workers", "1")
@@ -328,7 +329,7 @@ def run_alternating(
         )
         started.append(floor)
         floor_url = f"http://127.0.0.1:{port}/v2/models/fraud/infer"
-        servers[FLOOR] = (floor.pid, {ALTERNATED[0]: lambda: wrk(floor_url, body, seconds)})
+        servers[FLOOR] = (floor.pid, {WRK_JSON: lambda: wrk(floor_url, body, seconds)})
         if with_triton:
             triton, http, grpc = start_triton(model_file, tmp)
             started.append(triton)
@@ -378,14 +379,14 @@ def report(
         "|---|---|---|---|---|---|---|",
         *(r.line() for r in rows),
     ]
-    volley_json = find("Volley", "HTTP JSON, wrk c=64")
-    triton_json = find(TRITON_NAME, "HTTP JSON, wrk c=64")
+    volley_json = find("Volley", WRK_JSON)
+    triton_json = find(TRITON_NAME, WRK_JSON)
     ratios = ratios or {}
     checks = []
     for (mine, peer, load), each in ratios.items():
         ratio = statistics.median(each)
         if peer == TRITON_NAME:
-            factor = 1.2 if load == ALTERNATED[0] else 1.0  # the issue's JSON target is 1.2x
+            factor = 1.2 if load == WRK_JSON else 1.0  # the issue's JSON target is 1.2x
             target = "1.2x Triton" if factor > 1 else "Triton"
             value, met = f"{ratio:.2f}x", ratio >= factor
             rounds = ", ".join(f"{r:.2f}x" for r in each)
