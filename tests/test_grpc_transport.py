@@ -17,7 +17,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aiogrpcclient
 from conftest import VolleyProcess, serving
-from http2_wire import PREFACE, frame, literal_headers
+from http2_wire import PREFACE, frame, frames_in, literal_headers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as pb
@@ -188,6 +188,45 @@ def test_a_request_that_trickles_in_a_few_bytes_at_a_time(volley: VolleyProcess)
             sock.sendall(wire[at : at + 7])
         received = _read_until_closed_or(sock, b"grpc-status")
     assert b"grpc-status\x010" in received  # OK
+
+
+def test_a_call_ended_while_the_client_still_sends_is_reset_after_its_trailers(
+    volley: VolleyProcess,
+) -> None:
+    """A call the server ends before the client's END_STREAM (refused from its headers here; a
+    camera stream at shutdown is the same) gets RST_STREAM(NO_ERROR) right after its trailers:
+    a gRPC client counts the call complete only then, so a connection closed just after would
+    otherwise fail the answered call. A call the client ended gets no reset."""
+    request = pb.ModelInferRequest(model_name="mlp")
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 8])
+    request.raw_input_contents.append(np.ones((1, 8), np.float32).tobytes())
+    message = request.SerializeToString()
+
+    def headers(method: str) -> bytes:
+        return literal_headers(
+            [(":method", "POST"), (":scheme", "http"), (":path", SERVICE + method),
+             (":authority", "x"), ("content-type", "application/grpc"),
+             ("authorization", AUTH["authorization"])]
+        )  # fmt: skip
+
+    with socket.create_connection(_address(volley)) as sock:
+        sock.settimeout(10)
+        sock.sendall(
+            PREFACE
+            + frame(4, 0, 0, b"")
+            + frame(1, 0x4, 1, headers("NoSuchMethod"))  # END_HEADERS, not END_STREAM
+            + frame(1, 0x4, 3, headers("ModelInfer"))
+            + frame(0, 0x1, 3, b"\x00" + struct.pack(">I", len(message)) + message)
+        )
+        received = _read_until_closed_or(sock, b"grpc-status\x010")
+        sock.sendall(frame(6, 0, 0, b"in-order"))  # PING: its ACK comes after all of the above
+        received += _read_until_closed_or(sock, b"in-order")
+    sent = [(kind, stream, bytes(payload)) for kind, stream, payload, _ in frames_in(received)]
+    on_first = [(kind, payload) for kind, stream, payload in sent if stream == 1]
+    assert [kind for kind, _ in on_first] == [1, 3]  # trailers-only HEADERS, then RST_STREAM
+    assert b"grpc-status\x0212" in on_first[0][1]  # UNIMPLEMENTED
+    assert on_first[1][1] == b"\x00\x00\x00\x00"  # NO_ERROR
+    assert 3 not in [kind for kind, stream, _ in sent if stream == 3]
 
 
 def test_a_connection_that_is_not_http2_is_closed(volley: VolleyProcess) -> None:

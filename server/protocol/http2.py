@@ -135,7 +135,7 @@ class Stream:
 
     __slots__ = (
         "id", "connection", "headers", "call", "buffer", "send_window", "outbox", "trailers",
-        "headers_sent", "closed", "writable", "decompress", "unacked",
+        "headers_sent", "closed", "writable", "decompress", "unacked", "client_ended",
     )  # fmt: skip
 
     def __init__(self, stream_id: int, connection: Connection, headers: dict[str, str]) -> None:
@@ -152,6 +152,7 @@ class Stream:
         self.writable: asyncio.Event | None = None
         self.decompress = _decompressor(headers.get("grpc-encoding", "identity"))
         self.unacked = 0  # bytes taken by the call that the client's window does not have back
+        self.client_ended = False  # the client's END_STREAM arrived: its side is closed
 
     # -- from the client --
 
@@ -185,6 +186,7 @@ class Stream:
         rest = buffer[offset:] if offset else buffer
         self.buffer = rest if isinstance(rest, bytearray) else bytearray(rest)
         if end:
+            self.client_ended = True
             if self.buffer:
                 raise StreamError(GRPC_INTERNAL, "the request ended inside a message")
             self.call.half_close()
@@ -553,6 +555,7 @@ class Connection(asyncio.Protocol):
             self.send(frame(RST_STREAM, 0, stream_id, REFUSED_STREAM.to_bytes(4, "big")))
             return
         stream = Stream(stream_id, self, headers)
+        stream.client_ended = bool(flags & END_STREAM)
         self.streams[stream_id] = stream
         stream.call = self.open_call(stream)
         if stream.call is None:  # answered already (trailers only)
@@ -636,14 +639,22 @@ class Connection(asyncio.Protocol):
     def fail_stream(self, stream: Stream, code: int, message: str) -> None:
         """End `stream` with a gRPC error and reset it, so the client stops sending."""
         if stream.call is not None:
-            stream.call.fail(code, message)
-        if stream.id in self.streams:
+            stream.call.fail(code, message)  # its trailers end the stream, and reset it
+        if stream.id in self.streams:  # the trailers wait on flow control: reset it now
             self._cancel(stream)
-        self.send(frame(RST_STREAM, 0, stream.id, NO_ERROR.to_bytes(4, "big")))
+            self.send(frame(RST_STREAM, 0, stream.id, NO_ERROR.to_bytes(4, "big")))
 
     def end_stream(self, stream: Stream) -> None:
         """The server's side of `stream` is complete: forget it (and let go of its call, which
-        refers back to it: reference counting, not the cycle collector, frees both)."""
+        refers back to it: reference counting, not the cycle collector, frees both).
+
+        A client still sending on it is told to stop with RST_STREAM(NO_ERROR) (RFC 9113,
+        8.1): only then does a gRPC client count its call complete, which it must before the
+        connection closes (a camera stream ended by a shutdown), or the answered call fails
+        with "Stream removed"."""
+        if not stream.client_ended:
+            stream.client_ended = True
+            self.send(frame(RST_STREAM, 0, stream.id, NO_ERROR.to_bytes(4, "big")))
         self.streams.pop(stream.id, None)
         self.blocked.discard(stream)
         stream.call = None
