@@ -171,7 +171,8 @@ def server_instructions(
         out = Path(folder) / "callgrind.out"
         valgrind = ("valgrind", "--tool=callgrind", "--separate-threads=yes", "--cache-sim=no",
                     "--instr-atstart=no", f"--callgrind-out-file={out}")  # fmt: skip
-        with volley_running(repository, tree=tree, launcher=valgrind) as volley:
+        # one process: under `--workers N` the pid is the supervisor's, which serves nothing
+        with volley_running(repository, "--workers", "1", tree=tree, launcher=valgrind) as volley:
             port = int((volley.grpc if grpc else volley.http).rsplit(":", 1)[1])
             pid = str(volley.proc.pid)
             uvloop.run(closed_loop(port, request, 500, grpc))  # warm-up, not counted
