@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import requests
-from peers import JSON_BODY, tree_cpu_seconds, wrk
+from peers import JSON_BODY, WRK_JSON, tree_cpu_seconds, wrk
 from serving import ceiling, machine, perf_analyzer, start_volley, stop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ SETTINGS = {
 def measure(volley, load: str, seconds: float) -> tuple[float, float, float, float]:
     """req/s, p50 ms, p99 ms and server CPU us per request of one load."""
     before, started = tree_cpu_seconds(volley.proc.pid), time.perf_counter()
-    if load == "HTTP JSON, wrk c=64":
+    if load == WRK_JSON:
         rps, p50, p99 = wrk(f"http://{volley.http}/v2/models/fraud/infer", JSON_BODY, seconds)
     else:
         rps, p50, p99 = perf_analyzer("fraud", volley.grpc, "grpc", 64, [], seconds / 3)
@@ -54,7 +54,7 @@ def main() -> int:
 
     print(machine(), file=sys.stderr)
     ceiling_row = ceiling(ROOT / "models" / "fraud" / "1" / "model.onnx", 3)[0]
-    loads = ["HTTP JSON, wrk c=64", "gRPC, perf_analyzer c=64"]
+    loads = [WRK_JSON, "gRPC, perf_analyzer c=64"]
     results: dict[tuple[str, str], list] = {}
     with tempfile.TemporaryDirectory(prefix="volley-trace-") as tmp:
         trace_file = Path(tmp) / "trace.json"
