@@ -149,6 +149,9 @@ def perf_analyzer(
             cmd[cmd.index("--stability-percentage") + 1] = "999"
             if run is None:
                 cmd[cmd.index("--max-trials") + 1] = "3"
+            why = f"over its {limit:.0f} s limit" if run is None else "never stable"
+            print(f"perf_analyzer {protocol} c={concurrency} {url}: {why}; measured again "
+                  "without the stability condition", file=sys.stderr)  # fmt: skip
             run = _run_bounded(cmd, limit)
         if run is None or run.returncode != 0:
             detail = "timed out" if run is None else run.stdout[-2000:] + run.stderr[-2000:]
