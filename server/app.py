@@ -27,7 +27,7 @@ from server import metrics
 from server.auth import ApiKeys
 from server.busy_poll import BusyPoll
 from server.dataplane import DataPlane
-from server.grpc_api import InferenceServicer, create_grpc_server
+from server.grpc_api import create_grpc_server
 from server.held import HELD
 from server.http_api import HttpFrontEnd, metrics_app
 from server.http_connection import protocol_for
@@ -159,7 +159,7 @@ async def serve(settings: ServeSettings, worker: Worker | None = None) -> int:
         tls,
         protocol_for(front_end),
     )
-    grpc_server, servicer = create_grpc_server(
+    grpc_server = create_grpc_server(
         dataplane,
         settings.max_request_bytes,
         keys,
@@ -212,7 +212,7 @@ async def serve(settings: ServeSettings, worker: Worker | None = None) -> int:
 
     await stop.wait()
     deadline = time.monotonic() + settings.shutdown_timeout
-    await _drain(deadline, dataplane, servicer, repository, poller)
+    await _drain(deadline, dataplane, repository, poller)
     await grpc_server.stop(max(deadline - time.monotonic(), 0.0))
     for listener in listeners:
         # A client that stopped reading (a TLS peer that never answers close_notify) must not
@@ -244,7 +244,6 @@ async def _serve_listener(listener: _Listener, worker: Worker | None) -> None:
 async def _drain(
     deadline: float,
     dataplane: DataPlane,
-    servicer: InferenceServicer,
     repository: ModelRepository,
     poller: asyncio.Task | None,
 ) -> None:
@@ -261,5 +260,5 @@ async def _drain(
     quiet = await dataplane.quiesce(DRAIN_QUIET_SECONDS, deadline - time.monotonic())
     if not quiet:
         log.warning("clients kept sending while draining", extra={"event": "drain_busy"})
-    servicer.end_streams()
+    dataplane.end_sessions()
     await repository.drain(max(deadline - time.monotonic(), 0.0))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from functools import cache
 
 from server import metrics
@@ -50,6 +51,8 @@ OUTCOMES = {
 # Unary HTTP and gRPC requests are sampled for tracing by their front ends, which record when
 # they were read and answered; the data plane samples the others (stream requests and frames).
 SAMPLED_BY_FRONT_END = frozenset({"http", "grpc"})
+# Requests on long-lived streams: they go on coming until their stream is ended (`end_sessions`)
+SESSION_PROTOCOLS = frozenset({"grpc_stream", "websocket"})
 UNAUTHENTICATED, FORBIDDEN = "unauthenticated", "forbidden"  # API key missing / scope too small
 
 
@@ -75,6 +78,8 @@ class DataPlane:
         self.shared_memory: SystemSharedMemory | None = None
         self.draining = False
         self.arrivals = 0  # requests seen, refused ones included: what `quiesce` watches
+        self.sessions_ending = False  # shutting down: open streams are being ended
+        self._sessions: set[Callable[[], None]] = set()  # how to end each open stream
         # in flight per protocol: a plain count here, published to the gauge when scraped
         self.inflight_by_protocol: dict[str, int] = {}
         metrics.refresh_on_scrape(self._publish_inflight)
@@ -105,7 +110,8 @@ class DataPlane:
         """
         by_protocol = self.inflight_by_protocol
         by_protocol[protocol] = by_protocol.get(protocol, 0) + 1
-        self.arrivals += 1
+        if protocol not in SESSION_PROTOCOLS:  # a stream's are ended with it, not waited out
+            self.arrivals += 1
         served = response = None
         trace = request.trace
         if TRACER.on and protocol not in SAMPLED_BY_FRONT_END:
@@ -226,6 +232,22 @@ class DataPlane:
             if self.arrivals == seen and self.inflight == 0:
                 return True
         return False
+
+    def open_session(self, end: Callable[[], None]) -> Callable[[], None]:
+        """Register a long-lived stream (a gRPC `ModelStreamInfer` call, a WebSocket camera
+        session): `end` makes it stop reading, answer what it took and close. A camera sends
+        until its stream ends, so a drain cannot wait for it to go quiet: `end_sessions` ends
+        it instead. Returns what unregisters the stream."""
+        if self.sessions_ending:  # opened while the server stops: ended at once
+            end()
+        self._sessions.add(end)
+        return lambda: self._sessions.discard(end)
+
+    def end_sessions(self) -> None:
+        """Shutting down: end every open stream (`open_session`)."""
+        self.sessions_ending = True
+        for end in list(self._sessions):
+            end()
 
     def admit(self, client: str) -> None:
         """Refuse (429) a client over its rate limit, when `--rate-limit` is set."""

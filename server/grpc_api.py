@@ -57,14 +57,6 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, dataplane: DataPlane) -> None:
         self.dataplane = dataplane
         self.repo = dataplane.repository
-        self._stream_readers: set[asyncio.Task] = set()
-        self._ending_streams = False
-
-    def end_streams(self) -> None:
-        """Shutting down: every open stream stops reading, answers what it took, and ends."""
-        self._ending_streams = True
-        for reader in self._stream_readers:
-            reader.cancel()
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -208,7 +200,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                             error = unexpected(exc, model=request.model_name)
                             await answers.put(_stream_error(request, error.message))
                 except asyncio.CancelledError:
-                    if not self._ending_streams:
+                    if not self.dataplane.sessions_ending:
                         raise  # the client left: nothing to answer
                     asyncio.current_task().uncancel()
                 if tasks:
@@ -218,10 +210,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 await answers.put(done)
 
         reader = asyncio.create_task(read())
-        self._stream_readers.add(reader)
-        reader.add_done_callback(self._stream_readers.discard)
-        if self._ending_streams:
-            reader.cancel()
+        unregister = self.dataplane.open_session(reader.cancel)  # ended on shutdown
+        reader.add_done_callback(lambda _: unregister())
         try:
             while (message := await answers.get()) is not done:
                 yield message
@@ -456,10 +446,8 @@ def create_grpc_server(
     max_message_bytes: int,
     keys: auth.ApiKeys | None = None,
     ssl_context: ssl.SSLContext | None = None,
-) -> tuple[GrpcServer, InferenceServicer]:
+) -> GrpcServer:
     """The inference service on a gRPC server (TLS with `ssl_context`; API keys checked when
     `keys` are given); `start` it on a port."""
-    servicer = InferenceServicer(dataplane)
     check = _api_key_check(keys, dataplane) if keys is not None else None
-    server = GrpcServer(_methods(servicer), max_message_bytes, check, ssl_context)
-    return server, servicer
+    return GrpcServer(_methods(InferenceServicer(dataplane)), max_message_bytes, check, ssl_context)

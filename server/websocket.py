@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 import orjson
@@ -20,6 +21,7 @@ from server.streams import FrameAnswer, FrameStream
 from server.types import InferenceRequest, InferTensor
 
 POLICY_VIOLATION = 1008
+SERVICE_RESTART = 1012  # closing for a restart: the client should reconnect
 OUTGOING_LIMIT = 64  # answers waiting for a slow reader; past it, reading frames pauses
 META_KEYS = {"id", "capture_ts", "parameters"}
 
@@ -29,7 +31,9 @@ class BadMessage(ValueError):
 
 
 async def serve_frames(websocket: WebSocket, dataplane: DataPlane, model: str) -> None:
-    """Run one camera session until the client leaves."""
+    """Run one camera session until the client leaves, or the server shuts down: then the
+    frames taken are answered and the session closes with 1012 (service restart), so the
+    camera reconnects to a server that is staying up."""
     await websocket.accept()
     if dataplane.frame_policy(model, "") is None:
         await websocket.send_text(_json({"id": None, "error": _refusal(dataplane, model)}))
@@ -43,9 +47,36 @@ async def serve_frames(websocket: WebSocket, dataplane: DataPlane, model: str) -
     async def write() -> None:
         while True:
             await websocket.send_text(await outgoing.get())
+            outgoing.task_done()
 
     frames = FrameStream(dataplane, emit, "websocket")
     writer = asyncio.create_task(write())
+    reader = asyncio.create_task(_read_frames(websocket, model, frames, emit))
+    unregister = dataplane.open_session(reader.cancel)  # ended on shutdown
+    try:
+        await asyncio.wait({reader})
+        if not reader.cancelled():
+            reader.result()  # the client left (or a bug, raised here)
+            return
+        await frames.finish()
+        await outgoing.join()
+        await websocket.close(SERVICE_RESTART, "server is shutting down")
+    finally:
+        unregister()
+        reader.cancel()
+        frames.close()
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await writer
+
+
+async def _read_frames(
+    websocket: WebSocket,
+    model: str,
+    frames: FrameStream,
+    emit: Callable[[FrameAnswer], Awaitable[None]],
+) -> None:
+    """Read the session's messages, handing each frame to `frames`, until the client leaves."""
     parameters: dict = {}
     header: dict = {}
     count = 0
@@ -53,7 +84,7 @@ async def serve_frames(websocket: WebSocket, dataplane: DataPlane, model: str) -
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
-                break
+                return
             if message.get("bytes") is not None:
                 count += 1
                 frame_id = str(header.pop("id", count))
@@ -76,12 +107,7 @@ async def serve_frames(websocket: WebSocket, dataplane: DataPlane, model: str) -
                     continue
                 parameters.update(header.pop("parameters", {}))
     except WebSocketDisconnect:
-        pass
-    finally:
-        frames.close()
-        writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await writer
+        return
 
 
 def read_header(text: str) -> dict:

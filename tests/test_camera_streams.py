@@ -282,3 +282,72 @@ def test_sigterm_ends_open_camera_streams_after_their_last_answer(
     answered = set(stream.answers.processed) | set(stream.answers.skipped)
     assert set(before_stop) <= answered
     assert len(answered) + len(stream.answers.errors) <= len(stream.answers.sent_at)
+
+
+def test_sigterm_ends_camera_streams_that_keep_sending(tmp_path: Path, frames: list[bytes]) -> None:
+    """Cameras never go quiet: on SIGTERM their streams are ended once the frames they took are
+    answered, instead of holding the shutdown for its whole budget (30 s by default) while each
+    new frame is refused. The WebSocket session closes with 1012 (service restart), the code
+    that tells a client to reconnect."""
+    with serving(copy_shipped_models(tmp_path)) as proc:
+        grpc_stream = CameraStream(proc.grpc, "g")
+
+        def grpc_camera() -> None:
+            while proc.proc.poll() is None:
+                grpc_stream.send(frames[grpc_stream.count % len(frames)])
+                time.sleep(1 / 15)
+
+        async def websocket_camera() -> tuple[int, list[dict], int | None]:
+            url = f"ws://{proc.http}/v2/models/detect/stream"
+            async with websockets.connect(url, max_size=None) as ws:
+                answers: list[dict] = []
+
+                async def read() -> None:
+                    try:
+                        async for message in ws:
+                            answers.append(json.loads(message))
+                    except websockets.ConnectionClosed:
+                        pass
+
+                reader = asyncio.create_task(read())
+                sent = 0
+                try:
+                    while not reader.done():
+                        await ws.send(frames[sent % len(frames)])
+                        sent += 1
+                        await asyncio.sleep(1 / 15)
+                except websockets.ConnectionClosed:
+                    pass
+                await reader
+                return sent, answers, ws.close_code
+
+        websocket_result: list = []
+        cameras = [
+            threading.Thread(target=grpc_camera),
+            threading.Thread(
+                target=lambda: websocket_result.append(asyncio.run(websocket_camera()))
+            ),
+        ]
+        for camera in cameras:
+            camera.start()
+        time.sleep(1.5)
+        started = time.monotonic()
+        proc.proc.terminate()
+        exit_code = proc.proc.wait(timeout=40)
+        took = time.monotonic() - started
+        for camera in cameras:
+            camera.join(timeout=10)
+        grpc_stream.close()
+    assert exit_code == 0
+    assert took < 10, f"streaming cameras held the shutdown for {took:.1f} s"
+    sent, answers, close_code = websocket_result[0]
+    assert close_code == 1012
+    ids = [answer["id"] for answer in answers]
+    assert len(ids) == len(set(ids)) and {int(i) for i in ids} <= set(range(1, sent + 1))
+    assert any("detections" in answer for answer in answers)
+    assert {a["error"] for a in answers if "error" in a} <= {
+        f"frame '{i}': server is shutting down" for i in ids
+    }
+    got = grpc_stream.answers
+    assert got.processed and set(got.processed) | set(got.skipped) <= set(got.sent_at)
+    assert all("server is shutting down" in error for error in got.errors), got.errors
