@@ -284,12 +284,15 @@ def test_sigterm_ends_open_camera_streams_after_their_last_answer(
     assert len(answered) + len(stream.answers.errors) <= len(stream.answers.sent_at)
 
 
-def test_sigterm_ends_camera_streams_that_keep_sending(tmp_path: Path, frames: list[bytes]) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_ends_camera_streams_that_keep_sending(
+    tmp_path: Path, frames: list[bytes], workers: str
+) -> None:
     """Cameras never go quiet: on SIGTERM their streams are ended once the frames they took are
     answered, instead of holding the shutdown for its whole budget (30 s by default) while each
     new frame is refused. The WebSocket session closes with 1012 (service restart), the code
-    that tells a client to reconnect."""
-    with serving(copy_shipped_models(tmp_path)) as proc:
+    that tells a client to reconnect. With two workers each drains its own streams."""
+    with serving(copy_shipped_models(tmp_path), "--workers", workers) as proc:
         grpc_stream = CameraStream(proc.grpc, "g")
 
         def grpc_camera() -> None:
