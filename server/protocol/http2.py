@@ -552,7 +552,7 @@ class Connection(asyncio.Protocol):
             return
         self.last_stream = stream_id
         if self.goaway_sent is not None or len(self.streams) >= self.max_streams:
-            self.send(frame(RST_STREAM, 0, stream_id, REFUSED_STREAM.to_bytes(4, "big")))
+            self._reset(stream_id, REFUSED_STREAM)
             return
         stream = Stream(stream_id, self, headers)
         stream.client_ended = bool(flags & END_STREAM)
@@ -642,7 +642,7 @@ class Connection(asyncio.Protocol):
             stream.call.fail(code, message)  # its trailers end the stream, and reset it
         if stream.id in self.streams:  # the trailers wait on flow control: reset it now
             self._cancel(stream)
-            self.send(frame(RST_STREAM, 0, stream.id, NO_ERROR.to_bytes(4, "big")))
+            self._reset(stream.id, NO_ERROR)
 
     def end_stream(self, stream: Stream) -> None:
         """The server's side of `stream` is complete: forget it (and let go of its call, which
@@ -654,12 +654,16 @@ class Connection(asyncio.Protocol):
         with "Stream removed"."""
         if not stream.client_ended:
             stream.client_ended = True
-            self.send(frame(RST_STREAM, 0, stream.id, NO_ERROR.to_bytes(4, "big")))
+            self._reset(stream.id, NO_ERROR)
         self.streams.pop(stream.id, None)
         self.blocked.discard(stream)
         stream.call = None
         if self.goaway_sent is not None and not self.streams:
             self._close_when_sent()
+
+    def _reset(self, stream_id: int, code: int) -> None:
+        """RST_STREAM with `code` (an HTTP/2 error code)."""
+        self.send(frame(RST_STREAM, 0, stream_id, code.to_bytes(4, "big")))
 
     def _cancel(self, stream: Stream) -> None:
         stream.closed = True
