@@ -39,35 +39,63 @@ async def serve_frames(websocket: WebSocket, dataplane: DataPlane, model: str) -
         await websocket.send_text(_json({"id": None, "error": _refusal(dataplane, model)}))
         await websocket.close(POLICY_VIOLATION)
         return
-    outgoing: asyncio.Queue[str] = asyncio.Queue(maxsize=OUTGOING_LIMIT)
-
-    async def emit(answer: FrameAnswer) -> None:
-        await outgoing.put(_json(answer_document(answer)))
-
-    async def write() -> None:
-        while True:
-            await websocket.send_text(await outgoing.get())
-            outgoing.task_done()
-
-    frames = FrameStream(dataplane, emit, "websocket")
-    writer = asyncio.create_task(write())
-    reader = asyncio.create_task(_read_frames(websocket, model, frames, emit))
+    outgoing = Outgoing(websocket)
+    frames = FrameStream(dataplane, outgoing.put, "websocket")
+    reader = asyncio.create_task(_read_frames(websocket, model, frames, outgoing.put))
     unregister = dataplane.open_session(reader.cancel)  # ended on shutdown
     try:
         await asyncio.wait({reader})
         if not reader.cancelled():
             reader.result()  # the client left (or a bug, raised here)
             return
-        await frames.finish()
-        await outgoing.join()
-        await websocket.close(SERVICE_RESTART, "server is shutting down")
+        if await outgoing.deliver(frames.finish):
+            await websocket.close(SERVICE_RESTART, "server is shutting down")
     finally:
         unregister()
         reader.cancel()
         frames.close()
-        writer.cancel()
+        await outgoing.close()
+
+
+class Outgoing:
+    """A session's answers on their way to the client: queued, and sent in order by one
+    writer task, so a slow reader never blocks the frames' processing (past OUTGOING_LIMIT
+    answers waiting, `put` waits, and reading frames pauses with it)."""
+
+    def __init__(self, websocket: WebSocket) -> None:
+        self._queue: asyncio.Queue[str] = asyncio.Queue(maxsize=OUTGOING_LIMIT)
+        self._writer = asyncio.create_task(self._write(websocket))
+
+    async def put(self, answer: FrameAnswer) -> None:
+        """Queue a frame's answer."""
+        await self._queue.put(_json(answer_document(answer)))
+
+    async def deliver(self, answer_taken: Callable[[], Awaitable[None]]) -> bool:
+        """Wait for `answer_taken()` (every frame taken has its answer queued), then for every
+        answer to be sent. False as soon as the client is gone: no answer can reach it now."""
+        flushing = asyncio.create_task(self._flush(answer_taken))
+        try:
+            done, _ = await asyncio.wait(
+                {flushing, self._writer}, return_when=asyncio.FIRST_COMPLETED
+            )
+            return flushing in done
+        finally:
+            flushing.cancel()
+
+    async def close(self) -> None:
+        """Stop sending: the session is over."""
+        self._writer.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
-            await writer
+            await self._writer
+
+    async def _flush(self, answer_taken: Callable[[], Awaitable[None]]) -> None:
+        await answer_taken()
+        await self._queue.join()
+
+    async def _write(self, websocket: WebSocket) -> None:
+        while True:
+            await websocket.send_text(await self._queue.get())
+            self._queue.task_done()
 
 
 async def _read_frames(

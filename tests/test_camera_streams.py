@@ -8,7 +8,10 @@ one answer, a slow stream beside a fast one is not starved, and bad frames fail 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,6 +25,9 @@ import yaml
 from conftest import VolleyProcess, copy_shipped_models, serving
 from metrics_scrape import scrape, total
 from vision_scenes import encode, scene_image
+from websockets.client import ClientProtocol
+from websockets.protocol import State
+from websockets.uri import parse_uri
 
 LATENCY_BOUND_MS = 250  # a few frame intervals plus one inference, with room for a busy CI box
 
@@ -354,3 +360,45 @@ def test_sigterm_ends_camera_streams_that_keep_sending(
     got = grpc_stream.answers
     assert got.processed and set(got.processed) | set(got.skipped) <= set(got.sent_at)
     assert all("server is shutting down" in error for error in got.errors), got.errors
+
+
+def test_a_websocket_client_that_stopped_reading_and_left_does_not_hold_the_shutdown(
+    tmp_path: Path,
+) -> None:
+    """A camera page that stops reading (a frozen tab) piles answers up on the server. When the
+    server stops and the client then goes away, its answers can reach no one: the session must
+    end at once, not hold the exit for the shutdown budget (20 s here) waiting to send them."""
+    with serving(copy_shipped_models(tmp_path), "--shutdown-timeout", "20") as proc:
+        sock = _websocket_that_stops_reading(proc.http)
+        started = time.monotonic()
+        proc.proc.terminate()
+        time.sleep(1.0)  # the server is shutting down, the session still holds answers
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # gone, with a reset: nothing more can be sent to it
+        exit_code = proc.proc.wait(timeout=40)
+        took = time.monotonic() - started
+    assert exit_code == 0
+    assert took < 8, f"a client that left held the shutdown for {took:.1f} s"
+
+
+def _websocket_that_stops_reading(address: str) -> socket.socket:
+    """A WebSocket camera session that sends bad text messages (each gets an error answer) and
+    never reads, until the server stops reading too: its answers have filled every buffer."""
+    host, port = address.rsplit(":", 1)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sock.connect((host, int(port)))
+    client = ClientProtocol(parse_uri(f"ws://{address}/v2/models/detect/stream"))
+    client.send_request(client.connect())
+    sock.sendall(b"".join(client.data_to_send()))
+    while client.state is not State.OPEN:
+        client.receive_data(sock.recv(65536))
+        assert client.handshake_exc is None, client.handshake_exc
+    sock.settimeout(1.0)
+    with contextlib.suppress(TimeoutError):
+        for _ in range(1_000_000):
+            client.send_text(b"not a header")
+            sock.sendall(b"".join(client.data_to_send()))
+        pytest.fail("the server read a million messages from a client that never reads")
+    return sock
