@@ -25,7 +25,6 @@ V2_TO_NUMPY: dict[str, np.dtype] = {
     "FP64": np.dtype(np.float64),
     "BYTES": np.dtype(np.object_),
 }
-NUMPY_TO_V2: dict[np.dtype, str] = {dtype: name for name, dtype in V2_TO_NUMPY.items()}
 NATIVE_IS_WIRE_ORDER = sys.byteorder == "little"
 # The wire's byte order (little-endian) of each fixed-size datatype, made once.
 WIRE_DTYPES: dict[str, np.dtype] = {

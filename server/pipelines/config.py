@@ -13,8 +13,6 @@ from pydantic import Field
 
 from server.config import ModelConfig, TensorConfig, _Strict, validate
 
-LAYOUTS = ("auto", "volley", "yolov8", "yolov5", "end2end")
-
 
 class DetectionConfig(_Strict):
     """Everything about a detection pipeline that `config.yaml` may set."""
