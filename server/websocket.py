@@ -78,7 +78,10 @@ class Outgoing:
             done, _ = await asyncio.wait(
                 {flushing, self._writer}, return_when=asyncio.FIRST_COMPLETED
             )
-            return flushing in done
+            if flushing not in done:
+                return False
+            flushing.result()  # a bug in the flush raises here
+            return True
         finally:
             flushing.cancel()
 
