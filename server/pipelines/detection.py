@@ -2,9 +2,9 @@
 
 Per request: decode and letterbox each image on the pipeline's thread pool, run the wrapped
 detector through its own dynamic batcher (so images of many requests and streams share batches),
-then read the raw output, filter, run per-class NMS and map boxes back, again on the pool. The
-event loop only hands work over. The wrapped model is looked up per request, so a reload of the
-detector is picked up without reloading the pipeline.
+then read the raw output, filter, run per-class NMS, map boxes back and pack the output tensors,
+again on the pool. The event loop only hands work over. The wrapped model is looked up per
+request, so a reload of the detector is picked up without reloading the pipeline.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from server.pipelines.layouts import (
     read_candidates,
 )
 from server.pipelines.postprocess import (
-    Candidates,
     DetectOptions,
     detect_options,
     pack,
@@ -260,10 +259,9 @@ class DetectionPipeline:
         t2 = time.perf_counter_ns()
         geometry = [p.geometry for p in prepared]
         nms = NEEDS_NMS[plan.layout]
-        results = await loop.run_in_executor(
-            self._pool, _postprocess, plan.layout, raw, geometry, options, nms
+        outputs = await loop.run_in_executor(
+            self._pool, _postprocess, plan, raw, geometry, options, nms
         )
-        outputs = pack(results, plan.class_names)
         t3 = time.perf_counter_ns()
 
         self.stats.record_pipeline(len(prepared), t1 - t0, queue_ns, t2 - t1, t3 - t2)
@@ -456,10 +454,15 @@ def _to_float(boxed: Letterboxed, plan: DetectorPlan, scale: float) -> Prepared:
 
 
 def _postprocess(
-    layout: str, raw: np.ndarray, geometry: list[Letterboxed], options: DetectOptions, nms: bool
-) -> list[Candidates]:
-    out = []
+    plan: DetectorPlan,
+    raw: np.ndarray,
+    geometry: list[Letterboxed],
+    options: DetectOptions,
+    nms: bool,
+) -> dict[str, np.ndarray]:
+    """The detector's raw output -> the pipeline's output tensors, boxes in original pixels."""
+    results = []
     for per_image, boxed in zip(raw, geometry, strict=True):
-        found = read_candidates(layout, per_image, options.score_threshold)
-        out.append(to_original(select(found, options, nms), boxed))
-    return out
+        found = read_candidates(plan.layout, per_image, options.score_threshold)
+        results.append(to_original(select(found, options, nms), boxed))
+    return pack(results, plan.class_names)
