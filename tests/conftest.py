@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -243,11 +244,35 @@ def replace_a_worker(server: VolleyProcess) -> None:
     assert len(workers) == 2
     os.kill(min(workers), signal.SIGKILL)
     deadline = time.monotonic() + 60
-    while child_processes(server.proc.pid, b"server.worker") - workers == set():
+    # The replacement listens only once it has caught up with the others. A fixed wait for
+    # that was not always enough on a loaded machine: new connections all went to the other.
+    ports = (server.http_port, server.grpc_port)
+    while True:
+        replacements = child_processes(server.proc.pid, b"server.worker") - workers
+        if replacements and all(listens(pid, port) for pid in replacements for port in ports):
+            break
         assert time.monotonic() < deadline, server.log()
-        time.sleep(0.2)
+        time.sleep(0.1)
     server.wait_ready(path="/v2/health/ready")
-    time.sleep(1)  # the replacement listens only once it has caught up
+
+
+def listens(pid: int, port: int) -> bool:
+    """Whether process `pid` has a TCP socket listening on `port` (read from /proc)."""
+    sockets = set()
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(FileNotFoundError):  # closed meanwhile
+                sockets.add(os.readlink(fd))
+    except (FileNotFoundError, ProcessLookupError):  # it exited meanwhile
+        return False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            listening = state == "0A" and int(local.rsplit(":", 1)[1], 16) == port
+            if listening and f"socket:[{inode}]" in sockets:
+                return True
+    return False
 
 
 def running(pid: int) -> bool:
