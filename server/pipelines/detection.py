@@ -258,10 +258,7 @@ class DetectionPipeline:
         )
         t2 = time.perf_counter_ns()
         geometry = [p.geometry for p in prepared]
-        nms = NEEDS_NMS[plan.layout]
-        outputs = await loop.run_in_executor(
-            self._pool, _postprocess, plan, raw, geometry, options, nms
-        )
+        outputs = await loop.run_in_executor(self._pool, _postprocess, plan, raw, geometry, options)
         t3 = time.perf_counter_ns()
 
         self.stats.record_pipeline(len(prepared), t1 - t0, queue_ns, t2 - t1, t3 - t2)
@@ -458,9 +455,9 @@ def _postprocess(
     raw: np.ndarray,
     geometry: list[Letterboxed],
     options: DetectOptions,
-    nms: bool,
 ) -> dict[str, np.ndarray]:
     """The detector's raw output -> the pipeline's output tensors, boxes in original pixels."""
+    nms = NEEDS_NMS[plan.layout]
     results = []
     for per_image, boxed in zip(raw, geometry, strict=True):
         found = read_candidates(plan.layout, per_image, options.score_threshold)
