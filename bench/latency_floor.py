@@ -31,6 +31,7 @@ from pathlib import Path
 
 from grpc_floor import capture
 from serving import (
+    ROOT,
     ceiling,
     free_port,
     machine,
@@ -41,7 +42,6 @@ from serving import (
     wait_for,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 KEPT_HEADERS = ("content-type", "inference-header-content-length")
 CEILING = "in-process ORT (ceiling)"
 BARE = {  # protocol -> the bare server's row
