@@ -45,6 +45,7 @@ from serving import (
     repository_copy,
     start_volley,
     stop,
+    volley_running,
 )
 
 VARIANTS = (
@@ -122,11 +123,11 @@ def row(variant: str, repository: Path, seconds: float, concurrency: int) -> str
     return f"| {variant} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {batch} |"
 
 
-def capture(repository: Path, answers_file: Path) -> None:
-    """Volley's answers to what perf_analyzer asks (metadata, config, one inference), as bytes."""
+def capture(address: str, answers_file: Path) -> None:
+    """The answers of the Volley at gRPC `address` to what perf_analyzer asks (metadata,
+    config, one inference), as bytes."""
     from tritonclient.grpc import service_pb2 as pb
 
-    volley = start_volley(repository)
     requests_by_method = {
         "ServerLive": pb.ServerLiveRequest(),
         "ServerReady": pb.ServerReadyRequest(),
@@ -144,16 +145,13 @@ def capture(repository: Path, answers_file: Path) -> None:
     infer.inputs.add(name="features", datatype="FP32", shape=[1, 17])
     infer.raw_input_contents.append(np.zeros(17, np.float32).tobytes())
     requests_by_method["ModelInfer"] = infer
-    try:
-        with grpc.insecure_channel(volley.grpc) as channel:
-            answers = {
-                SERVICE + method: channel.unary_unary(SERVICE + method)(
-                    request.SerializeToString(), timeout=10
-                )
-                for method, request in requests_by_method.items()
-            }
-    finally:
-        stop(volley.proc)
+    with grpc.insecure_channel(address) as channel:
+        answers = {
+            SERVICE + method: channel.unary_unary(SERVICE + method)(
+                request.SerializeToString(), timeout=10
+            )
+            for method, request in requests_by_method.items()
+        }
     answers_file.write_bytes(pickle.dumps(answers))
 
 
@@ -222,14 +220,25 @@ def _serve_bare_volley(port: int, answers: dict[str, bytes]) -> int:
     return 0
 
 
-def bare_row(kind: str, answers_file: Path, seconds: float, concurrency: int) -> str:
-    """One row for a bare server (`aio`, `sync` or `volley`)."""
-    port = free_port()
+def start_bare(kind: str, port: int, answers_file: Path) -> subprocess.Popen:
+    """A bare server (`aio`, `sync` or `volley`) on `port`, once it accepts calls."""
     cmd = [sys.executable, __file__, "--bare", kind, str(port), str(answers_file)]
     server = subprocess.Popen(cmd)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             grpc.channel_ready_future(channel).result(timeout=30)
+    except BaseException:
+        server.kill()
+        server.wait()
+        raise
+    return server
+
+
+def bare_row(kind: str, answers_file: Path, seconds: float, concurrency: int) -> str:
+    """One row for a bare server (`aio`, `sync` or `volley`)."""
+    port = free_port()
+    server = start_bare(kind, port, answers_file)
+    try:
         rps, p50, p99 = perf_analyzer(
             "fraud", f"127.0.0.1:{port}", "grpc", concurrency, ["-x", "1"], seconds
         )
@@ -265,7 +274,8 @@ def main() -> int:
         for variant in args.variants.split(","):
             if variant.startswith("bare-"):
                 if not answers_file.exists():
-                    capture(repository, answers_file)
+                    with volley_running(repository) as volley:
+                        capture(volley.grpc, answers_file)
                 kind = variant.removeprefix("bare-")
                 lines.append(bare_row(kind, answers_file, args.seconds, args.concurrency))
             else:

@@ -29,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from grpc_floor import capture
+from grpc_floor import capture, start_bare
 from serving import (
     ROOT,
     ceiling,
@@ -116,17 +116,14 @@ def main() -> int:
     model_file = args.models / "fraud" / "1" / "model.onnx"
     with repository_copy(args.models, "fraud") as repository, tempfile.TemporaryDirectory() as tmp:
         answers_file = Path(tmp) / "answers.pickle"
-        capture(repository, answers_file)
         volley = start_volley(repository)
         http_port, grpc_port = free_port(), free_port()
-        grpc_floor = str(Path(__file__).with_name("grpc_floor.py"))
-        bare = [
-            subprocess.Popen([sys.executable, __file__, "--bare-http", str(http_port),
-                              volley.http]),
-            subprocess.Popen([sys.executable, grpc_floor, "--bare", "volley", str(grpc_port),
-                              str(answers_file)]),
-        ]  # fmt: skip
+        bare: list[subprocess.Popen] = []
         try:
+            capture(volley.grpc, answers_file)
+            bare.append(start_bare("volley", grpc_port, answers_file))
+            cmd = [sys.executable, __file__, "--bare-http", str(http_port), volley.http]
+            bare.append(subprocess.Popen(cmd))
             wait_for(f"http://127.0.0.1:{http_port}/v2/health/ready")
             loads = {
                 BARE["HTTP binary"]: (f"127.0.0.1:{http_port}", "http"),
