@@ -99,6 +99,11 @@ def ceiling(model_file: Path, frames: list[bytes], seconds: float) -> tuple[floa
     return best, np.array(times)
 
 
+OWN_CONNECTION = [
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.max_send_message_length", 2**31 - 1),
+    ("grpc.max_receive_message_length", 2**31 - 1),
+]
 STAGES = ("decode_us", "queue_us", "inference_us", "nms_us", "total_us")
 
 
@@ -112,8 +117,10 @@ class StreamLog:
 
 
 def camera(address: str, frames: list[bytes], name: str, seconds: float, log: StreamLog) -> None:
-    """One 30 FPS camera: a gRPC stream, frames sent on the beat, answers timed."""
-    client = grpcclient.InferenceServerClient(address)
+    """One 30 FPS camera: a gRPC stream, frames sent on the beat, answers timed. Each camera
+    has a connection of its own, as separate devices would (grpcio otherwise shares one TCP
+    connection between the channels of a process)."""
+    client = grpcclient.InferenceServerClient(address, channel_args=OWN_CONNECTION)
     lock = threading.Lock()
 
     def on_answer(result, error) -> None:

@@ -6,13 +6,14 @@ queued and running request is answered, then the listeners close and the process
 within `--shutdown-timeout`.
 
 With `--workers N` each worker process runs `serve` with its `Worker` (`server.worker`): it loads
-its models before it listens, on ports shared with the other workers.
+its models first, then serves the connections the supervisor passes to it (`server.handoff`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import signal
@@ -28,6 +29,8 @@ from server.auth import ApiKeys
 from server.busy_poll import BusyPoll
 from server.dataplane import DataPlane
 from server.grpc_api import create_grpc_server
+from server.grpc_server import GrpcServer
+from server.handoff import GRPC, HTTP, METRICS
 from server.held import HELD
 from server.http_api import HttpFrontEnd, metrics_app
 from server.http_connection import protocol_for
@@ -142,8 +145,8 @@ async def serve(settings: ServeSettings, worker: Worker | None = None) -> int:
     if settings.busy_poll_us:
         HELD.busy_poll = BusyPoll(loop, settings.busy_poll_us, settings.busy_poll_always)
     if worker is not None:
-        # The kernel hands a worker connections as soon as it listens: it must serve what the
-        # others serve by then (its models, and the load/unload requests they took).
+        # The supervisor passes a worker connections once it says it serves: it must serve what
+        # the others serve by then (its models, and the load/unload requests they took).
         await repository.load_at_start(settings.load_models)
         await worker.join()
 
@@ -179,12 +182,12 @@ async def serve(settings: ServeSettings, worker: Worker | None = None) -> int:
             )
         )
 
-    grpc_socket = (
-        None if worker is None else worker.shared_socket(settings.host, settings.grpc_port)
-    )
-    await grpc_server.start(settings.host, settings.grpc_port, grpc_socket)
+    if worker is None:
+        await grpc_server.start(settings.host, settings.grpc_port)
     tasks = [asyncio.create_task(_serve_listener(listener, worker)) for listener in listeners]
     await _started(listeners, tasks)
+    if worker is not None:  # the supervisor accepts, and passes connections on
+        _receive_connections(worker, listeners, grpc_server)
     log.info(
         "listening",
         extra={
@@ -213,6 +216,8 @@ async def serve(settings: ServeSettings, worker: Worker | None = None) -> int:
     await stop.wait()
     deadline = time.monotonic() + settings.shutdown_timeout
     await _drain(deadline, dataplane, repository, poller)
+    if worker is not None:
+        worker.connections.stop()
     await grpc_server.stop(max(deadline - time.monotonic(), 0.0))
     for listener in listeners:
         # A client that stopped reading (a TLS peer that never answers close_notify) must not
@@ -233,12 +238,29 @@ async def serve(settings: ServeSettings, worker: Worker | None = None) -> int:
 
 
 async def _serve_listener(listener: _Listener, worker: Worker | None) -> None:
-    """Serve on the listener's port: bound by uvicorn, or shared between the workers."""
-    if worker is None:
-        await listener.serve()
-    else:
+    """Serve on the listener's port (bound by uvicorn), or a worker's share of it (passed)."""
+    await listener.serve(sockets=None if worker is None else [])
+
+
+def _receive_connections(
+    worker: Worker, listeners: list[_Listener], grpc_server: GrpcServer
+) -> None:
+    """Serve the connections the supervisor passes to this worker, with the same protocols
+    (and TLS) as a listener of its own would."""
+    receiver = worker.connections
+    for kind, listener in zip((HTTP, METRICS), listeners, strict=False):
         config = listener.config
-        await listener.serve(sockets=[worker.shared_socket(config.host, config.port)])
+        listener.server_state.connections = receiver.tracked()
+        factory = functools.partial(
+            config.http_protocol_class,
+            config=config,
+            server_state=listener.server_state,
+            app_state=listener.lifespan.state,
+        )
+        receiver.serve(kind, factory, config.ssl)
+    grpc_server.connections = receiver.tracked()
+    receiver.serve(GRPC, grpc_server.new_connection, grpc_server.ssl_context)
+    receiver.start()
 
 
 async def _drain(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import ssl
 import time
 from collections import deque
@@ -302,18 +301,14 @@ class GrpcServer:
         self.connections: set[http2.Connection] = set()
         self._listener: asyncio.Server | None = None
 
-    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None:
-        """Listen on `host:port`, or on `sock` (a bound socket shared with other workers)."""
+    async def start(self, host: str, port: int) -> None:
+        """Listen on `host:port` (a worker of several is passed its connections instead:
+        `new_connection` is their protocol factory)."""
         loop = asyncio.get_running_loop()
-        if sock is not None:
-            self._listener = await loop.create_server(
-                self._connection, sock=sock, ssl=self.ssl_context, backlog=4096
-            )
-        else:
-            self._listener = await loop.create_server(
-                self._connection, host, port, ssl=self.ssl_context, backlog=4096,
-                reuse_address=True,
-            )  # fmt: skip
+        self._listener = await loop.create_server(
+            self.new_connection, host, port, ssl=self.ssl_context, backlog=4096,
+            reuse_address=True,
+        )  # fmt: skip
 
     async def stop(self, grace: float) -> None:
         """Stop listening, tell every client (GOAWAY) which calls were taken, let those finish
@@ -329,7 +324,8 @@ class GrpcServer:
             if connection.transport is not None:
                 connection.transport.abort()
 
-    def _connection(self) -> http2.Connection:
+    def new_connection(self) -> http2.Connection:
+        """The protocol of a new connection."""
         connection = http2.Connection(
             self._open_call, self.max_message, MAX_STREAMS_PER_CONNECTION, self.connections.discard
         )

@@ -19,6 +19,7 @@ from server.errors import ErrorKind, VolleyError
 
 CONTROL_SOCKET = "control.sock"  # the supervisor's, in its directory
 RATE_LIMITS = "rate-limits"  # the workers' shared table of rate limit buckets, beside it
+CONNECTION_COUNTS = "connections"  # each worker's connections, for the supervisor's hand-offs
 
 
 def worker_socket(directory: Path, index: int) -> Path:

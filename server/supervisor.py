@@ -1,9 +1,10 @@
 """`volley serve --workers N`: N worker processes share the ports, this process supervises them.
 
 Each worker (`server.worker`) is the whole server, with its own event loop, repository, batchers
-and ONNX Runtime sessions, on ports bound with SO_REUSEPORT: the kernel spreads connections
-over them. The supervisor serves no request. It
+and ONNX Runtime sessions. The supervisor serves no request. It
 
+- holds the listening sockets (bound at start, listening once the first worker serves), accepts
+  each connection and passes it to the serving worker with the fewest (`server.handoff`);
 - creates a private directory for prometheus_client's multiprocess files and the Unix sockets
   below (removed at exit), and lists its own and the workers' pids there (`process_*`);
 - is the one way model control goes: a load or unload request a worker takes is sent to every
@@ -38,7 +39,8 @@ from prometheus_client.multiprocess import mark_process_dead
 from server import ipc
 from server.cpus import WORKERS_ENV
 from server.errors import VolleyError, region_already_registered
-from server.ipc import CONTROL_SOCKET, worker_socket
+from server.handoff import GRPC, HTTP, METRICS, ConnectionCounts, Dispatcher, bind_listeners
+from server.ipc import CONNECTION_COUNTS, CONTROL_SOCKET, worker_socket
 from server.log_settings import process_settings
 from server.metrics import PIDS_FILE
 from server.paths import model_folder
@@ -90,6 +92,11 @@ class Supervisor:
         self.failed = False
         self.announced = False
         self._watchers: set[asyncio.Task] = set()
+        ports = {HTTP: settings.http_port, GRPC: settings.grpc_port}
+        if settings.metrics_port:
+            ports[METRICS] = settings.metrics_port
+        counts = ConnectionCounts(directory / CONNECTION_COUNTS, settings.workers, create=True)
+        self.dispatcher = Dispatcher(bind_listeners(settings.host, ports), counts)
 
     async def run(self) -> int:
         """Start the workers, serve their requests until a signal (or a failed start), stop
@@ -108,9 +115,11 @@ class Supervisor:
             poller = asyncio.create_task(self._poll_forever())
         await self.stop.wait()
         self.stopping = True
+        self.dispatcher.stop()
         if poller is not None:
             poller.cancel()
         clean = await self._stop_workers()
+        self.dispatcher.close()
         server.close()
         log.info("stopped", extra={"event": "stopped"})
         return 0 if clean and not self.failed else 1
@@ -118,15 +127,19 @@ class Supervisor:
     async def _start(self, slot: _Slot) -> None:
         path = os.environ.get("PYTHONPATH")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, path]))}
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-P", "-m", "server.worker",
-            stdin=asyncio.subprocess.PIPE, env=env,
-            start_new_session=True,  # Ctrl-C reaches the supervisor only; it forwards SIGTERM
-        )  # fmt: skip
+        channel = self.dispatcher.attach(slot.index)  # the connections it will serve
+        fd = channel.fileno()  # the same number in the worker
+        with channel:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-P", "-m", "server.worker",
+                stdin=asyncio.subprocess.PIPE, env=env, pass_fds=(fd,),
+                start_new_session=True,  # Ctrl-C reaches the supervisor only; it forwards SIGTERM
+            )  # fmt: skip
         args = {
             "settings": self.settings,
             "index": slot.index,
             "directory": self.directory,
+            "channel": fd,
             "log_level": self.log_level,
             "supervisor": os.getpid(),
         }
@@ -146,6 +159,7 @@ class Supervisor:
         code = await process.wait()
         serving = slot.serving
         slot.registered = slot.serving = False
+        self.dispatcher.detach(slot.index)
         mark_process_dead(process.pid, str(self.directory))  # its live gauges leave the sums
         self._write_pids()
         if self.stopping:
@@ -256,6 +270,9 @@ class Supervisor:
         if slot.process is None or slot.process.pid != pid:
             return
         slot.serving = True
+        self.dispatcher.serving(slot.index)
+        log.info("worker serving", extra={"event": "worker_serving", "worker": slot.index,
+                                          "pid": pid})  # fmt: skip
         if not self.announced and all(s.serving for s in self.slots):
             self.announced = True
             pids = [s.process.pid for s in self.slots if s.process is not None]

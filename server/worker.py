@@ -1,5 +1,5 @@
-"""One worker process of `volley serve --workers N`: the whole server (`app.serve`) on ports it
-shares with the other workers (SO_REUSEPORT), under the supervisor (`server.supervisor`).
+"""One worker process of `volley serve --workers N`: the whole server (`app.serve`), serving the
+connections the supervisor (`server.supervisor`) accepts and passes to it (`server.handoff`).
 
 Started as `python -P -m server.worker` with its arguments pickled on stdin. What must agree
 between workers goes through the supervisor: load and unload requests (every worker applies
@@ -14,7 +14,6 @@ import logging
 import os
 import pickle
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -22,7 +21,8 @@ from server import ipc
 from server.child_process import die_with_parent
 from server.dataplane import DataPlane
 from server.errors import VolleyError, unavailable
-from server.ipc import CONTROL_SOCKET, RATE_LIMITS, worker_socket
+from server.handoff import ConnectionCounts, ConnectionReceiver, receiver_channel
+from server.ipc import CONNECTION_COUNTS, CONTROL_SOCKET, RATE_LIMITS, worker_socket
 from server.log_settings import process_settings
 from server.ratelimit import RateLimiter
 from server.repository import CONTROL_REFUSED, ModelRepository
@@ -34,15 +34,18 @@ log = logging.getLogger(__name__)
 
 
 class Worker:
-    """This process's place among the workers: its index, and the supervisor's directory."""
+    """This process's place among the workers: its index, the supervisor's directory, and the
+    channel its connections come through."""
 
-    def __init__(self, index: int, directory: Path) -> None:
+    def __init__(self, index: int, workers: int, directory: Path, channel: int) -> None:
         self.index = index
         self.control = directory / CONTROL_SOCKET
         self.rate_limits = directory / RATE_LIMITS  # the buckets of --rate-limit, shared
         self._path = worker_socket(directory, index)
         self._dataplane: WorkerDataPlane | None = None
         self._server: asyncio.Server | None = None
+        counts = ConnectionCounts(directory / CONNECTION_COUNTS, workers)
+        self.connections = ConnectionReceiver(receiver_channel(channel), counts, index)
 
     def dataplane(
         self,
@@ -53,17 +56,6 @@ class Worker:
         """The data plane of this worker (statistics and model control span every worker)."""
         self._dataplane = WorkerDataPlane(repository, strict_readiness, rate_limiter, self)
         return self._dataplane
-
-    @staticmethod
-    def shared_socket(host: str, port: int) -> socket.socket:
-        """A TCP socket bound to `host:port` that the other workers bind too (SO_REUSEPORT):
-        the kernel spreads new connections over the workers listening on it."""
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        return sock
 
     async def join(self) -> None:
         """Take the supervisor's commands, and register: the supervisor first replays the load
@@ -212,7 +204,8 @@ def main() -> int:
     for handler in logging.getLogger().handlers:
         handler.addFilter(_WorkerField(args["index"]))
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return asyncio.run(serve(args["settings"], Worker(args["index"], args["directory"])))
+    worker = Worker(args["index"], args["settings"].workers, args["directory"], args["channel"])
+    return asyncio.run(serve(args["settings"], worker))
 
 
 if __name__ == "__main__":

@@ -244,35 +244,48 @@ def replace_a_worker(server: VolleyProcess) -> None:
     assert len(workers) == 2
     os.kill(min(workers), signal.SIGKILL)
     deadline = time.monotonic() + 60
-    # The replacement listens only once it has caught up with the others. A fixed wait for
-    # that was not always enough on a loaded machine: new connections all went to the other.
-    ports = (server.http_port, server.grpc_port)
+    # The supervisor passes the replacement connections only once it has caught up with the
+    # others. A fixed wait for that was not always enough on a loaded machine.
     while True:
         replacements = child_processes(server.proc.pid, b"server.worker") - workers
-        if replacements and all(listens(pid, port) for pid in replacements for port in ports):
+        if replacements and takes_connections(server, replacements):
             break
         assert time.monotonic() < deadline, server.log()
         time.sleep(0.1)
     server.wait_ready(path="/v2/health/ready")
 
 
-def listens(pid: int, port: int) -> bool:
-    """Whether process `pid` has a TCP socket listening on `port` (read from /proc)."""
-    sockets = set()
-    try:
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            with contextlib.suppress(FileNotFoundError):  # closed meanwhile
-                sockets.add(os.readlink(fd))
-    except (FileNotFoundError, ProcessLookupError):  # it exited meanwhile
-        return False
+def takes_connections(server: VolleyProcess, pids: set[int]) -> bool:
+    """Whether one of two new connections is served by one of `pids` (with every worker idle,
+    the supervisor passes new connections to each in turn)."""
+    for _ in range(2):
+        with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as client:
+            client.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: volley\r\n\r\n")
+            if not client.recv(4096):  # answered: the worker has it
+                continue
+            if holders(server, server.http_port).get(client.getsockname()[1]) in pids:
+                return True
+    return False
+
+
+def holders(server: VolleyProcess, port: int) -> dict[int, int]:
+    """For each connection the server holds on its `port`, the client's port -> the pid of the
+    worker holding it (read from /proc)."""
+    owners = {}
+    for pid in child_processes(server.proc.pid, b"server.worker"):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # gone meanwhile
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(FileNotFoundError):
+                    owners[os.readlink(fd)] = pid
+    held = {}
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
-            local, state, inode = fields[1], fields[3], fields[9]
-            listening = state == "0A" and int(local.rsplit(":", 1)[1], 16) == port
-            if listening and f"socket:[{inode}]" in sockets:
-                return True
-    return False
+            local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
+            established = state == "01" and int(local.rsplit(":", 1)[1], 16) == port
+            if established and f"socket:[{inode}]" in owners:
+                held[int(remote.rsplit(":", 1)[1], 16)] = owners[f"socket:[{inode}]"]
+    return held
 
 
 def running(pid: int) -> bool:

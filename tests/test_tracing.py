@@ -273,13 +273,13 @@ def test_every_worker_traces_with_the_settings_and_one_that_restarts_too(
         http = httpclient.InferenceServerClient(server.http)
         http.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"], "trace_rate": "1"})
         replace_a_worker(server)
-        for _ in range(20):  # new connections: the kernel spreads them over both workers
-            answer = requests.get(f"{server.url}/v2/trace/setting", timeout=10).json()
-            assert answer["trace_level"] == ["TIMESTAMPS"], answer
+        clients = [httpclient.InferenceServerClient(server.http) for _ in range(4)]
+        for client in clients:  # open together: the supervisor spreads them over both workers
+            assert client.get_trace_settings()["trace_level"] == ["TIMESTAMPS"]
         for seed in range(40):
-            with httpclient.InferenceServerClient(server.http) as client:
-                http_infer(client, "mlp", row(seed))
-        http.close()
+            http_infer(clients[seed % 4], "mlp", row(seed))
+        for client in [http, *clients]:
+            client.close()
     files = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("trace.json"))
     assert files == ["trace.json.worker0", "trace.json.worker1"], files
     ids = [i for name in files for i in traces(tmp_path / name)]

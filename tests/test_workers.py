@@ -2,13 +2,15 @@
 server still behaves as one: counters and statistics sum over the workers, model control
 reaches every worker, SIGTERM loses nothing, a killed worker is replaced.
 
-Each request opens a fresh connection, so the kernel spreads them over the workers
-(SO_REUSEPORT); which worker served what is read from the per-process metric files.
+The supervisor accepts every connection and passes it to the worker holding the fewest, so
+requests on fresh connections alternate between the workers; which worker served what is read
+from the per-process metric files, which holds a connection from /proc.
 """
 
 from __future__ import annotations
 
 import collections
+import http.client
 import json
 import os
 import signal
@@ -27,7 +29,7 @@ import pytest
 import requests
 import test_repository
 import tritonclient.grpc as grpcclient
-from conftest import ROOT, VolleyProcess, copy_shipped_models, serving
+from conftest import ROOT, VolleyProcess, copy_shipped_models, holders, serving
 from metrics_scrape import scrape, total
 from prometheus_client.mmap_dict import MmapedDict
 from test_security import fraud_input, pki, tls_grpc  # noqa: F401 - pki is a fixture
@@ -118,6 +120,52 @@ def test_requests_spread_over_the_workers_and_counts_sum(cluster: VolleyProcess)
     served = served_by_pid(cluster, "mlp")
     assert len([pid for pid, count in served.items() if count]) == 2, served
     assert sum(served.values()) == successes(cluster, "mlp")
+
+
+def test_connections_are_balanced_over_the_workers(repository: Path) -> None:
+    """Each new connection goes to the worker holding the fewest: 8 keep-alive HTTP connections
+    and 8 gRPC channels opened together land 4 and 4 (the kernel's SO_REUSEPORT hash, used
+    before, split 8 connections 7/1 in one run), and once one worker's clients have left, the
+    next connections all go to it."""
+    with serving(repository, *WORKERS) as proc:
+        clients = [http.client.HTTPConnection("127.0.0.1", proc.http_port, timeout=TIMEOUT)
+                   for _ in range(8)]  # fmt: skip
+        for client in clients:
+            client.connect()
+        for client in clients:  # an answer: the worker has it
+            client.request("POST", "/v2/models/mlp/infer", json.dumps(BODY))
+            assert client.getresponse().status == 200
+        held = holders(proc, proc.http_port)
+        assert sorted(collections.Counter(held.values()).values()) == [4, 4], held
+
+        channels = []
+        for _ in range(8):  # own subchannels: grpcio would otherwise share one connection
+            args = [("grpc.use_local_subchannel_pool", 1)]
+            channels.append(grpcclient.InferenceServerClient(proc.grpc, channel_args=args))
+        for channel in channels:
+            tensor = grpcclient.InferInput("input", [1, 32], "FP32")
+            tensor.set_data_from_numpy(X)
+            channel.infer("mlp", [tensor], client_timeout=TIMEOUT)
+        by_worker = collections.Counter(holders(proc, proc.grpc_port).values())
+        assert sorted(by_worker.values()) == [4, 4], by_worker
+        for channel in channels:
+            channel.close()
+
+        leaving = min(held.values())
+        for client in clients:
+            if held[client.sock.getsockname()[1]] == leaving:
+                client.close()
+        wait_for(lambda: leaving not in holders(proc, proc.http_port).values(), "the closes")
+        time.sleep(0.5)  # the worker counts a close on its next loop iteration
+        newcomers = [http.client.HTTPConnection("127.0.0.1", proc.http_port, timeout=TIMEOUT)
+                     for _ in range(4)]  # fmt: skip
+        for client in newcomers:
+            client.request("POST", "/v2/models/mlp/infer", json.dumps(BODY))
+            assert client.getresponse().status == 200
+        held = holders(proc, proc.http_port)
+        assert [held[client.sock.getsockname()[1]] for client in newcomers] == [leaving] * 4
+        for client in clients + newcomers:
+            client.close()
 
 
 def test_process_metrics_cover_every_process(cluster: VolleyProcess) -> None:
