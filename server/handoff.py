@@ -76,9 +76,12 @@ def bind_listeners(host: str, ports: dict[bytes, int]) -> dict[bytes, socket.soc
 class Dispatcher:
     """The supervisor's side: accept, choose a worker, pass the connection on."""
 
-    def __init__(self, listeners: dict[bytes, socket.socket], counts: ConnectionCounts) -> None:
+    def __init__(
+        self, listeners: dict[bytes, socket.socket], counts: ConnectionCounts, workers: int
+    ) -> None:
         self.listeners = listeners
         self.counts = counts
+        self.workers = workers
         self._channels: dict[int, socket.socket] = {}  # by worker index
         self._sent: dict[int, int] = {}  # connections passed to each worker's current process
         self._serving: list[int] = []  # workers that take connections, in round-robin order
@@ -98,15 +101,18 @@ class Dispatcher:
         return theirs
 
     def serving(self, index: int) -> None:
-        """Worker `index` serves: pass it connections (the ports listen from the first one)."""
+        """Worker `index` serves: pass it connections. The ports listen once every worker
+        serves: connections opened as soon as the server is ready (a client's pool, a load
+        generator's) would otherwise all stay on the worker that was ready first."""
         if index not in self._channels or index in self._serving or self._closed:
             return
         self._serving.append(index)
-        if not self._listening:
+        if not self._listening and len(self._serving) == self.workers:
             self._listening = True
             for sock in self.listeners.values():
                 sock.listen(4096)
-        self._resume()
+        if self._listening:
+            self._resume()
 
     def stop(self) -> None:
         """The server is stopping: once no worker takes connections, close the ports (a new

@@ -3,7 +3,7 @@
 Each worker (`server.worker`) is the whole server, with its own event loop, repository, batchers
 and ONNX Runtime sessions. The supervisor serves no request. It
 
-- holds the listening sockets (bound at start, listening once the first worker serves), accepts
+- holds the listening sockets (bound at start, listening once every worker serves), accepts
   each connection and passes it to the serving worker with the fewest (`server.handoff`);
 - creates a private directory for prometheus_client's multiprocess files and the Unix sockets
   below (removed at exit), and lists its own and the workers' pids there (`process_*`);
@@ -96,7 +96,8 @@ class Supervisor:
         if settings.metrics_port:
             ports[METRICS] = settings.metrics_port
         counts = ConnectionCounts(directory / CONNECTION_COUNTS, settings.workers, create=True)
-        self.dispatcher = Dispatcher(bind_listeners(settings.host, ports), counts)
+        listeners = bind_listeners(settings.host, ports)
+        self.dispatcher = Dispatcher(listeners, counts, settings.workers)
 
     async def run(self) -> int:
         """Start the workers, serve their requests until a signal (or a failed start), stop
