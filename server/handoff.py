@@ -28,6 +28,8 @@ import ssl
 from collections.abc import Callable
 from pathlib import Path
 
+from server.settings import address_family
+
 log = logging.getLogger(__name__)
 
 HTTP, GRPC, METRICS = b"h", b"g", b"m"  # which port a passed connection came in on
@@ -62,10 +64,9 @@ class ConnectionCounts:
 
 def bind_listeners(host: str, ports: dict[bytes, int]) -> dict[bytes, socket.socket]:
     """A bound TCP socket per port, not listening yet (a connection is refused until then)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listeners = {}
     for kind, port in ports.items():
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(address_family(host), socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         sock.setblocking(False)

@@ -53,6 +53,11 @@ class StartupError(Exception):
     """A reason not to start, said in one line (the CLI prints it and exits non-zero)."""
 
 
+def address_family(host: str) -> socket.AddressFamily:
+    """The socket family to bind `host` with: IPv6 for an IPv6 address ("::", "::1")."""
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def check_startup(settings: ServeSettings) -> None:
     """Refuse to start on a missing repository, unusable key or TLS files, or a port another
     process holds."""
@@ -77,7 +82,7 @@ def check_startup(settings: ServeSettings) -> None:
     if settings.metrics_port:
         ports.append(("--metrics-port", settings.metrics_port))
     for flag, port in ports:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        with socket.socket(address_family(settings.host), socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listeners do
             try:
                 probe.bind((settings.host, port))

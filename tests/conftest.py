@@ -68,15 +68,18 @@ class VolleyProcess:
         *extra: str,
         python: str = sys.executable,
         ports: tuple[int, int, int] | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
-        """`ports`: (http, grpc, metrics) to listen on (a restart on the same ports)."""
+        """`ports`: (http, grpc, metrics) to listen on (a restart on the same ports); `host`:
+        the loopback address to listen on."""
         self.http_port, self.grpc_port, self.metrics_port = ports or (
             free_port(),
             free_port(),
             free_port(),
         )
-        self.http = f"127.0.0.1:{self.http_port}"
-        self.grpc = f"127.0.0.1:{self.grpc_port}"
+        address = f"[{host}]" if ":" in host else host
+        self.http = f"{address}:{self.http_port}"
+        self.grpc = f"{address}:{self.grpc_port}"
         self.url = f"http://{self.http}"
         self.log_path = repository.parent / f"volley-{self.http_port}.log"
         self._log = self.log_path.open("wb")
@@ -89,7 +92,7 @@ class VolleyProcess:
                 "--model-repository",
                 str(repository),
                 "--host",
-                "127.0.0.1",
+                host,
                 "--http-port",
                 str(self.http_port),
                 "--grpc-port",
@@ -154,13 +157,16 @@ class VolleyProcess:
 
 
 @contextmanager
-def serving(repository: Path, *extra: str, exit_code: int | None = 0) -> Iterator[VolleyProcess]:
-    """A server on `repository` that has tried to load every model; stopped on exit.
+def serving(
+    repository: Path, *extra: str, exit_code: int | None = 0, host: str = "127.0.0.1"
+) -> Iterator[VolleyProcess]:
+    """A server on `repository` (listening on `host`) that has tried to load every model;
+    stopped on exit.
 
     When the block ends without an error, the server must exit with `exit_code` (None: any),
     else the test fails with the server's log.
     """
-    proc = VolleyProcess(repository, *extra)
+    proc = VolleyProcess(repository, *extra, host=host)
     try:
         proc.wait_models()
         yield proc

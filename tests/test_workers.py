@@ -379,6 +379,20 @@ def test_a_port_another_program_shares_is_still_refused(tmp_path: Path) -> None:
     assert f"cannot listen on 127.0.0.1:{port}" in run.stderr.strip().splitlines()[0]
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_an_ipv6_host_is_served(repository: Path, workers: str) -> None:
+    """`--host ::1` is bound as IPv6, by one process and by the supervisor (the start-up check
+    of the ports used to probe it as IPv4 and refused it)."""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback")
+    with serving(repository, "--workers", workers, host="::1") as proc:
+        assert infer_http(proc).status_code == 200
+        infer_grpc(proc)
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "many"])
 def test_workers_flag_needs_a_count_or_auto(value: str) -> None:
     run = subprocess.run([sys.executable, "-m", "server", "serve", "--workers", value],
