@@ -3,7 +3,8 @@
 Both serve the shipped models with `--workers 2`. Each round measures, on each tree in turn,
 the two loads that a client with few connections puts on the workers: the raw detector over HTTP
 binary (perf_analyzer, `--concurrency` connections) and `--streams` 30 FPS cameras (one gRPC
-stream each, as `bench/vision.py`). While each load runs, the connections each worker holds are
+stream each, as `bench/vision.py`); then fraud over HTTP JSON under wrk (64 connections, as
+`bench/peers.py`). While each load runs, the connections each worker holds are
 counted from /proc: how they were split is what the two trees differ in (the kernel's
 SO_REUSEPORT hash before session 27, the supervisor's least-connections hand-off since). The
 in-process ceilings (detector one image at a time; the camera pipeline in one loop) are measured
@@ -26,6 +27,7 @@ import threading
 import time
 from pathlib import Path
 
+from peers import JSON_BODY, wrk
 from serving import ceiling, machine, perf_analyzer, start_volley, stop
 from vision import camera_frames, cameras
 from vision import ceiling as camera_ceiling
@@ -90,11 +92,18 @@ def one_round(tree: Path, models: Path, frames: list[bytes], args: argparse.Name
                                 args.seconds / 2, grpc_split)  # fmt: skip
         row = cameras(volley.grpc, frames, args.streams, args.seconds)
         sampler.join()
+        json_split: list = []
+        sampler = sampled_split(volley.proc.pid, int(volley.http.rsplit(":", 1)[1]),
+                                args.seconds / 2, json_split)  # fmt: skip
+        url = f"http://{volley.http}/v2/models/fraud/infer"
+        json_rps, _, json_p99 = wrk(url, JSON_BODY, args.seconds)
+        sampler.join()
     finally:
         stop(volley.proc)
     return {
         "detector": (rps, p99, http_split[0]),
         "cameras": (row.processed_fps, row.skipped, row.p99_ms, grpc_split[0]),
+        "fraud": (json_rps, json_p99, json_split[0]),
     }
 
 
@@ -139,27 +148,33 @@ def report(
         f"camera pipeline {camera_fps:.1f} frames/s.",
         "",
         f"| tree | round | detector c={args.concurrency}: images/s, p99 ms, split | "
-        f"{args.streams} cameras: frames/s, skipped, p99 ms, split |",
-        "|---|---:|---|---|",
+        f"{args.streams} cameras: frames/s, skipped, p99 ms, split | "
+        "fraud HTTP JSON, wrk c=64: req/s, p99 ms, split |",
+        "|---|---:|---|---|---|",
     ]
     for name, rounds in results.items():
         for number, result in enumerate(rounds, 1):
             rps, p99, http_split = result["detector"]
             fps, skipped, camera_p99, grpc_split = result["cameras"]
+            json_rps, json_p99, json_split = result["fraud"]
             lines.append(
                 f"| {name} | {number} | {rps:.0f}, {p99:.1f}, {'/'.join(map(str, http_split))} "
                 f"| {fps:.1f}, {skipped:.1%}, {camera_p99:.1f}, "
-                f"{'/'.join(map(str, grpc_split))} |"
+                f"{'/'.join(map(str, grpc_split))} "
+                f"| {json_rps:,.0f}, {json_p99:.1f}, {'/'.join(map(str, json_split))} |"
             )
         detector = [r["detector"] for r in rounds]
         camera = [r["cameras"] for r in rounds]
+        fraud = [r["fraud"] for r in rounds]
         lines.append(
             f"| {name} | median | {statistics.median(d[0] for d in detector):.0f}, "
             f"{statistics.median(d[1] for d in detector):.1f} | "
             f"{statistics.median(c[0] for c in camera):.1f} "
             f"({statistics.median(c[0] for c in camera) / camera_fps:.0%} of the ceiling), "
             f"{statistics.median(c[1] for c in camera):.1%}, "
-            f"{statistics.median(c[2] for c in camera):.1f} |"
+            f"{statistics.median(c[2] for c in camera):.1f} | "
+            f"{statistics.median(f[0] for f in fraud):,.0f}, "
+            f"{statistics.median(f[1] for f in fraud):.1f} |"
         )
     return "\n".join(lines)
 

@@ -36,6 +36,8 @@ HTTP, GRPC, METRICS = b"h", b"g", b"m"  # which port a passed connection came in
 ACCEPTS_PER_WAKEUP = 64  # then other work on the supervisor's loop gets its turn
 ACCEPT_RETRY_SECONDS = 0.1  # after running out of file descriptors
 
+Server = tuple[Callable[[], asyncio.Protocol], "ssl.SSLContext | None"]  # protocol factory, TLS
+
 
 class ConnectionCounts:
     """Per worker, connections received so far and open now: written by that worker, read by
@@ -229,8 +231,7 @@ class ConnectionReceiver:
         self.channel = channel
         self.counts = counts
         self.index = index
-        self.servers: dict[bytes, tuple[Callable[[], asyncio.Protocol], ssl.SSLContext | None]]
-        self.servers = {}
+        self.servers: dict[bytes, Server] = {}  # by kind
         self.received = 0
         self._open: list[TrackedConnections] = []
         self._handshakes: set[asyncio.Task] = set()

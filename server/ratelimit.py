@@ -4,7 +4,7 @@ A token bucket per client address: `rate` requests a second on average, bursts o
 Past it a request is refused at once with 429 / RESOURCE_EXHAUSTED, before any work is done on
 it. The table of clients is bounded: the least recently seen client is forgotten first.
 
-With `--workers N` the kernel spreads one client's connections over the workers, so buckets of
+With `--workers N` one client's connections are spread over the workers, so buckets of
 each worker's own would let a client through up to N times its limit: there the workers keep
 their buckets in one file they all map (`SharedRateLimiter`).
 """

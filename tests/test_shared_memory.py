@@ -293,7 +293,7 @@ def test_regions_reach_every_worker(tmp_path: Path, regions: list) -> None:
         plain.set_data_from_numpy(rows)
         expected = c.infer("fraud", [plain]).as_numpy("score").reshape(-1)
         c.close()
-        for _ in range(16):  # the kernel spreads new connections over both workers
+        for _ in range(16):  # the supervisor spreads new connections over both workers
             answer = fresh_infer(proc, name, rows.nbytes)
             assert answer.status_code == 200, answer.text
             np.testing.assert_allclose(answer.json()["outputs"][0]["data"], expected, rtol=1e-6)

@@ -244,7 +244,7 @@ def test_poll_adds_and_removes_models(tmp_path: Path, serve) -> None:
 
 def test_a_client_rate_limit_holds_across_the_workers(repository: Path) -> None:
     """--rate-limit 2 --rate-burst 10 with two workers: 40 requests from one address, each on a
-    new connection (the kernel spreads them over both workers), get about one burst of
+    new connection (the supervisor spreads them over both workers), get about one burst of
     answers, not one per worker; the rest are refused with 429."""
     with serving(repository, *WORKERS, "--rate-limit", "2", "--rate-burst", "10") as proc:
         started = time.monotonic()
@@ -363,8 +363,8 @@ def test_tls_with_workers(tmp_path: Path, pki: dict[str, Path]) -> None:  # noqa
 
 
 def test_a_port_another_program_shares_is_still_refused(tmp_path: Path) -> None:
-    """The workers bind with SO_REUSEPORT, yet a port another program holds (with
-    SO_REUSEPORT too) is refused before any worker starts."""
+    """A port another program holds (with SO_REUSEPORT, which would let a second socket
+    bind it) is refused before any worker starts."""
     with socket.socket() as taken:
         taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         taken.bind(("127.0.0.1", 0))
