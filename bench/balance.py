@@ -1,10 +1,10 @@
 """Connections over the workers: this checkout against another (`--tree`), alternated.
 
-Both serve the shipped models with `--workers 2`. Each round measures, on each tree in turn,
-the two loads that a client with few connections puts on the workers: the raw detector over HTTP
-binary (perf_analyzer, `--concurrency` connections) and `--streams` 30 FPS cameras (one gRPC
-stream each, as `bench/vision.py`); then fraud over HTTP JSON under wrk (64 connections, as
-`bench/peers.py`). While each load runs, the connections each worker holds are
+Both serve the shipped models with `--workers 2` (or `--workers N`). Each round measures, on
+each tree in turn, the two loads that a client with few connections puts on the workers: the raw
+detector over HTTP binary (perf_analyzer, `--concurrency` connections) and `--streams` 30 FPS
+cameras (one gRPC stream each, as `bench/vision.py`); then fraud over HTTP JSON under wrk (64
+connections, as `bench/peers.py`). While each load runs, the connections each worker holds are
 counted from /proc: how they were split is what the two trees differ in (the kernel's
 SO_REUSEPORT hash before session 27, the supervisor's least-connections hand-off since). The
 in-process ceilings (detector one image at a time; the camera pipeline in one loop) are measured
@@ -77,8 +77,8 @@ def sampled_split(server_pid: int, port: int, after: float, result: list) -> thr
 
 
 def one_round(tree: Path, models: Path, frames: list[bytes], args: argparse.Namespace) -> dict:
-    """Both loads on a `--workers 2` server of `tree`."""
-    volley = start_volley(models, "--workers", "2", tree=tree)
+    """Every load on a `--workers N` server of `tree`."""
+    volley = start_volley(models, "--workers", str(args.workers), tree=tree)
     try:
         http_split: list = []
         sampler = sampled_split(volley.proc.pid, int(volley.http.rsplit(":", 1)[1]),
@@ -114,6 +114,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--concurrency", type=int, default=8, help="detector connections")
     parser.add_argument("--streams", type=int, default=4, help="cameras")
+    parser.add_argument("--workers", type=int, default=2, help="the servers' --workers")
     args = parser.parse_args()
     trees = {"this checkout": ROOT, str(args.tree): args.tree.resolve()}
     frames = camera_frames()
