@@ -268,7 +268,12 @@ class ConnectionReceiver:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                message, fds, _, _ = socket.recv_fds(self.channel, 1, 1)
+                message, fds, _, _ = socket.recv_fds(
+                    self.channel,
+                    1,
+                    1,
+                    socket.MSG_CMSG_CLOEXEC,  # no child process inherits it
+                )
             except BlockingIOError:
                 break
             except OSError:
@@ -320,5 +325,9 @@ class ConnectionReceiver:
 
 
 def receiver_channel(fd: int) -> socket.socket:
-    """The worker's end of its channel, from the file descriptor it inherited."""
-    return socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=fd)
+    """The worker's end of its channel, from the file descriptor it inherited (and that its
+    own child processes, the image decoders, must not: the supervisor sees the worker's end
+    close when the worker exits)."""
+    channel = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=fd)
+    channel.set_inheritable(False)
+    return channel
