@@ -267,13 +267,8 @@ class ConnectionReceiver:
     def _receive(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            try:
-                message, fds, _, _ = socket.recv_fds(
-                    self.channel,
-                    1,
-                    1,
-                    socket.MSG_CMSG_CLOEXEC,  # no child process inherits it
-                )
+            try:  # close-on-exec: no child process (an image decoder) inherits the connection
+                message, fds, _, _ = socket.recv_fds(self.channel, 1, 1, socket.MSG_CMSG_CLOEXEC)
             except BlockingIOError:
                 break
             except OSError:
