@@ -140,6 +140,9 @@ def test_http_keepalive_clients(volley: VolleyProcess) -> None:
     assert outcomes["refused"] == 16, outcomes  # each client stopped at its first refusal
 
 
+WINDOW = 64  # requests a stream client keeps unanswered in test_grpc_stream_until_refused
+
+
 def test_grpc_stream_until_refused(volley: VolleyProcess) -> None:
     """A stream sends requests until its first refusal; every request id comes back once,
     answered or refused (the raw stub: tritonclient drops the id of an in-stream error)."""
@@ -178,6 +181,14 @@ def test_grpc_stream_until_refused(volley: VolleyProcess) -> None:
             signalled = time.monotonic()
         if sent % 50 == 0:
             time.sleep(0.005)  # a camera-like client, not a flood: lets answers flow back
+        # At most WINDOW unanswered, as a camera-like client keeps: the server ends a stream
+        # once other traffic has been quiet for a moment, and stops reading it then. Without
+        # a bound, a slow machine let the client's queue grow until what it still had to send
+        # after its first refusal outlasted that moment (26 ids of 2,100 never read, once).
+        waited = time.monotonic()
+        while sent - len(outcomes) >= WINDOW and not refused.is_set():
+            assert time.monotonic() - waited < TIMEOUT, "answers stopped coming"
+            time.sleep(0.0005)
         assert sent < 1_000_000
     outgoing.put(None)  # the client stops at its first refusal and closes its side
     reader.join(TIMEOUT)
