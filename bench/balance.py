@@ -25,6 +25,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from peers import JSON_BODY, wrk
@@ -35,14 +37,14 @@ from vision import ceiling as camera_ceiling
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def established(port: int) -> dict[str, int]:
-    """Socket inode -> 1 for every established server-side connection on `port`."""
-    inodes = {}
+def established(port: int) -> set[str]:
+    """The sockets ("socket:[inode]") of every established server-side connection on `port`."""
+    inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
             if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                inodes[f"socket:[{fields[9]}]"] = 1
+                inodes.add(f"socket:[{fields[9]}]")
     return inodes
 
 
@@ -64,40 +66,34 @@ def split(server_pid: int, port: int) -> list[int]:
     return sorted(counts.values(), reverse=True)
 
 
-def sampled_split(server_pid: int, port: int, after: float, result: list) -> threading.Thread:
-    """Count the split once, `after` seconds from now (while the load runs), into `result`."""
-
-    def sample() -> None:
-        time.sleep(after)
-        result.append(split(server_pid, port))
-
-    thread = threading.Thread(target=sample, daemon=True)
+@contextmanager
+def splitting(server_pid: int, address: str, after: float) -> Iterator[list]:
+    """For the `with` block (a load on `address`): the split counted once, `after` seconds in,
+    as the one item of the list yielded (there once the block ends)."""
+    result: list = []
+    port = int(address.rsplit(":", 1)[1])
+    thread = threading.Thread(
+        target=lambda: (time.sleep(after), result.append(split(server_pid, port))), daemon=True
+    )
     thread.start()
-    return thread
+    yield result
+    thread.join()
 
 
 def one_round(tree: Path, models: Path, frames: list[bytes], args: argparse.Namespace) -> dict:
     """Every load on a `--workers N` server of `tree`."""
     volley = start_volley(models, "--workers", str(args.workers), tree=tree)
+    pid = volley.proc.pid
     try:
-        http_split: list = []
-        sampler = sampled_split(volley.proc.pid, int(volley.http.rsplit(":", 1)[1]),
-                                args.seconds, http_split)  # fmt: skip
-        rps, _, p99 = perf_analyzer(
-            "detector", volley.http, "http", args.concurrency, [], args.seconds
-        )
-        sampler.join()
-        grpc_split: list = []
-        sampler = sampled_split(volley.proc.pid, int(volley.grpc.rsplit(":", 1)[1]),
-                                args.seconds / 2, grpc_split)  # fmt: skip
-        row = cameras(volley.grpc, frames, args.streams, args.seconds)
-        sampler.join()
-        json_split: list = []
-        sampler = sampled_split(volley.proc.pid, int(volley.http.rsplit(":", 1)[1]),
-                                args.seconds / 2, json_split)  # fmt: skip
-        url = f"http://{volley.http}/v2/models/fraud/infer"
-        json_rps, _, json_p99 = wrk(url, JSON_BODY, args.seconds)
-        sampler.join()
+        with splitting(pid, volley.http, args.seconds) as http_split:
+            rps, _, p99 = perf_analyzer(
+                "detector", volley.http, "http", args.concurrency, [], args.seconds
+            )
+        with splitting(pid, volley.grpc, args.seconds / 2) as grpc_split:
+            row = cameras(volley.grpc, frames, args.streams, args.seconds)
+        with splitting(pid, volley.http, args.seconds / 2) as json_split:
+            url = f"http://{volley.http}/v2/models/fraud/infer"
+            json_rps, _, json_p99 = wrk(url, JSON_BODY, args.seconds)
     finally:
         stop(volley.proc)
     return {
