@@ -282,5 +282,6 @@ async def _drain(
     quiet = await dataplane.quiesce(DRAIN_QUIET_SECONDS, deadline - time.monotonic())
     if not quiet:
         log.warning("clients kept sending while draining", extra={"event": "drain_busy"})
-    dataplane.end_sessions()
+    streams = dataplane.end_sessions()
+    log.info("open streams ended", extra={"event": "streams_ended", "streams": streams})
     await repository.drain(max(deadline - time.monotonic(), 0.0))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from functools import cache
 
 from server import metrics
@@ -27,6 +26,7 @@ from server.log_settings import process_settings
 from server.ratelimit import RateLimiter
 from server.repository import ModelRepository
 from server.servable import FramePolicy
+from server.sessions import SHUTTING_DOWN, Session
 from server.shm import SystemSharedMemory
 from server.tracing import TRACER, Trace
 from server.types import (
@@ -79,7 +79,7 @@ class DataPlane:
         self.draining = False
         self.arrivals = 0  # requests seen, refused ones included: what `quiesce` watches
         self.sessions_ending = False  # shutting down: open streams are being ended
-        self._sessions: set[Callable[[], None]] = set()  # how to end each open stream
+        self._sessions: set[Session] = set()  # open streams, ended on shutdown
         # in flight per protocol: a plain count here, published to the gauge when scraped
         self.inflight_by_protocol: dict[str, int] = {}
         metrics.refresh_on_scrape(self._publish_inflight)
@@ -122,7 +122,7 @@ class DataPlane:
             trace.stamp("REQUEST_START")
         try:
             if self.draining:
-                raise unavailable("server is shutting down")
+                raise unavailable(SHUTTING_DOWN)
             shared = request.shared_memory
             if shared:
                 self._read_shared_inputs(request)
@@ -158,7 +158,7 @@ class DataPlane:
         nothing is looked up: what is refused then (an unloading version) is refused by `infer`.
         """
         if self.draining:
-            error = unavailable("server is shutting down")
+            error = unavailable(SHUTTING_DOWN)
             version = ""
         elif HELD.count < self.repository.smallest_queue_limit:
             return None
@@ -233,21 +233,23 @@ class DataPlane:
                 return True
         return False
 
-    def open_session(self, end: Callable[[], None]) -> Callable[[], None]:
+    def open_session(self) -> Session:
         """Register a long-lived stream (a gRPC `ModelStreamInfer` call, a WebSocket camera
-        session): `end` makes it stop reading, answer what it took and close. A camera sends
-        until its stream ends, so a drain cannot wait for it to go quiet: `end_sessions` ends
-        it instead. Returns what unregisters the stream."""
+        session), which `end_sessions` ends on shutdown (`server.sessions`); the stream closes
+        its session when it is over."""
+        session = Session(self._sessions.discard)
         if self.sessions_ending:  # opened while the server stops: ended at once
-            end()
-        self._sessions.add(end)
-        return lambda: self._sessions.discard(end)
+            session.end()
+        self._sessions.add(session)
+        return session
 
-    def end_sessions(self) -> None:
-        """Shutting down: end every open stream (`open_session`)."""
+    def end_sessions(self) -> int:
+        """Shutting down: stop reading every open stream; each answers what it took.
+        Returns how many were open."""
         self.sessions_ending = True
-        for end in list(self._sessions):
-            end()
+        for session in list(self._sessions):
+            session.end()
+        return len(self._sessions)
 
     def admit(self, client: str) -> None:
         """Refuse (429) a client over its rate limit, when `--rate-limit` is set."""

@@ -38,6 +38,7 @@ from server.protocol.model_info import (
     unload_dependents,
 )
 from server.ratelimit import grpc_peer_address
+from server.sessions import SHUTTING_DOWN, SessionEnded
 from server.streams import FrameAnswer, FrameStream
 from server.tracing import TRACER, Trace
 from server.types import InferenceRequest
@@ -141,7 +142,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(self, request_iterator, context):
         """Requests are handled concurrently (so they batch together); each answer is written
         as soon as it is ready, carrying its request's id. Frames to a pipeline model are a
-        camera session instead: latest-frame-wins (`server.streams`)."""
+        camera session instead: latest-frame-wins (`server.streams`). On shutdown the stream
+        answers every request it read, then ends with UNAVAILABLE: the rest were not taken."""
         # Bounded: when the client stops reading answers, reading its requests stops too.
         answers: asyncio.Queue = asyncio.Queue(maxsize=MAX_STREAM_INFLIGHT)
         tasks: set[asyncio.Task] = set()
@@ -177,32 +179,38 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             if frames.takes(decoded):
                 await frames.submit(decoded)
                 return
-            if len(tasks) >= MAX_STREAM_INFLIGHT:  # stop reading (the client's window closes)
-                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             task = asyncio.create_task(answer(request, decoded))
             HELD.hold(task)
             tasks.add(task)
             task.add_done_callback(tasks.discard)
+            if len(tasks) >= MAX_STREAM_INFLIGHT:  # stop reading (the client's window closes)
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
 
         malformed: list[Malformed] = []  # a message that did not parse ends the stream
+        session = self.dataplane.open_session()  # ended on shutdown
+
+        cut: list[SessionEnded] = []  # the server ended the stream before the client did
 
         async def read() -> None:
+            incoming = aiter(request_iterator)
             try:
-                try:
-                    async for request in request_iterator:
-                        if isinstance(request, Malformed):
-                            self.dataplane.count_rejected("", "grpc_stream", "invalid")
-                            malformed.append(request)
-                            break
-                        try:
-                            await take(request)
-                        except Exception as exc:  # a bug: this request fails, the stream goes on
-                            error = unexpected(exc, model=request.model_name)
-                            await answers.put(_stream_error(request, error.message))
-                except asyncio.CancelledError:
-                    if not self.dataplane.sessions_ending:
-                        raise  # the client left: nothing to answer
-                    asyncio.current_task().uncancel()
+                while True:
+                    try:
+                        request = await session.receive(incoming.__anext__)
+                    except StopAsyncIteration:
+                        break
+                    except SessionEnded as ended:
+                        cut.append(ended)
+                        break
+                    if isinstance(request, Malformed):
+                        self.dataplane.count_rejected("", "grpc_stream", "invalid")
+                        malformed.append(request)
+                        break
+                    try:
+                        await take(request)
+                    except Exception as exc:  # a bug: this request fails, the stream goes on
+                        error = unexpected(exc, model=request.model_name)
+                        await answers.put(_stream_error(request, error.message))
                 if tasks:
                     await asyncio.gather(*tasks, return_exceptions=True)
                 await frames.finish()
@@ -210,14 +218,15 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 await answers.put(done)
 
         reader = asyncio.create_task(read())
-        unregister = self.dataplane.open_session(reader.cancel)  # ended on shutdown
-        reader.add_done_callback(lambda _: unregister())
         try:
             while (message := await answers.get()) is not done:
                 yield message
             if malformed:  # after answering every request taken before it
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, malformed[0].message)
+            if cut:  # what the client sent after the requests answered was not taken
+                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         finally:
+            session.close()
             reader.cancel()
             frames.close()
             for task in list(tasks):

@@ -17,6 +17,7 @@ import orjson
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from server.dataplane import DataPlane
+from server.sessions import SHUTTING_DOWN, Session, SessionEnded
 from server.streams import FrameAnswer, FrameStream
 from server.types import InferenceRequest, InferTensor
 
@@ -41,18 +42,14 @@ async def serve_frames(websocket: WebSocket, dataplane: DataPlane, model: str) -
         return
     outgoing = Outgoing(websocket)
     frames = FrameStream(dataplane, outgoing.put, "websocket")
-    reader = asyncio.create_task(_read_frames(websocket, model, frames, outgoing.put))
-    unregister = dataplane.open_session(reader.cancel)  # ended on shutdown
+    session = dataplane.open_session()  # ended on shutdown
     try:
-        await asyncio.wait({reader})
-        if not reader.cancelled():
-            reader.result()  # the client left (or a bug, raised here)
-            return
+        if not await _read_frames(websocket, session, model, frames, outgoing.put):
+            return  # the client left
         if await outgoing.deliver(frames.finish):
-            await websocket.close(SERVICE_RESTART, "server is shutting down")
+            await websocket.close(SERVICE_RESTART, SHUTTING_DOWN)
     finally:
-        unregister()
-        reader.cancel()
+        session.close()
         frames.close()
         await outgoing.close()
 
@@ -65,10 +62,18 @@ class Outgoing:
     def __init__(self, websocket: WebSocket) -> None:
         self._queue: asyncio.Queue[str] = asyncio.Queue(maxsize=OUTGOING_LIMIT)
         self._writer = asyncio.create_task(self._write(websocket))
+        self._writer.add_done_callback(self._discard)
 
     async def put(self, answer: FrameAnswer) -> None:
-        """Queue a frame's answer."""
-        await self._queue.put(_json(answer_document(answer)))
+        """Queue a frame's answer (dropped once the client is gone: it can reach no one)."""
+        if not self._writer.done():
+            await self._queue.put(_json(answer_document(answer)))
+
+    def _discard(self, _: asyncio.Task) -> None:
+        """The client is gone: free the queue, so that no `put` waits for room forever."""
+        while not self._queue.empty():
+            self._queue.get_nowait()
+            self._queue.task_done()
 
     async def deliver(self, answer_taken: Callable[[], Awaitable[None]]) -> bool:
         """Wait for `answer_taken()` (every frame taken has its answer queued), then for every
@@ -103,19 +108,24 @@ class Outgoing:
 
 async def _read_frames(
     websocket: WebSocket,
+    session: Session,
     model: str,
     frames: FrameStream,
     emit: Callable[[FrameAnswer], Awaitable[None]],
-) -> None:
-    """Read the session's messages, handing each frame to `frames`, until the client leaves."""
+) -> bool:
+    """Read the session's messages, handing each frame to `frames`, until the client leaves
+    (False) or the server ends the session (True)."""
     parameters: dict = {}
     header: dict = {}
     count = 0
     try:
         while True:
-            message = await websocket.receive()
+            try:
+                message = await session.receive(websocket.receive)
+            except SessionEnded:
+                return True
             if message["type"] == "websocket.disconnect":
-                return
+                return False
             if message.get("bytes") is not None:
                 count += 1
                 frame_id = str(header.pop("id", count))
@@ -138,7 +148,7 @@ async def _read_frames(
                     continue
                 parameters.update(header.pop("parameters", {}))
     except WebSocketDisconnect:
-        return
+        return False
 
 
 def read_header(text: str) -> dict:

@@ -24,6 +24,7 @@ import websockets
 import yaml
 from conftest import VolleyProcess, copy_shipped_models, serving
 from metrics_scrape import scrape, total
+from tritonclient.utils import InferenceServerException
 from vision_scenes import encode, scene_image
 from websockets.client import ClientProtocol
 from websockets.protocol import State
@@ -45,7 +46,8 @@ class Answers:
     sent_at: dict[str, float] = field(default_factory=dict)
     processed: dict[str, float] = field(default_factory=dict)  # id -> latency (ms)
     skipped: dict[str, str] = field(default_factory=dict)  # id -> reason
-    errors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # one frame's error each
+    ended: str | None = None  # the status the stream itself ended with, when not OK
     detections: int = 0
 
     @property
@@ -81,6 +83,9 @@ class CameraStream:
     def _on_answer(self, result, error) -> None:
         now = time.perf_counter()
         with self._lock:
+            if error is not None and error.status():  # the stream ended with this status
+                self.answers.ended = str(error)
+                return
             if error is not None:
                 self.answers.errors.append(str(error))
                 return
@@ -288,6 +293,8 @@ def test_sigterm_ends_open_camera_streams_after_their_last_answer(
     answered = set(stream.answers.processed) | set(stream.answers.skipped)
     assert set(before_stop) <= answered
     assert len(answered) + len(stream.answers.errors) <= len(stream.answers.sent_at)
+    # the server cut the stream while the client still had it open: it says so
+    assert stream.answers.ended == "[StatusCode.UNAVAILABLE] server is shutting down"
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
@@ -303,7 +310,10 @@ def test_sigterm_ends_camera_streams_that_keep_sending(
 
         def grpc_camera() -> None:
             while proc.proc.poll() is None:
-                grpc_stream.send(frames[grpc_stream.count % len(frames)])
+                try:
+                    grpc_stream.send(frames[grpc_stream.count % len(frames)])
+                except InferenceServerException:  # the stream ended: its status comes below
+                    return
                 time.sleep(1 / 15)
 
         async def websocket_camera() -> tuple[int, list[dict], int | None]:
@@ -360,6 +370,7 @@ def test_sigterm_ends_camera_streams_that_keep_sending(
     got = grpc_stream.answers
     assert got.processed and set(got.processed) | set(got.skipped) <= set(got.sent_at)
     assert all("server is shutting down" in error for error in got.errors), got.errors
+    assert got.ended == "[StatusCode.UNAVAILABLE] server is shutting down"
 
 
 def test_a_websocket_client_that_stopped_reading_and_left_does_not_hold_the_shutdown(

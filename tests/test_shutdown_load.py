@@ -9,9 +9,11 @@ from __future__ import annotations
 import collections
 import queue
 import signal
+import socket
+import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -20,6 +22,7 @@ import pytest
 import requests
 import tritonclient.grpc as grpcclient
 from conftest import VolleyProcess, copy_shipped_models
+from http2_wire import PREFACE, frame, frames_in, literal_headers
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
@@ -157,13 +160,20 @@ def test_grpc_stream_until_refused(volley: VolleyProcess) -> None:
         while (request := outgoing.get()) is not None:
             yield request
 
+    ended: list[grpc.RpcError] = []  # a status other than OK: the server cut the stream
+
     def read(responses: Iterator[pb.ModelStreamInferResponse]) -> None:
-        for response in responses:
-            message = response.error_message
-            outcome = "ok" if not message else "refused" if SHUTTING_DOWN in message else message
-            outcomes[response.infer_response.id] = outcome
-            if outcome == "refused":
-                refused.set()
+        try:
+            for response in responses:
+                message = response.error_message
+                refusal = SHUTTING_DOWN in message
+                outcome = "ok" if not message else "refused" if refusal else message
+                outcomes[response.infer_response.id] = outcome
+                if outcome == "refused":
+                    refused.set()
+        except grpc.RpcError as exc:
+            ended.append(exc)
+            refused.set()
 
     reader = threading.Thread(target=read, args=(stub.ModelStreamInfer(requests_to_send()),))
     reader.start()
@@ -194,5 +204,81 @@ def test_grpc_stream_until_refused(volley: VolleyProcess) -> None:
     reader.join(TIMEOUT)
     channel.close()
     assert_exits_cleanly(volley, signalled)
+    assert not ended, "the client closed its side first: the stream must end with OK"
     assert sorted(outcomes, key=int) == [str(i) for i in range(sent)], "ids lost or unknown"
     assert set(outcomes.values()) <= {"ok", "refused"}, collections.Counter(outcomes.values())
+
+
+def test_a_stream_cut_by_shutdown_answers_every_request_it_read(volley: VolleyProcess) -> None:
+    """A client that sends 600 requests on one stream and reads none of the answers (its
+    window is 0): the server reads requests until its bounds stop it (answers it cannot send,
+    requests in flight). SIGTERM ends the stream while it is stopped halfway through taking a
+    request. Once the client reads, every request the server read comes back (ids 0..n-1,
+    none twice), and the stream ends with UNAVAILABLE: the client learns that the rest were
+    not taken, instead of an OK that would hide them."""
+    features = np.random.default_rng(0).random((1, 17), np.float32).tobytes()
+    body = b""
+    for i in range(600):
+        request = pb.ModelInferRequest(model_name="fraud", id=str(i))
+        request.inputs.add(name="features", datatype="FP32", shape=[1, 17])
+        request.raw_input_contents.append(features)
+        message = request.SerializeToString()
+        body += b"\x00" + struct.pack(">I", len(message)) + message
+    headers = literal_headers(
+        [(":method", "POST"), (":scheme", "http"),
+         (":path", "/inference.GRPCInferenceService/ModelStreamInfer"), (":authority", "x"),
+         ("content-type", "application/grpc"), ("te", "trailers")]
+    )  # fmt: skip
+    host, port = volley.grpc.rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as sock:
+        sock.settimeout(TIMEOUT)
+        sock.sendall(PREFACE + frame(4, 0, 0, struct.pack(">HI", 0x4, 0)))  # stream window 0
+        received = _receive_until(sock, b"", lambda data: any(k == 4 for k, *_ in frames_in(data)))
+        sock.sendall(frame(4, 0x1, 0, b"") + frame(1, 0x4, 1, headers))  # SETTINGS ACK
+        for at in range(0, len(body), 16_384):  # within the server's 1 MiB stream window
+            sock.sendall(frame(0, 0, 1, body[at : at + 16_384]))
+        time.sleep(1.0)  # the server reads what its bounds allow, then stops
+        volley.proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        deadline = signalled + TIMEOUT
+        while '"event":"streams_ended"' not in volley.log():
+            assert time.monotonic() < deadline, volley.log()
+            time.sleep(0.05)
+        # now read: open the stream's window and the connection's
+        sock.sendall(
+            frame(4, 0, 0, struct.pack(">HI", 0x4, 1 << 20))
+            + frame(8, 0, 0, struct.pack(">I", 1 << 24))
+        )
+        received = _receive_until(sock, received, lambda data: _trailers(data) is not None)
+    assert_exits_cleanly(volley, signalled)
+    data = b"".join(payload for kind, stream, payload, _ in frames_in(received)
+                    if kind == 0 and stream == 1)  # fmt: skip
+    ids, at = [], 0
+    while at < len(data):
+        size = struct.unpack(">I", data[at + 1 : at + 5])[0]
+        response = pb.ModelStreamInferResponse.FromString(data[at + 5 : at + 5 + size])
+        assert not response.error_message, response.error_message
+        ids.append(int(response.infer_response.id))
+        at += 5 + size
+    assert sorted(ids) == list(range(len(ids))), "a request read was not answered, or twice"
+    assert 256 < len(ids) < 600  # stopped by its bounds, well past the first answers
+    trailers = _trailers(received)
+    assert b"grpc-status\x0214" in trailers and SHUTTING_DOWN.encode() in trailers, trailers
+
+
+def _receive_until(sock: socket.socket, data: bytes, done: Callable[[bytes], bool]) -> bytes:
+    while not done(data):
+        chunk = sock.recv(65_536)
+        assert chunk, f"the connection closed; received {len(data)} bytes"
+        data += chunk
+    return data
+
+
+def _trailers(data: bytes) -> bytes | None:
+    """The payload of stream 1's HEADERS frame that ends it (END_STREAM), if it came."""
+    at = 0
+    for kind, stream, payload, end in frames_in(data):
+        if kind == 1 and stream == 1 and data[at + 4] & 0x1:
+            return bytes(payload)
+        at = end
+    return None
