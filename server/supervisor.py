@@ -161,7 +161,8 @@ class Supervisor:
         serving = slot.serving
         slot.registered = slot.serving = False
         self.dispatcher.detach(slot.index)
-        mark_process_dead(process.pid, str(self.directory))  # its live gauges leave the sums
+        with contextlib.suppress(OSError):  # a file already gone must not stop the restart
+            mark_process_dead(process.pid, str(self.directory))  # its live gauges leave the sums
         self._write_pids()
         if self.stopping:
             return
