@@ -4,6 +4,7 @@ copy of the shipped repository, over gRPC and HTTP; and its example scripts, run
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import ROOT, VolleyProcess, free_port
+from conftest import ROOT, VolleyProcess, copy_shipped_models, free_port, serving
 from reference import assert_close, ort_outputs
 from vision_scenes import SceneImage, encode, matched_fraction, scene_image
 
@@ -215,6 +216,31 @@ def test_stream_answers_every_frame(shipped: VolleyProcess, tmp_path: Path) -> N
     assert all(matched(truth, r.detections) >= MATCHED_FLOOR for r in done)
     assert all(r.skip_reason for r in results if r.status == "skipped")
     assert {r.status for r in results} <= {"processed", "skipped", "error"}
+
+
+def test_a_stream_the_server_ends_on_shutdown_raises_unavailable(tmp_path: Path) -> None:
+    """A camera streaming through the server's SIGTERM gets the answers to the frames the
+    server took, then `Unavailable` at once (so it can reconnect elsewhere), not a wait for
+    answers that will never come."""
+    truth, _ = scene(tmp_path)
+    frame = encode(truth.image, ".jpg")
+
+    def camera() -> Iterator[bytes]:
+        for _ in range(300):  # 20 s at 15 FPS: past the end of the server
+            yield frame
+            time.sleep(1 / 15)
+
+    results = []
+    with serving(copy_shipped_models(tmp_path)) as proc, VolleyClient(proc.grpc) as client:
+        with pytest.raises(Unavailable, match="server is shutting down"):
+            for result in client.stream(camera()):
+                results.append(result)
+                if len(results) == 10:
+                    proc.proc.send_signal(signal.SIGTERM)
+                    signalled = time.monotonic()
+        assert time.monotonic() - signalled < 10
+    assert len(results) >= 10 and {r.status for r in results} <= {"processed", "skipped", "error"}
+    assert any(r.status == "processed" for r in results)
 
 
 def test_stream_needs_grpc(shipped: VolleyProcess) -> None:
