@@ -32,7 +32,7 @@ from server.errors import (
     shared_memory_unsupported,
     unexpected,
 )
-from server.protocol import http_codec
+from server.protocol import http_codec, image_body
 from server.protocol.json_offload import OFFLOAD_BYTES, JsonOffload
 from server.protocol.model_info import (
     load_override,
@@ -110,8 +110,9 @@ class HttpFrontEnd:
             client = (scope.get("client") or ("?",))[0]
             trace = TRACER.sample(infer[1]) if TRACER.on else None
             try:
+                target = scope["raw_path"] + b"?" + scope["query_string"]
                 answer = await self.answer_infer(
-                    infer, dict(scope["headers"]), client, receive, trace=trace
+                    infer, dict(scope["headers"]), client, receive, trace=trace, target=target
                 )
                 await _send_answer(send, answer)
             finally:
@@ -184,13 +185,15 @@ class HttpFrontEnd:
         receive: Receive,
         body: bytes | None = None,
         trace: Trace | None = None,
+        target: bytes = b"",
     ) -> Answer:
         """Answer one `POST /v2/models/{model}[/versions/{version}]/infer` (`route`: its path
         matched by INFER_ROUTE); never raises.
 
         `receive` yields the body as ASGI `http.request` messages, unless the caller passes the
         whole `body` (the connection read it with the headers); `client` is the peer's address
-        (for the rate limit and the log); `trace` is the request's when it is traced.
+        (for the rate limit and the log); `trace` is the request's when it is traced; `target`
+        the request's path and query (an image body's parameters: `server.protocol.image_body`).
         """
         model, version = route[1], route[2] or ""
         if self.keys is not None:
@@ -204,6 +207,8 @@ class HttpFrontEnd:
         try:
             if self.dataplane.rate_limiter is not None:
                 self.dataplane.admit(client)
+            if image_body.is_image(headers):
+                return await self._answer_image(headers, receive, body, route, target, trace)
             header_length, large = self._check_headers(headers)
             if large:  # streamed to the decoder process as it arrives
                 try:
@@ -233,6 +238,39 @@ class HttpFrontEnd:
         length = str(json_length).encode()
         return Answer(200, payload, OCTET_STREAM, [(b"inference-header-content-length", length)])
 
+    async def _answer_image(
+        self,
+        headers: dict[bytes, bytes],
+        receive: Receive,
+        body: bytes | None,
+        route: re.Match,
+        target: bytes,
+        trace: Trace | None,
+    ) -> Answer:
+        """Answer an image body (`server.protocol.image_body`) to a pipeline model."""
+        model, version = route[1], route[2] or ""
+        body_read = reached = False
+        try:
+            self._check_body_length(_int_header(headers.get(b"content-length")))
+            if body is None:
+                body = await self._read_body(headers, receive)
+            else:
+                body = self._whole_body(headers, body)
+            body_read = True
+            if self.dataplane.repository.get(model, version).model.frame_policy is None:
+                raise invalid(
+                    f"model '{model}' takes v2 inference requests, not an image: an image body "
+                    "(Content-Type: image/...) is for detection pipelines such as 'detect'"
+                )
+            request = image_body.image_request(body, model, version, target)
+            request.trace = trace
+            reached = True  # from here on the data plane counts the outcome
+            response = await self.dataplane.infer(request, "http")
+            payload = orjson.dumps(image_body.detections_document(response))
+        except Exception as exc:
+            return self._error_answer(exc, model, counted=reached, close=not body_read)
+        return Answer(200, payload)
+
     def _error_answer(self, exc: Exception, model: str, counted: bool, close: bool) -> Answer:
         """The answer to an infer request that raised `exc` (counted here unless the data plane
         `counted` it). Its own frame, not the handler's, holds the error: an error kept in a
@@ -260,15 +298,19 @@ class HttpFrontEnd:
         declared = header_length if header_length is not None or not identity else length
         if declared is not None:
             self._check_json_size(declared)
+        self._check_body_length(length)
+        if declared is None or declared <= OFFLOAD_BYTES or not identity:
+            return header_length, False
+        self.offload.reserve()
+        return header_length, True
+
+    def _check_body_length(self, length: int | None) -> None:
+        """413 for a body whose Content-Length is over --max-request-bytes."""
         if length is not None and length > self.max_request_bytes:
             raise VolleyError(
                 ErrorKind.TOO_LARGE,
                 f"request body of {length} bytes exceeds {self.max_request_bytes} bytes",
             )
-        if declared is None or declared <= OFFLOAD_BYTES or not identity:
-            return header_length, False
-        self.offload.reserve()
-        return header_length, True
 
     async def _decode(
         self, body: bytes, header_length: int | None, model: str, version: str

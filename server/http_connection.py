@@ -213,6 +213,7 @@ class InferExchange:
     ) -> None:
         self.protocol = protocol
         self.route = route
+        self.target = protocol.url  # path and query, as the client sent them
         self.headers = headers
         self.keep_alive = keep_alive
         self.expect_continue = protocol.expect_100_continue
@@ -283,7 +284,13 @@ class InferExchange:
         client = protocol.client[0] if protocol.client else "?"
         try:
             answer = await protocol.front_end.answer_infer(
-                self.route, self.headers, client, self.receive, self.take_whole_body(), self.trace
+                self.route,
+                self.headers,
+                client,
+                self.receive,
+                self.take_whole_body(),
+                self.trace,
+                self.target,
             )
             if self.disconnected:
                 return

@@ -17,6 +17,7 @@ import orjson
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from server.dataplane import DataPlane
+from server.protocol.image_body import detections_document
 from server.sessions import SHUTTING_DOWN, Session, SessionEnded
 from server.streams import FrameAnswer, FrameStream
 from server.types import InferenceRequest, InferTensor
@@ -178,32 +179,13 @@ def answer_document(answer: FrameAnswer) -> dict:
     """A frame's answer as the JSON the camera page reads."""
     if answer.response is None:
         return {"id": answer.id or None, "error": answer.error}
-    response = answer.response
-    params = response.parameters
-    doc: dict = {"id": answer.id}
-    if "capture_ts" in params:
-        doc["capture_ts"] = params["capture_ts"]
     if answer.skipped:
-        doc.update(skipped=True, reason=params.get("skip_reason", ""))
-        return doc
-    out = {t.name: t.data for t in response.outputs}
-    count = int(out["num_detections"][0])
-    doc["width"], doc["height"] = params.get("image_width"), params.get("image_height")
-    doc["detections"] = [
-        {
-            "box": [round(float(x), 1) for x in out["boxes"][0, i]],
-            "score": round(float(out["scores"][0, i]), 4),
-            "class_id": int(out["class_ids"][0, i]),
-            "class_name": out["class_names"][0, i].decode(),
-        }
-        for i in range(count)
-    ]
-    doc["timings"] = {
-        key: params[key]
-        for key in ("decode_us", "queue_us", "inference_us", "nms_us", "total_us")
-        if key in params
-    }
-    return doc
+        params = answer.response.parameters
+        doc: dict = {"id": answer.id}
+        if "capture_ts" in params:
+            doc["capture_ts"] = params["capture_ts"]
+        return {**doc, "skipped": True, "reason": params.get("skip_reason", "")}
+    return {"id": answer.id, **detections_document(answer.response)}
 
 
 def _refusal(dataplane: DataPlane, model: str) -> str:
