@@ -140,9 +140,10 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         type=_workers,
         default="auto",
         metavar="N",
-        help="server processes sharing the ports, each with its own models and an N-th of the "
-        "CPUs' threads; past 1, a supervisor process runs them, keeps their model control, "
-        "statistics, metrics and rate limits as one server's, and restarts one that dies "
+        help="server processes, each with its own models and an N-th of the CPUs' threads; past "
+        "1, a supervisor process runs them: it holds the ports and passes each connection to the "
+        "worker holding the fewest, keeps their model control, statistics, metrics and rate "
+        "limits as one server's, and restarts one that dies "
         "(default 'auto': one per usable CPU up to 8, or 1 where ONNX Runtime's GPU build is "
         "installed, so that one process batches for the GPU)",
     )

@@ -40,7 +40,7 @@ class ServeSettings:
     rate_burst: float = 0.0  # bucket size (0: one second's worth)
     shutdown_timeout: float = 30.0
     http_keepalive_timeout: float = 30.0  # an idle HTTP connection closes after this
-    workers: int = 1  # server processes sharing the ports (server/supervisor.py; the CLI: auto)
+    workers: int = 1  # server processes under a supervisor (server/supervisor.py; the CLI: auto)
     allow_client_shm: bool = False  # clients may register system shared memory (server/shm.py)
     busy_poll_us: int = 300  # the loop polls up to this long after going idle (server/busy_poll.py)
     busy_poll_always: bool = False  # after every answer, not only while requests come close

@@ -1,4 +1,5 @@
-"""`volley serve --workers N`: N worker processes share the ports, this process supervises them.
+"""`volley serve --workers N`: N worker processes serve; this process holds the ports and
+supervises them.
 
 Each worker (`server.worker`) is the whole server, with its own event loop, repository, batchers
 and ONNX Runtime sessions. The supervisor serves no request. It
@@ -9,9 +10,9 @@ and ONNX Runtime sessions. The supervisor serves no request. It
   below (removed at exit), and lists its own and the workers' pids there (`process_*`);
 - is the one way model control goes: a load or unload request a worker takes is sent to every
   worker, one request at a time, and answered once all have applied it; the last request per
-  model is kept and replayed to a worker that starts later, before it listens; the same for
-  client shared-memory registrations (`--allow-client-shm`), so every worker can read a region
-  whichever one took the registration;
+  model is kept and replayed to a worker that starts later, before it is passed a connection;
+  the same for client shared-memory registrations (`--allow-client-shm`), so every worker can
+  read a region whichever one took the registration;
 - has every worker poll the repository at once with `--poll-repository`;
 - gathers the other workers' statistics for the worker that answers a statistics request;
 - forwards SIGTERM/SIGINT, waits for the workers to drain, and exits 0 (1 if one failed);

@@ -64,7 +64,8 @@ class Worker:
         await ipc.call(self.control, {"op": "register", "index": self.index, "pid": os.getpid()})
 
     async def serving(self) -> None:
-        """Tell the supervisor this worker listens (from now on it restarts it if it dies)."""
+        """Tell the supervisor this worker serves (from now on it is passed connections, and
+        restarted if it dies)."""
         await ipc.call(self.control, {"op": "serving", "index": self.index, "pid": os.getpid()})
 
     async def leave(self) -> None:

@@ -1,4 +1,4 @@
-"""`volley serve --workers 2`: worker processes share the ports under a supervisor, and the
+"""`volley serve --workers 2`: worker processes serve under a supervisor, and the
 server still behaves as one: counters and statistics sum over the workers, model control
 reaches every worker, SIGTERM loses nothing, a killed worker is replaced.
 
