@@ -79,7 +79,9 @@ def test_query_parameters_tune_detection(volley: VolleyProcess) -> None:
     assert one.json()["detections"] == every[:1]
     confident = post_image(volley, data, "image/jpeg", "?score_threshold=0.99").json()
     assert all(d["score"] >= 0.99 for d in confident["detections"])
-    named = post_image(volley, data, "image/jpeg", "?id=frame-7&capture_ts=12.5").json()
+    named = post_image(volley, data, "image/jpeg", "?id=frame-7&capture_ts=12.5&timeout=9000000")
+    assert named.status_code == 200, named.text
+    named = named.json()
     assert (named["id"], named["capture_ts"]) == ("frame-7", "12.5")
 
 
@@ -92,6 +94,8 @@ def test_bad_image_bodies_get_clear_errors_and_the_server_goes_on(volley: Volley
         (b"", "image/png", "", "detect", 400, "empty (0 bytes)"),
         (jpeg, "image/jpeg", "?score_threshold=2", "detect", 400, "'score_threshold' must be"),
         (jpeg, "image/jpeg", "?classes=1&classes=2", "detect", 400, "'classes' given twice"),
+        (jpeg, "image/jpeg", "?score_treshold=0.5", "detect", 400, "unknown query parameter"),
+        (jpeg, "image/jpeg", "?timeout=soon", "detect", 400, "'timeout' must be"),
         (jpeg, "image/jpeg", "", "fraud", 400, "takes v2 inference requests, not an image"),
         (jpeg, "image/jpeg", "", "nope", 404, "'nope' is not found"),
         (b"\xff" * (MAX_REQUEST_BYTES + 1), "image/jpeg", "", "detect", 413, "exceeds"),

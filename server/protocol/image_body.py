@@ -17,6 +17,11 @@ from server.errors import invalid
 from server.types import InferenceRequest, InferenceResponse, InferTensor
 
 MAX_QUERY_PARAMETERS = 16
+# What an image body's query may hold: the pipeline's request parameters (docs/vision.md), the
+# request's `timeout` (µs) and `id`. A name outside these is refused, not silently ignored.
+QUERY_PARAMETERS = frozenset(
+    {"score_threshold", "iou_threshold", "max_detections", "classes", "capture_ts", "timeout", "id"}
+)
 TIMINGS = ("decode_us", "queue_us", "inference_us", "nms_us", "total_us")
 
 
@@ -33,11 +38,16 @@ def image_request(body: bytes, model: str, version: str, target: bytes) -> Infer
         pairs = parse_qsl(query, keep_blank_values=True, max_num_fields=MAX_QUERY_PARAMETERS)
     except ValueError:
         raise invalid(f"at most {MAX_QUERY_PARAMETERS} query parameters") from None
-    parameters: dict[str, str] = {}
+    parameters: dict[str, str | int] = {}
     for key, value in pairs:
+        if key not in QUERY_PARAMETERS:
+            known = ", ".join(sorted(QUERY_PARAMETERS))
+            raise invalid(f"unknown query parameter '{key}'; an image body takes {known}")
         if key in parameters:
             raise invalid(f"query parameter '{key}' given twice")
         parameters[key] = value
+    if parameters.get("timeout", "").isdigit():
+        parameters["timeout"] = int(parameters["timeout"])
     request_id = parameters.pop("id", "")
     data = np.array([body], dtype=np.object_)
     return InferenceRequest(
