@@ -27,6 +27,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from server import metrics
 from server.auth import ApiKeys
 from server.busy_poll import BusyPoll
+from server.cors import CorsPolicy
 from server.dataplane import DataPlane
 from server.grpc_api import create_grpc_server
 from server.grpc_server import GrpcServer
@@ -151,7 +152,10 @@ async def serve(settings: ServeSettings, worker: Worker | None = None) -> int:
         await worker.join()
 
     tls = settings.tls
-    front_end = HttpFrontEnd(dataplane, settings.max_request_bytes, settings.max_json_bytes, keys)
+    cors = CorsPolicy(settings.cors_origins) if settings.cors_origins else None
+    front_end = HttpFrontEnd(
+        dataplane, settings.max_request_bytes, settings.max_json_bytes, keys, cors
+    )
     http = _listener(
         front_end,
         settings.host,

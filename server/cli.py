@@ -86,6 +86,16 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         help="YAML file of API keys with scopes (infer, admin): every call except liveness "
         "then needs 'Authorization: Bearer <key>' (docs/security.md)",
     )
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        type=_cors_origin,
+        default=[],
+        metavar="ORIGIN",
+        help="let web pages of this origin (scheme://host[:port], or * for any; repeatable) "
+        "call the HTTP API from a browser: CORS preflights answered, answers readable "
+        "(docs/security.md)",
+    )
     p.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve HTTPS and gRPC over TLS")
     p.add_argument("--tls-key", type=Path, metavar="PEM", help="the key of --tls-cert")
     p.add_argument(
@@ -405,6 +415,16 @@ def _keepalive_seconds(text: str) -> float:
     return value
 
 
+def _cors_origin(text: str) -> str:
+    """`--cors-origin`: `*` or scheme://host[:port]."""
+    from server.cors import check_origin
+
+    try:
+        return check_origin(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _workers(text: str) -> int:
     """`--workers`: a count of at least 1, or 'auto' (`cpus.automatic_workers`)."""
     if text == "auto":
@@ -494,6 +514,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_request_bytes=args.max_request_bytes,
         max_json_bytes=args.max_json_bytes,
         api_keys=args.api_keys,
+        cors_origins=tuple(args.cors_origin),
         tls=tls,
         metrics_tls=args.metrics_tls,
         rate_limit=args.rate_limit,

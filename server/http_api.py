@@ -24,6 +24,7 @@ from fastapi.responses import FileResponse, Response
 from starlette.exceptions import HTTPException
 
 from server import __version__, auth, metrics
+from server.cors import CorsPolicy
 from server.dataplane import FORBIDDEN, OUTCOMES, UNAUTHENTICATED, DataPlane
 from server.errors import (
     ErrorKind,
@@ -94,9 +95,11 @@ class HttpFrontEnd:
         max_request_bytes: int,
         max_json_bytes: int,
         keys: auth.ApiKeys | None = None,
+        cors: CorsPolicy | None = None,
     ) -> None:
         self.dataplane = dataplane
         self.keys = keys
+        self.cors = cors  # None: no CORS header is ever sent
         self.max_request_bytes = max_request_bytes
         self.max_json_bytes = max_json_bytes
         self.offload = JsonOffload()
@@ -105,6 +108,15 @@ class HttpFrontEnd:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.dataplane.draining and scope["type"] == "http":
             send = _closing(send)
+        if self.cors is not None and scope["type"] == "http":
+            origin = _scope_header(scope, b"origin")
+            preflight = _scope_header(scope, b"access-control-request-method") is not None
+            if scope["method"] == "OPTIONS" and preflight:  # before any API-key check
+                await self._answer_preflight(origin, send)
+                return
+            allowed = self.cors.answer_headers(origin)
+            if allowed:
+                send = _adding_headers(send, allowed)
         infer = INFER_ROUTE.match(scope["path"]) if scope["type"] == "http" else None
         if infer and scope["method"] == "POST":
             client = (scope.get("client") or ("?",))[0]
@@ -127,6 +139,17 @@ class HttpFrontEnd:
             await _send(send, 405, body, JSON, [(b"allow", b"POST")])
             return
         await self.control(scope, receive, send)
+
+    async def _answer_preflight(self, origin: bytes | None, send: Send) -> None:
+        """A browser asks whether a page of `origin` may call: 204 with what it may send, or
+        403 for an origin not allowed (`--cors-origin`)."""
+        headers = self.cors.preflight_headers(origin)
+        if headers:
+            await _send(send, 204, b"", JSON, headers)
+            return
+        shown = origin.decode("latin-1") if origin is not None else "none"
+        body = error_body(f"origin {shown!r} may not call this server (--cors-origin)")
+        await _send(send, 403, body, JSON)
 
     async def _authorized(self, scope: Scope, receive: Receive, send: Send) -> bool:
         """Whether the call's API key reaches its route; if not, the refusal is sent."""
@@ -443,6 +466,24 @@ async def _send(
     ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def _scope_header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return None
+
+
+def _adding_headers(send: Send, headers: list[tuple[bytes, bytes]]) -> Send:
+    """`send` that adds `headers` to the response."""
+
+    async def send_with_headers(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *headers]}
+        await send(message)
+
+    return send_with_headers
 
 
 def _closing(send: Send) -> Send:

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import re
 import urllib.parse
+from collections.abc import Sequence
 
 import httptools
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
@@ -26,6 +27,8 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from server.held import HELD
 from server.http_api import INFER_ROUTE, Answer, HttpFrontEnd
 from server.tracing import TRACER
+
+Header = tuple[bytes, bytes]
 
 log = logging.getLogger(__name__)
 SMALL_BODY = 65536  # answers up to this size go out with their head in one buffer
@@ -148,7 +151,8 @@ class VolleyHttpProtocol(HttpToolsProtocol):
         )
         self.cycle = RefusedExchange()
         self.transport.write(
-            _head(answer, keep_alive, self.server_state.default_headers) + answer.body
+            _head(answer, keep_alive, self.server_state.default_headers, _cors(self, headers))
+            + answer.body
         )
         if not keep_alive:
             self.transport.close()
@@ -215,6 +219,7 @@ class InferExchange:
         self.route = route
         self.target = protocol.url  # path and query, as the client sent them
         self.headers = headers
+        self.cors = _cors(protocol, headers)
         self.keep_alive = keep_alive
         self.expect_continue = protocol.expect_100_continue
         self.chunks: list[bytes] = []
@@ -299,7 +304,7 @@ class InferExchange:
                 keep_alive = False  # the next request should go to a server that is staying up
             if protocol.flow.write_paused:
                 await protocol.flow.drain()
-            head = _head(answer, keep_alive, protocol.server_state.default_headers)
+            head = _head(answer, keep_alive, protocol.server_state.default_headers, self.cors)
             trace = self.trace
             if trace is not None:
                 trace.stamp("HTTP_SEND_START")
@@ -352,8 +357,16 @@ class RefusedExchange:
     message_event = _Wakeup()  # set by uvicorn when the connection is lost: nothing waits
 
 
-def _head(answer: Answer, keep_alive: bool, default_headers: list) -> bytes:
-    """The status line and headers of `answer`."""
+def _cors(protocol: VolleyHttpProtocol, headers: dict[bytes, bytes]) -> Sequence[Header]:
+    """The CORS headers of the answer to a request with `headers` (`server.cors`)."""
+    cors = protocol.front_end.cors
+    return () if cors is None else cors.answer_headers(headers.get(b"origin"))
+
+
+def _head(
+    answer: Answer, keep_alive: bool, default_headers: list, extra: Sequence[Header] = ()
+) -> bytes:
+    """The status line and headers of `answer`, then `extra` headers."""
     head = [
         STATUS_LINE[answer.status],
         b"content-type: ",
@@ -362,7 +375,7 @@ def _head(answer: Answer, keep_alive: bool, default_headers: list) -> bytes:
         str(len(answer.body)).encode(),
         b"\r\n",
     ]
-    for name, value in (*default_headers, *answer.headers):
+    for name, value in (*default_headers, *answer.headers, *extra):
         head += (name, b": ", value, b"\r\n")
     if not keep_alive:
         head.append(b"connection: close\r\n")

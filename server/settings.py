@@ -34,6 +34,7 @@ class ServeSettings:
     max_request_bytes: int = 64 * 1024 * 1024
     max_json_bytes: int = 16 * 1024 * 1024
     api_keys: Path | None = None  # a key file: every call but liveness then needs a key
+    cors_origins: tuple[str, ...] = ()  # browser pages of these origins may call the HTTP API
     tls: TlsFiles | None = None
     metrics_tls: bool = False  # the metrics port behind the same TLS (else plain)
     rate_limit: float = 0.0  # inference requests a second per client address (0: no limit)
