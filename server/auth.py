@@ -40,6 +40,7 @@ GRPC_INFER_METHODS = frozenset(
     }
 )
 GRPC_PUBLIC_METHODS = frozenset({"ServerLive"})
+GRPC_HEALTH_CHECK = "/grpc.health.v1.Health/Check"  # gRPC's standard probe: public too
 # The camera page is static (its WebSocket needs a key): a browser cannot send headers to load it.
 HTTP_PUBLIC_PATHS = frozenset({"/v2/health/live", "/camera"})
 
@@ -138,7 +139,7 @@ def http_scope(path: str) -> str | None:
 def grpc_scope(method: str) -> str | None:
     """The scope a gRPC method (`/inference.GRPCInferenceService/Name`) needs (None: public)."""
     name = method.rsplit("/", 1)[-1]
-    if name in GRPC_PUBLIC_METHODS:
+    if name in GRPC_PUBLIC_METHODS or method == GRPC_HEALTH_CHECK:
         return None
     return INFER if name in GRPC_INFER_METHODS else ADMIN
 

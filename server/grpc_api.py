@@ -29,7 +29,7 @@ from server.errors import (
 )
 from server.grpc_server import Context, GrpcServer, Method
 from server.held import HELD
-from server.protocol import grpc_codec
+from server.protocol import grpc_codec, grpc_health
 from server.protocol.model_info import (
     load_override,
     model_metadata,
@@ -399,6 +399,23 @@ def _methods(servicer: InferenceServicer) -> dict[str, Method]:
     return methods
 
 
+def _health_methods(dataplane: DataPlane) -> dict[str, Method]:
+    """`grpc.health.v1.Health/Check`: SERVING while the server is ready (as
+    `/v2/health/ready`), NOT_SERVING otherwise (loading, a model down with strict readiness,
+    draining); NOT_FOUND for a service this server does not have. Public, like liveness:
+    probes send no key."""
+
+    async def check(request: object, context: Context) -> object:
+        if request.service not in grpc_health.SERVICES:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service '{request.service}'")
+        serving = grpc_health.SERVING if dataplane.ready else grpc_health.NOT_SERVING
+        return grpc_health.HealthCheckResponse(status=serving)
+
+    deserialize = _lenient(grpc_health.HealthCheckRequest)
+    serialize = grpc_health.HealthCheckResponse.SerializeToString
+    return {auth.GRPC_HEALTH_CHECK: Method(_refusing_malformed(check), deserialize, serialize)}
+
+
 def _repository_parameter(param: pb.ModelRepositoryParameter) -> object:
     which = param.WhichOneof("parameter_choice")
     return getattr(param, which) if which else None
@@ -459,4 +476,5 @@ def create_grpc_server(
     """The inference service on a gRPC server (TLS with `ssl_context`; API keys checked when
     `keys` are given); `start` it on a port."""
     check = _api_key_check(keys, dataplane) if keys is not None else None
-    return GrpcServer(_methods(InferenceServicer(dataplane)), max_message_bytes, check, ssl_context)
+    methods = {**_methods(InferenceServicer(dataplane)), **_health_methods(dataplane)}
+    return GrpcServer(methods, max_message_bytes, check, ssl_context)
