@@ -33,7 +33,7 @@ from server.errors import (
     shared_memory_unsupported,
     unexpected,
 )
-from server.protocol import http_codec, image_body
+from server.protocol import http_codec, image_body, response_compression
 from server.protocol.json_offload import OFFLOAD_BYTES, JsonOffload
 from server.protocol.model_info import (
     load_override,
@@ -253,13 +253,20 @@ class HttpFrontEnd:
             request.trace = trace
             response = await self.dataplane.infer(request, "http")
             payload, json_length = http_codec.encode_response(response, request)
+            encoding = None
+            if len(payload) >= response_compression.MIN_BYTES:
+                encoding = response_compression.chosen_encoding(headers.get(b"accept-encoding"))
+                if encoding is not None:
+                    payload = await response_compression.compressed(payload, encoding)
         except Exception as exc:  # a bug must still answer the client, never hang it
             # Without the whole body read, the rest is not worth reading: close after.
             return self._error_answer(exc, model, counted=reached, close=not body_read)
+        encoded = ((b"content-encoding", encoding),) if encoding is not None else ()
         if json_length is None:
-            return Answer(200, payload)
+            return Answer(200, payload, headers=encoded)
         length = str(json_length).encode()
-        return Answer(200, payload, OCTET_STREAM, [(b"inference-header-content-length", length)])
+        extra = [*encoded, (b"inference-header-content-length", length)]
+        return Answer(200, payload, OCTET_STREAM, extra)
 
     async def _answer_image(
         self,
