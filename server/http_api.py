@@ -230,7 +230,8 @@ class HttpFrontEnd:
         try:
             if self.dataplane.rate_limiter is not None:
                 self.dataplane.admit(client)
-            if image_body.is_image(headers):
+            content_type = headers.get(b"content-type")  # inline: the hot path
+            if content_type is not None and content_type[:6].lower() == image_body.IMAGE:
                 return await self._answer_image(headers, receive, body, route, target, trace)
             header_length, large = self._check_headers(headers)
             if large:  # streamed to the decoder process as it arrives
@@ -281,7 +282,9 @@ class HttpFrontEnd:
         model, version = route[1], route[2] or ""
         body_read = reached = False
         try:
-            self._check_body_length(_int_header(headers.get(b"content-length")))
+            length = _int_header(headers.get(b"content-length"))
+            if length is not None and length > self.max_request_bytes:
+                raise self._body_too_large(length)
             if body is None:
                 body = await self._read_body(headers, receive)
             else:
@@ -328,19 +331,19 @@ class HttpFrontEnd:
         declared = header_length if header_length is not None or not identity else length
         if declared is not None:
             self._check_json_size(declared)
-        self._check_body_length(length)
+        if length is not None and length > self.max_request_bytes:
+            raise self._body_too_large(length)
         if declared is None or declared <= OFFLOAD_BYTES or not identity:
             return header_length, False
         self.offload.reserve()
         return header_length, True
 
-    def _check_body_length(self, length: int | None) -> None:
-        """413 for a body whose Content-Length is over --max-request-bytes."""
-        if length is not None and length > self.max_request_bytes:
-            raise VolleyError(
-                ErrorKind.TOO_LARGE,
-                f"request body of {length} bytes exceeds {self.max_request_bytes} bytes",
-            )
+    def _body_too_large(self, length: int) -> VolleyError:
+        """The 413 of a body whose Content-Length is over --max-request-bytes."""
+        return VolleyError(
+            ErrorKind.TOO_LARGE,
+            f"request body of {length} bytes exceeds {self.max_request_bytes} bytes",
+        )
 
     async def _decode(
         self, body: bytes, header_length: int | None, model: str, version: str

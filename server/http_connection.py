@@ -150,9 +150,9 @@ class VolleyHttpProtocol(HttpToolsProtocol):
             and not self.front_end.dataplane.draining
         )
         self.cycle = RefusedExchange()
+        cors = _cors(self.front_end, headers)
         self.transport.write(
-            _head(answer, keep_alive, self.server_state.default_headers, _cors(self, headers))
-            + answer.body
+            _head(answer, keep_alive, self.server_state.default_headers, cors) + answer.body
         )
         if not keep_alive:
             self.transport.close()
@@ -219,7 +219,8 @@ class InferExchange:
         self.route = route
         self.target = protocol.url  # path and query, as the client sent them
         self.headers = headers
-        self.cors = _cors(protocol, headers)
+        cors = protocol.front_end.cors  # inline: the hot path
+        self.cors = () if cors is None else cors.answer_headers(headers.get(b"origin"))
         self.keep_alive = keep_alive
         self.expect_continue = protocol.expect_100_continue
         self.chunks: list[bytes] = []
@@ -357,9 +358,9 @@ class RefusedExchange:
     message_event = _Wakeup()  # set by uvicorn when the connection is lost: nothing waits
 
 
-def _cors(protocol: VolleyHttpProtocol, headers: dict[bytes, bytes]) -> Sequence[Header]:
+def _cors(front_end: HttpFrontEnd, headers: dict[bytes, bytes]) -> Sequence[Header]:
     """The CORS headers of the answer to a request with `headers` (`server.cors`)."""
-    cors = protocol.front_end.cors
+    cors = front_end.cors
     return () if cors is None else cors.answer_headers(headers.get(b"origin"))
 
 

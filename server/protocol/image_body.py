@@ -25,9 +25,7 @@ QUERY_PARAMETERS = frozenset(
 TIMINGS = ("decode_us", "queue_us", "inference_us", "nms_us", "total_us")
 
 
-def is_image(headers: dict[bytes, bytes]) -> bool:
-    """Whether the request's body is an image (`Content-Type: image/...`)."""
-    return headers.get(b"content-type", b"")[:6].lower() == b"image/"
+IMAGE = b"image/"  # the Content-Type prefix of an image body (lowercased)
 
 
 def image_request(body: bytes, model: str, version: str, target: bytes) -> InferenceRequest:
