@@ -37,6 +37,7 @@ GRPC_INFER_METHODS = frozenset(
         "ModelConfig",
         "ModelInfer",
         "ModelStreamInfer",
+        "ServerReflectionInfo",  # gRPC server reflection: describes what the key may call
     }
 )
 GRPC_PUBLIC_METHODS = frozenset({"ServerLive"})

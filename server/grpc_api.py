@@ -11,7 +11,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 from google.protobuf import json_format
@@ -29,7 +29,7 @@ from server.errors import (
 )
 from server.grpc_server import Context, GrpcServer, Method
 from server.held import HELD
-from server.protocol import grpc_codec, grpc_health
+from server.protocol import grpc_codec, grpc_health, grpc_reflection
 from server.protocol.model_info import (
     load_override,
     model_metadata,
@@ -416,6 +416,32 @@ def _health_methods(dataplane: DataPlane) -> dict[str, Method]:
     return {auth.GRPC_HEALTH_CHECK: Method(_refusing_malformed(check), deserialize, serialize)}
 
 
+def _reflection_methods() -> dict[str, Method]:
+    """gRPC server reflection (`server.protocol.grpc_reflection`): a message that does not
+    parse ends the stream with INVALID_ARGUMENT after the answers before it."""
+    servicer = grpc_reflection.reflection_servicer()
+    messages = grpc_reflection.reflection_pb2
+
+    async def info(requests: AsyncIterator[object], context: Context) -> AsyncIterator[object]:
+        malformed: list[Malformed] = []
+
+        async def parsed() -> AsyncIterator[object]:
+            async for request in requests:
+                if isinstance(request, Malformed):
+                    malformed.append(request)
+                    return
+                yield request
+
+        async for answer in servicer.ServerReflectionInfo(parsed(), context):
+            yield answer
+        if malformed:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, malformed[0].message)
+
+    deserialize = _lenient(messages.ServerReflectionRequest)
+    serialize = messages.ServerReflectionResponse.SerializeToString
+    return {grpc_reflection.PATH: Method(info, deserialize, serialize, streaming=True)}
+
+
 def _repository_parameter(param: pb.ModelRepositoryParameter) -> object:
     which = param.WhichOneof("parameter_choice")
     return getattr(param, which) if which else None
@@ -476,5 +502,9 @@ def create_grpc_server(
     """The inference service on a gRPC server (TLS with `ssl_context`; API keys checked when
     `keys` are given); `start` it on a port."""
     check = _api_key_check(keys, dataplane) if keys is not None else None
-    methods = {**_methods(InferenceServicer(dataplane)), **_health_methods(dataplane)}
+    methods = {
+        **_methods(InferenceServicer(dataplane)),
+        **_health_methods(dataplane),
+        **_reflection_methods(),
+    }
     return GrpcServer(methods, max_message_bytes, check, ssl_context)

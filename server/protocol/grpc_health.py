@@ -1,10 +1,11 @@
 """gRPC's standard health checking protocol (`grpc.health.v1.Health/Check`), the one Kubernetes
 gRPC probes, `grpc-health-probe` and gRPC load balancers call.
 
-Its two messages are built here from their descriptor with protobuf's own runtime, in a private
-descriptor pool (no generated code, no extra package, no clash with a `grpc_health` a client
-process may import): `HealthCheckRequest {string service = 1}` and `HealthCheckResponse
-{ServingStatus status = 1}`, as grpc/src/proto/grpc/health/v1/health.proto defines them.
+Its messages and service are built here from their descriptor with protobuf's own runtime, in a
+private descriptor pool (no generated code, no extra package, no clash with a `grpc_health` a
+client process may import): `HealthCheckRequest {string service = 1}`, `HealthCheckResponse
+{ServingStatus status = 1}` and `Health.Check`, as grpc/src/proto/grpc/health/v1/health.proto
+defines them (`Watch` is not served).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ _Field = descriptor_pb2.FieldDescriptorProto
 
 def _message_classes() -> tuple[type, type]:
     proto = descriptor_pb2.FileDescriptorProto(
-        name="volley/grpc/health/v1/health.proto", package=PACKAGE, syntax="proto3"
+        name="grpc/health/v1/health.proto", package=PACKAGE, syntax="proto3"
     )
     request = proto.message_type.add(name="HealthCheckRequest")
     request.field.add(
@@ -37,6 +38,12 @@ def _message_classes() -> tuple[type, type]:
         type=_Field.TYPE_ENUM,
         type_name=f".{PACKAGE}.HealthCheckResponse.ServingStatus",
         label=_Field.LABEL_OPTIONAL,
+    )
+    service = proto.service.add(name="Health")  # described by server reflection
+    service.method.add(
+        name="Check",
+        input_type=f".{PACKAGE}.HealthCheckRequest",
+        output_type=f".{PACKAGE}.HealthCheckResponse",
     )
     pool = descriptor_pool.DescriptorPool()
     pool.Add(proto)
