@@ -8,6 +8,9 @@ flag no CORS header is ever sent and browsers keep other origins out, as before.
 origin; credentials (cookies) are never allowed, API keys travel in `Authorization`, which the
 preflight lists by name. A preflight carries no credentials, so it is answered before (and
 without) the API-key check.
+
+Browsers apply no CORS to WebSockets, so the server checks their `Origin` itself: a WebSocket
+from a page is taken from the server's own origin (`same_origin`) or one the flag allows.
 """
 
 from __future__ import annotations
@@ -56,6 +59,13 @@ class CorsPolicy:
             (b"access-control-allow-headers", ALLOWED_HEADERS),
             (b"access-control-max-age", PREFLIGHT_MAX_AGE),
         ]
+
+
+def same_origin(origin: bytes, host: bytes | None) -> bool:
+    """Whether `origin` (scheme://host[:port]) names the server the request reached (`host`,
+    its Host header): a page the server itself served."""
+    _, _, netloc = origin.partition(b"://")
+    return host is not None and netloc.lower() == host.lower()
 
 
 def check_origin(value: str) -> str:

@@ -24,7 +24,7 @@ from fastapi.responses import FileResponse, Response
 from starlette.exceptions import HTTPException
 
 from server import __version__, auth, metrics
-from server.cors import CorsPolicy
+from server.cors import CorsPolicy, same_origin
 from server.dataplane import FORBIDDEN, OUTCOMES, UNAUTHENTICATED, DataPlane
 from server.errors import (
     ErrorKind,
@@ -131,6 +131,12 @@ class HttpFrontEnd:
                 if trace is not None:
                     trace.finish()
             return
+        if scope["type"] == "websocket" and not self._origin_allowed(scope):
+            origin = (_scope_header(scope, b"origin") or b"").decode("latin-1")
+            await receive()  # the connect event; then refuse the handshake (403)
+            reason = f"origin {origin!r} may not open a stream here (--cors-origin)"
+            await send({"type": "websocket.close", "code": 1008, "reason": reason[:120]})
+            return
         guarded = self.keys is not None and scope["type"] in ("http", "websocket")
         if guarded and not await self._authorized(scope, receive, send):
             return
@@ -150,6 +156,18 @@ class HttpFrontEnd:
         shown = origin.decode("latin-1") if origin is not None else "none"
         body = error_body(f"origin {shown!r} may not call this server (--cors-origin)")
         await _send(send, 403, body, JSON)
+
+    def _origin_allowed(self, scope: Scope) -> bool:
+        """A WebSocket from a browser page is taken from the server's own origin or one
+        `--cors-origin` allows: browsers apply no CORS to WebSockets, so without this any page
+        a user opens could stream frames to a server on their network. Clients that are not
+        browsers send no Origin and are not concerned."""
+        origin = _scope_header(scope, b"origin")
+        if origin is None:
+            return True
+        if same_origin(origin, _scope_header(scope, b"host")):
+            return True
+        return self.cors is not None and bool(self.cors.answer_headers(origin))
 
     async def _authorized(self, scope: Scope, receive: Receive, send: Send) -> bool:
         """Whether the call's API key reaches its route; if not, the refusal is sent."""

@@ -5,6 +5,7 @@ page is served from a second port (another origin) and calls Volley with `fetch`
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import http.server
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import websockets
 from conftest import ROOT, VolleyProcess, copy_shipped_models, free_port, serving
 from playwright.sync_api import sync_playwright
 from vision_scenes import encode, scene_image
@@ -123,6 +125,29 @@ def test_an_origin_that_is_not_one_stops_the_server_at_once() -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert run.returncode == 2 and "is not an origin" in run.stderr, run.stderr
+
+
+def test_a_websocket_from_another_origin_is_refused(
+    volley: VolleyProcess, pages: dict[str, str]
+) -> None:
+    """Browsers apply no CORS to WebSockets: the server checks the Origin itself."""
+    url = f"ws://{volley.http}/v2/models/detect/stream?api_key={KEY}"
+
+    async def handshake(origin: str | None) -> int:
+        try:
+            async with websockets.connect(url, origin=origin, open_timeout=TIMEOUT):
+                return 101
+        except websockets.InvalidStatus as refused:
+            return refused.response.status_code
+
+    for origin, status in (
+        (None, 101),  # not a browser
+        (f"http://{volley.http}", 101),  # the server's own page (/camera)
+        (pages["allowed"], 101),
+        (pages["other"], 403),
+        ("http://evil.example", 403),
+    ):
+        assert asyncio.run(handshake(origin)) == status, origin
 
 
 FETCHES = """async ([volley, key]) => {
