@@ -13,7 +13,7 @@ from __future__ import annotations
 from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import FileDescriptor
 from grpc_reflection.v1alpha import reflection_pb2
-from grpc_reflection.v1alpha._async import ReflectionServicer
+from grpc_reflection.v1alpha.reflection import aio
 from tritonclient.grpc import service_pb2 as pb
 
 from server.protocol import grpc_health
@@ -44,6 +44,6 @@ def _pool() -> descriptor_pool.DescriptorPool:
     return pool
 
 
-def reflection_servicer() -> ReflectionServicer:
+def reflection_servicer() -> aio.ReflectionServicer:
     """grpcio-reflection's servicer over this server's services."""
-    return ReflectionServicer(SERVICES, pool=_pool())
+    return aio.ReflectionServicer(SERVICES, pool=_pool())
