@@ -439,7 +439,8 @@ def _reflection_methods() -> dict[str, Method]:
 
     deserialize = _lenient(messages.ServerReflectionRequest)
     serialize = messages.ServerReflectionResponse.SerializeToString
-    return {grpc_reflection.PATH: Method(info, deserialize, serialize, streaming=True)}
+    method = Method(info, deserialize, serialize, streaming=True)
+    return dict.fromkeys(grpc_reflection.PATHS, method)
 
 
 def _repository_parameter(param: pb.ModelRepositoryParameter) -> object:

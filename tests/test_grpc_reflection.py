@@ -73,6 +73,19 @@ def test_an_unknown_symbol_or_file_is_not_found(channel: grpc.Channel) -> None:
     assert answers[0].error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
 
 
+def test_the_v1_service_name_answers_too(channel: grpc.Channel) -> None:
+    """grpcurl asks grpc.reflection.v1 first (its messages are v1alpha's, field for field)."""
+    info = channel.stream_stream(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    asked = reflection_pb2.ServerReflectionRequest(list_services="")
+    (answer,) = info(iter([asked]), timeout=TIMEOUT)
+    names = {service.name for service in answer.list_services_response.service}
+    assert "inference.GRPCInferenceService" in names
+
+
 def test_a_malformed_request_ends_the_stream_with_invalid_argument(channel: grpc.Channel) -> None:
     info = channel.stream_stream(
         "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",

@@ -1,4 +1,4 @@
-"""gRPC server reflection (`grpc.reflection.v1alpha.ServerReflection`), so that grpcurl, grpcui
+"""gRPC server reflection (`grpc.reflection.v1` and `v1alpha`), so that grpcurl, grpcui
 and Postman can list the services, describe their messages and call them without the .proto
 files (Triton has none: its users have to find grpc_service.proto first).
 
@@ -19,7 +19,12 @@ from tritonclient.grpc import service_pb2 as pb
 from server.protocol import grpc_health
 
 SERVICE = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
-PATH = f"/{SERVICE.full_name}/ServerReflectionInfo"
+# grpc.reflection.v1 (which grpcurl tries first) has v1alpha's messages field for field: the
+# same handler answers both paths.
+PATHS = tuple(
+    f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"
+    for version in ("v1alpha", "v1")
+)
 SERVICES = ("inference.GRPCInferenceService", "grpc.health.v1.Health", SERVICE.full_name)
 
 
