@@ -453,8 +453,7 @@ def _refusal_answer(status: int, message: str) -> Answer:
 
 
 def _decompress(body: bytes, encoding: bytes, limit: int) -> bytes:
-    window = 16 + zlib.MAX_WBITS if encoding == b"gzip" else zlib.MAX_WBITS
-    inflater = zlib.decompressobj(window)
+    inflater = zlib.decompressobj(response_compression.window_bits(encoding))
     try:
         out = inflater.decompress(body, limit + 1)
     except zlib.error as exc:

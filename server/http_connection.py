@@ -219,8 +219,7 @@ class InferExchange:
         self.route = route
         self.target = protocol.url  # path and query, as the client sent them
         self.headers = headers
-        cors = protocol.front_end.cors  # inline: the hot path
-        self.cors = () if cors is None else cors.answer_headers(headers.get(b"origin"))
+        self.cors = _cors(protocol.front_end, headers)
         self.keep_alive = keep_alive
         self.expect_continue = protocol.expect_100_continue
         self.chunks: list[bytes] = []

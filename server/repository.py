@@ -33,6 +33,7 @@ from server.pipelines.config import parse_detection_config
 from server.pipelines.detection import DetectionPipeline
 from server.runtime import load_instances
 from server.servable import OnnxModel, Servable
+from server.sessions import SHUTTING_DOWN
 from server.stats import ModelStats
 
 log = logging.getLogger(__name__)
@@ -480,4 +481,4 @@ class ModelRepository:
         except TimeoutError:
             log.warning("drain timed out", extra={"event": "drain_timeout", "seconds": timeout})
             for version in versions:
-                version.model.abort(unavailable("server is shutting down"))
+                version.model.abort(unavailable(SHUTTING_DOWN))

@@ -24,7 +24,9 @@ from vision_scenes import encode, scene_image
 CHROMIUM = Path("/usr/bin/chromium")
 KEY = "page-key-0123456789"
 TIMEOUT = 30
-FRAUD_ROW = [0.0] * 17
+FRAUD_REQUEST = {
+    "inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 17], "data": [0.0] * 17}]
+}
 
 
 @pytest.fixture(scope="module")
@@ -86,14 +88,13 @@ def test_a_preflight_from_the_allowed_origin_is_answered_without_a_key(
 
 def test_answers_name_the_allowed_origin_only(volley: VolleyProcess, pages: dict[str, str]) -> None:
     auth = {"Authorization": f"Bearer {KEY}"}
-    body = {"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 17],
-                        "data": FRAUD_ROW}]}  # fmt: skip
     infer = volley.url + "/v2/models/fraud/infer"
     for origin, expected in ((pages["allowed"], pages["allowed"]), (pages["other"], None)):
         headers = {**auth, "Origin": origin}
-        answered = requests.post(infer, json=body, headers=headers, timeout=TIMEOUT)
+        answered = requests.post(infer, json=FRAUD_REQUEST, headers=headers, timeout=TIMEOUT)
         control = requests.get(volley.url + "/v2/models/fraud", headers=headers, timeout=TIMEOUT)
-        no_key = requests.post(infer, json=body, headers={"Origin": origin}, timeout=TIMEOUT)
+        keyless = {"Origin": origin}
+        no_key = requests.post(infer, json=FRAUD_REQUEST, headers=keyless, timeout=TIMEOUT)
         assert (answered.status_code, control.status_code, no_key.status_code) == (200, 200, 401)
         for answer in (answered, control, no_key):  # the fast path, FastAPI, an error
             assert answer.headers.get("access-control-allow-origin") == expected, answer.url
@@ -102,16 +103,14 @@ def test_answers_name_the_allowed_origin_only(volley: VolleyProcess, pages: dict
                 "inference-header-content-length"
                 in answered.headers["access-control-expose-headers"]
             )
-    plain = requests.post(infer, json=body, headers=auth, timeout=TIMEOUT)
+    plain = requests.post(infer, json=FRAUD_REQUEST, headers=auth, timeout=TIMEOUT)
     assert plain.status_code == 200 and "access-control-allow-origin" not in plain.headers
 
 
 def test_without_the_flag_no_cors_header_is_sent(tmp_path: Path, pages: dict[str, str]) -> None:
     with serving(copy_shipped_models(tmp_path)) as proc:
         asked = preflight(proc.url + "/v2/models/fraud/infer", pages["allowed"])
-        body = {"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 17],
-                            "data": FRAUD_ROW}]}  # fmt: skip
-        answered = requests.post(proc.url + "/v2/models/fraud/infer", json=body,
+        answered = requests.post(proc.url + "/v2/models/fraud/infer", json=FRAUD_REQUEST,
                                  headers={"Origin": pages["allowed"]}, timeout=TIMEOUT)  # fmt: skip
     assert answered.status_code == 200
     for answer in (asked, answered):

@@ -49,7 +49,11 @@ async def compressed(body: bytes, encoding: bytes) -> bytes:
     return await asyncio.to_thread(_compress, body, encoding)
 
 
+def window_bits(encoding: bytes) -> int:
+    """zlib's window argument for an HTTP content coding: gzip framing, or zlib's (deflate)."""
+    return 16 + zlib.MAX_WBITS if encoding == b"gzip" else zlib.MAX_WBITS
+
+
 def _compress(body: bytes, encoding: bytes) -> bytes:
-    window = 16 + zlib.MAX_WBITS if encoding == b"gzip" else zlib.MAX_WBITS
-    compressor = zlib.compressobj(LEVEL, zlib.DEFLATED, window)
+    compressor = zlib.compressobj(LEVEL, zlib.DEFLATED, window_bits(encoding))
     return compressor.compress(body) + compressor.flush()
